@@ -1,0 +1,3 @@
+"""harmonia-cache: a harmonia-compatible Nix binary cache server on trio."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,175 @@
+"""The application: configuration, store, keys and caches, and the dispatch of requests to routes."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .compression import CompressedNar, ZstdCache
+from .config import Config
+from .daemon import DaemonStore
+from .hashes import nix32_encode
+from .http import Request, Response, error
+from .metrics import Metrics
+from .narinfo import NarInfo, NarLocation, PathInfo, signatures
+from .signing import PublicKey, Signer
+from .store import DbStore, FsNar, Store, StoreError
+
+log = logging.getLogger("harmonia.app")
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A valid store path a client asked for, with its metadata."""
+
+    hash_part: str
+    info: PathInfo
+
+
+class NarinfoCache:
+    """Rendered, signed narinfo texts. Signing costs real microseconds and rarely changes; the key
+    includes everything the text depends on, so a new signature or a new location renders anew."""
+
+    def __init__(self, entries: int) -> None:
+        self._entries = entries
+        self._items: OrderedDict[tuple[object, ...], NarInfo] = OrderedDict()
+
+    def get(self, key: tuple[object, ...]) -> NarInfo | None:
+        found = self._items.get(key)
+        if found is not None:
+            self._items.move_to_end(key)
+        return found
+
+    def put(self, key: tuple[object, ...], value: NarInfo) -> None:
+        if self._entries <= 0:
+            return
+        self._items[key] = value
+        if len(self._items) > self._entries:
+            self._items.popitem(last=False)
+
+
+def default_state_directory(config: Config) -> Path:
+    if config.state_directory is not None:
+        return config.state_directory
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "harmonia-cache"
+
+
+def make_store(config: Config) -> Store:
+    if config.store_backend == "daemon":
+        return DaemonStore(config.daemon_socket, config.virtual_nix_store, config.real_nix_store)
+    return DbStore(config.nix_db_path, config.virtual_nix_store, config.real_nix_store)
+
+
+class App:
+    def __init__(self, config: Config, signers: list[Signer], metrics: Metrics | None = None,
+                 store: Store | None = None) -> None:
+        self.config = config
+        self.store = store if store is not None else make_store(config)
+        self.signers = signers
+        self.public_keys: list[PublicKey] = []
+        self.metrics = metrics or Metrics(1)
+        self.narinfo_cache = NarinfoCache(config.narinfo_cache_entries)
+        self.started = time.time()
+        self.version = __version__
+        self.zstd: ZstdCache | None = None
+        if config.enable_compression:
+            self.zstd = ZstdCache(default_state_directory(config) / "nar-zstd", config.zstd_level,
+                                  config.compressed_cache_max_bytes)
+        self.log_dir = config.nix_db_path.parents[2] / "log" / "nix" / "drvs"
+        self._nursery: trio.Nursery | None = None
+
+    async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hosts background work (compression) for the lifetime of the worker."""
+        if self.zstd is not None:
+            try:
+                self.zstd.ensure_dir()
+            except OSError as exc:
+                log.warning("compressed NAR copies disabled: cannot create %s: %s", self.zstd.dir, exc.strerror)
+                self.zstd = None
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+    # --- lookups shared by the routes -------------------------------------------------
+
+    async def resolve(self, hash_part: str) -> Resolved | None:
+        path = await self.store.path_from_hash_part(hash_part)
+        if path is None:
+            return None
+        info = await self.store.path_info(path)
+        if info is None:
+            return None
+        return Resolved(hash_part, info)
+
+    def present_on_disk(self, info: PathInfo) -> bool:
+        """The database may list a path whose files this process cannot see or read."""
+        if isinstance(self.store, DaemonStore):
+            return True
+        real = self.store.real_path(info.path)
+        try:
+            os.lstat(real)
+        except FileNotFoundError:
+            log.warning("%s is valid in the database but missing on disk", info.path)
+            return False
+        except PermissionError:
+            log.warning("%s is not readable by this process (uid %d): check the service's "
+                        "permissions on the store", info.path, os.getuid())
+            return False
+        if not os.access(real, os.R_OK):
+            log.warning("%s is not readable by this process (uid %d)", info.path, os.getuid())
+            return False
+        return True
+
+    def compressed_copy(self, info: PathInfo) -> CompressedNar | None:
+        if self.zstd is None:
+            return None
+        return self.zstd.lookup(info.nar_hash)
+
+    def schedule_compression(self, info: PathInfo) -> None:
+        if self.zstd is None or self._nursery is None or isinstance(self.store, DaemonStore):
+            return
+        root = self.store.real_path(info.path)
+        nar = FsNar(root, info.nar_size)
+        self.zstd.schedule(self._nursery, info.nar_hash, info.nar_size, nar.segments)
+
+    def narinfo(self, resolved: Resolved) -> NarInfo:
+        info = resolved.info
+        compressed = self.compressed_copy(info)
+        narhash = nix32_encode(info.nar_hash)
+        if compressed is not None:
+            location = NarLocation(f"nar/{narhash}.nar.zst?hash={resolved.hash_part}", "zstd",
+                                   compressed.file_hash, compressed.file_size)
+        else:
+            location = NarLocation(f"nar/{narhash}.nar?hash={resolved.hash_part}", "none")
+            self.schedule_compression(info)
+        key = (info.path, info.nar_hash, info.nar_size, info.sigs, info.references, info.deriver,
+               info.ca, location)
+        cached = self.narinfo_cache.get(key)
+        if cached is None:
+            cached = NarInfo(info, location, signatures(info, self.signers))
+            self.narinfo_cache.put(key, cached)
+        return cached
+
+    # --- dispatch ---------------------------------------------------------------------
+
+    async def handle(self, request: Request) -> Response:
+        from .routes import dispatch
+
+        try:
+            return await dispatch(self, request)
+        except StoreError as exc:
+            log.error("store error on %s %s: %s", request.method, request.raw_path, exc)
+            resp = error(503, "the store cannot answer right now", [("Retry-After", "5")])
+            return resp

@@ -1,0 +1,168 @@
+"""zstd for NARs: compressed copies kept under the state directory, and on-the-fly streams.
+
+Nix 2.8 sends no Accept-Encoding, so HTTP content coding alone would never compress for it.
+Instead the narinfo of a path whose compressed copy exists says `Compression: zstd` with a
+`.nar.zst` URL and exact FileHash/FileSize: such a file has a Content-Length and resumes with
+Range like any static file. Copies are made in the background after a narinfo is asked for
+(so the second host of a fleet gets the compressed file), and evicted oldest-first past a size.
+Clients that send `Accept-Encoding: zstd` get `Content-Encoding: zstd` as from harmonia.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+import zstandard
+
+from .hashes import nix32_encode
+from .nar import Segment, read_region
+
+log = logging.getLogger("harmonia.compression")
+
+MIN_COMPRESS_SIZE = 4096
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class CompressedNar:
+    path: Path
+    file_hash: bytes
+    file_size: int
+
+
+def iter_nar_bytes(segments: Iterator[Segment]) -> Iterator[bytes]:
+    for seg in segments:
+        if isinstance(seg, bytes):
+            yield seg
+        else:
+            yield from read_region(seg, CHUNK)
+
+
+def compress_chunks(chunks: Iterator[bytes], level: int) -> Iterator[bytes]:
+    """zstd frames of the concatenated chunks. Used both for copies and for live streams."""
+    comp = zstandard.ZstdCompressor(level=level).compressobj()
+    for chunk in chunks:
+        out = comp.compress(chunk)
+        if out:
+            yield out
+    tail = comp.flush()
+    if tail:
+        yield tail
+
+
+class ZstdCache:
+    """Compressed NAR copies named by NAR hash: `<nix32>.nar.zst` with a `.meta` JSON beside."""
+
+    def __init__(self, directory: Path, level: int, max_bytes: int) -> None:
+        self.dir = directory
+        self.level = level
+        self.max_bytes = max_bytes
+        self._pending: set[bytes] = set()
+        self._limiter = trio.CapacityLimiter(1)  # one background compression per worker
+
+    def ensure_dir(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _paths(self, nar_hash: bytes) -> tuple[Path, Path]:
+        name = nix32_encode(nar_hash)
+        return self.dir / f"{name}.nar.zst", self.dir / f"{name}.meta"
+
+    def lookup(self, nar_hash: bytes) -> CompressedNar | None:
+        data_path, meta_path = self._paths(nar_hash)
+        try:
+            meta = json.loads(meta_path.read_bytes())
+            size = data_path.stat().st_size
+        except (OSError, ValueError):
+            return None
+        if not isinstance(meta, dict) or meta.get("size") != size:
+            return None
+        try:
+            return CompressedNar(data_path, bytes.fromhex(str(meta["sha256"])), size)
+        except (KeyError, ValueError):
+            return None
+
+    def build(self, nar_hash: bytes, segments: Callable[[], Iterator[Segment]]) -> CompressedNar | None:
+        """Compress one NAR into the cache (blocking; run it in a thread).
+
+        A lock file made with O_EXCL keeps worker processes from compressing the same NAR twice.
+        """
+        data_path, meta_path = self._paths(nar_hash)
+        tmp = data_path.with_suffix(".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return None  # another worker is on it
+        except OSError as exc:
+            log.warning("cannot write compressed NARs under %s: %s", self.dir, exc.strerror)
+            return None
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for block in compress_chunks(iter_nar_bytes(segments()), self.level):
+                    out.write(block)
+                    digest.update(block)
+                    size += len(block)
+            os.replace(tmp, data_path)
+            meta_path.write_text(json.dumps({"sha256": digest.hexdigest(), "size": size}))
+        except Exception as exc:
+            log.warning("compressing NAR %s failed: %s", nix32_encode(nar_hash), exc)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return None
+        self._evict()
+        return CompressedNar(data_path, digest.digest(), size)
+
+    def _evict(self) -> None:
+        try:
+            entries = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.dir.glob("*.nar.zst")]
+        except OSError:
+            return
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            with contextlib.suppress(OSError):
+                path.with_suffix("").with_suffix(".meta").unlink()
+                path.unlink()
+            total -= size
+
+    async def ensure(self, nar_hash: bytes, segments: Callable[[], Iterator[Segment]]) -> CompressedNar | None:
+        """The copy, made now if missing (waits for it)."""
+        found = self.lookup(nar_hash)
+        if found is not None:
+            return found
+        built = await trio.to_thread.run_sync(self.build, nar_hash, segments, abandon_on_cancel=True)
+        if built is None:
+            # another worker may be building it: wait a little for its result
+            for _ in range(600):
+                await trio.sleep(0.1)
+                if (found := self.lookup(nar_hash)) is not None:
+                    return found
+                if not self._paths(nar_hash)[0].with_suffix(".tmp").exists():
+                    break
+        return built or self.lookup(nar_hash)
+
+    def schedule(self, nursery: trio.Nursery, nar_hash: bytes, size: int,
+                 segments: Callable[[], Iterator[Segment]]) -> None:
+        if size < MIN_COMPRESS_SIZE or nar_hash in self._pending:
+            return
+        self._pending.add(nar_hash)
+
+        async def job() -> None:
+            try:
+                async with self._limiter:
+                    if self.lookup(nar_hash) is None:
+                        await trio.to_thread.run_sync(self.build, nar_hash, segments, abandon_on_cancel=True)
+            finally:
+                self._pending.discard(nar_hash)
+
+        nursery.start_soon(job)

@@ -1,0 +1,121 @@
+"""Prometheus metrics shared by all worker processes.
+
+Counters live in one anonymous shared memory map created before the workers fork; each worker
+writes only its own slot (so no locks and no lost updates) and `/metrics` sums the slots.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+ROUTES = (
+    "landing", "nix-cache-info", "narinfo", "nar", "ls", "log", "serve", "version", "health",
+    "metrics", "other",
+)  # fmt: skip
+STATUSES = (200, 206, 304, 400, 404, 405, 413, 416, 429, 431, 500, 502, 503, 0)  # 0: any other
+BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0)
+
+_R, _S, _B = len(ROUTES), len(STATUSES), len(BUCKETS) + 1
+_REQ = 0
+_HIST = _REQ + _R * _S
+_SUM_US = _HIST + _R * _B
+_BYTES = _SUM_US + _R
+_INFLIGHT = _BYTES + _R
+_CONNS = _INFLIGHT + 1
+SLOT_WORDS = _CONNS + 1
+
+_ROUTE_INDEX = {r: i for i, r in enumerate(ROUTES)}
+_STATUS_INDEX = {s: i for i, s in enumerate(STATUSES)}
+
+
+class Metrics:
+    def __init__(self, workers: int = 1) -> None:
+        self.workers = workers
+        self._map = mmap.mmap(-1, max(1, workers) * SLOT_WORDS * 8)
+        self._all = memoryview(self._map).cast("Q")
+        self.slot = 0
+
+    def use_slot(self, slot: int) -> None:
+        """Called in each worker after fork: which slot this process writes."""
+        self.slot = slot
+
+    def _base(self) -> int:
+        return self.slot * SLOT_WORDS
+
+    def observe(self, route: str, status: int, seconds: float, sent: int) -> None:
+        base = self._base()
+        r = _ROUTE_INDEX.get(route, _R - 1)
+        s = _STATUS_INDEX.get(status, _S - 1)
+        words = self._all
+        words[base + _REQ + r * _S + s] += 1
+        b = 0
+        while b < len(BUCKETS) and seconds > BUCKETS[b]:
+            b += 1
+        words[base + _HIST + r * _B + b] += 1
+        words[base + _SUM_US + r] += int(seconds * 1e6)
+        words[base + _BYTES + r] += sent
+
+    def add_bytes(self, route: str, sent: int) -> None:
+        self._all[self._base() + _BYTES + _ROUTE_INDEX.get(route, _R - 1)] += sent
+
+    def nar_started(self) -> None:
+        self._all[self._base() + _INFLIGHT] += 1
+
+    def nar_finished(self) -> None:
+        self._all[self._base() + _INFLIGHT] -= 1
+
+    def connection_opened(self) -> None:
+        self._all[self._base() + _CONNS] += 1
+
+    def connection_closed(self) -> None:
+        self._all[self._base() + _CONNS] -= 1
+
+    def _sum(self, offset: int) -> int:
+        return sum(self._all[w * SLOT_WORDS + offset] for w in range(self.workers))
+
+    def render(self) -> str:
+        out = [
+            "# HELP harmonia_requests_total HTTP requests answered, by route and status.",
+            "# TYPE harmonia_requests_total counter",
+        ]
+        for r, route in enumerate(ROUTES):
+            for s, status in enumerate(STATUSES):
+                n = self._sum(_REQ + r * _S + s)
+                if n:
+                    label = str(status) if status else "other"
+                    out.append(f'harmonia_requests_total{{route="{route}",status="{label}"}} {n}')
+        out += [
+            "# HELP harmonia_request_duration_seconds Time from request to the last byte sent.",
+            "# TYPE harmonia_request_duration_seconds histogram",
+        ]
+        for r, route in enumerate(ROUTES):
+            counts = [self._sum(_HIST + r * _B + b) for b in range(_B)]
+            total = sum(counts)
+            if not total:
+                continue
+            running = 0
+            for b, bound in enumerate(BUCKETS):
+                running += counts[b]
+                out.append(f'harmonia_request_duration_seconds_bucket{{route="{route}",le="{bound}"}} {running}')
+            out.append(f'harmonia_request_duration_seconds_bucket{{route="{route}",le="+Inf"}} {total}')
+            out.append(f'harmonia_request_duration_seconds_sum{{route="{route}"}} {self._sum(_SUM_US + r) / 1e6}')
+            out.append(f'harmonia_request_duration_seconds_count{{route="{route}"}} {total}')
+        out += [
+            "# HELP harmonia_bytes_sent_total Response body bytes sent, by route.",
+            "# TYPE harmonia_bytes_sent_total counter",
+        ]
+        for r, route in enumerate(ROUTES):
+            if n := self._sum(_BYTES + r):
+                out.append(f'harmonia_bytes_sent_total{{route="{route}"}} {n}')
+        out += [
+            "# HELP harmonia_nars_in_flight NAR responses being sent right now.",
+            "# TYPE harmonia_nars_in_flight gauge",
+            f"harmonia_nars_in_flight {self._sum(_INFLIGHT)}",
+            "# HELP harmonia_open_connections Client connections open right now.",
+            "# TYPE harmonia_open_connections gauge",
+            f"harmonia_open_connections {self._sum(_CONNS)}",
+            "# HELP harmonia_workers Worker processes serving.",
+            "# TYPE harmonia_workers gauge",
+            f"harmonia_workers {self.workers}",
+        ]
+        return "\n".join(out) + "\n"

@@ -1,0 +1,166 @@
+"""NAR routes: `/nar/<narhash>.nar?hash=<hash>`, the `.nar.zst` copy, and nix-serve's legacy form.
+
+Everything is checked before the status line goes out: the path is valid, on disk, and its NAR
+hash is the one in the URL (a path rebuilt or collected since the narinfo gives 404, never the
+wrong bytes). Identity bodies always carry Content-Length, so a transfer cut by a failure is
+seen as incomplete by the client.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..compression import compress_chunks, iter_nar_bytes
+from ..hashes import nix32_encode
+from ..http import Request, Response, SegmentsBody, StreamBody, error
+from ..nar import FileRegion, Segment, slice_segments
+from ..ranges import Unsatisfiable, parse_range
+from ..store import FsNar, StreamedNar
+from ..storepath import is_hash_part
+
+if TYPE_CHECKING:
+    from ..app import App, Resolved
+
+NAR_TYPE = "application/x-nix-nar"
+IMMUTABLE = "public, max-age=31536000, immutable"
+_NIX32_SHA256 = re.compile(r"[0123456789abcdfghijklmnpqrsvwxyz]{52}")
+
+
+async def _lookup(app: App, hash_part: str | None, narhash: str) -> Resolved | Response:
+    if not _NIX32_SHA256.fullmatch(narhash):
+        return error(400, "a NAR name is the nix32 sha256 of the NAR")
+    if hash_part is None:
+        return error(400, "missing ?hash=<store path hash> (take the URL from the narinfo)")
+    if not is_hash_part(hash_part):
+        return error(400, "hash= must be the 32-character hash of a store path")
+    resolved = await app.resolve(hash_part)
+    if resolved is None or not app.present_on_disk(resolved.info):
+        return error(404, "no such path")
+    if nix32_encode(resolved.info.nar_hash) != narhash:
+        return error(404, "this store path's NAR has another hash now")
+    return resolved
+
+
+async def get_nar(app: App, request: Request, match: re.Match[str]) -> Response:
+    found = await _lookup(app, request.query_value("hash"), match["narhash"])
+    if isinstance(found, Response):
+        return found
+    return await nar_response(app, request, found)
+
+
+async def get_nar_legacy(app: App, request: Request, match: re.Match[str]) -> Response:
+    found = await _lookup(app, match["hash"], match["narhash"])
+    if isinstance(found, Response):
+        return found
+    return await nar_response(app, request, found)
+
+
+def _file_segments(region: FileRegion) -> Iterator[Segment]:
+    yield region
+
+
+async def get_nar_zst(app: App, request: Request, match: re.Match[str]) -> Response:
+    found = await _lookup(app, request.query_value("hash"), match["narhash"])
+    if isinstance(found, Response):
+        return found
+    if app.zstd is None:
+        return error(404, "compression is disabled on this cache")
+    source = await app.store.nar(found.info)
+    if not isinstance(source, FsNar):
+        return error(404, "no compressed copy with this store backend")
+    # normally made in the background after the narinfo; made now if it was evicted since
+    copy = await app.zstd.ensure(found.info.nar_hash, source.segments)
+    if copy is None:
+        return error(503, "the compressed copy is not available yet", [("Retry-After", "2")])
+    region = FileRegion(bytes(copy.path), copy.file_size)
+    headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE), ("Accept-Ranges", "bytes")]
+    return _ranged(request, headers, lambda: _file_segments(region), copy.file_size)
+
+
+def _ranged(request: Request, headers: list[tuple[str, str]],
+            segments: object, total: int) -> Response:
+    make = segments  # Callable[[], Iterator[Segment]]
+    assert callable(make)
+    try:
+        rng = parse_range(request.header("range"), total)
+    except Unsatisfiable:
+        return error(416, "range not satisfiable", [("Content-Range", f"bytes */{total}")])
+    if rng is None:
+        return Response(200, headers, SegmentsBody(make, total))
+    start, length = rng.start, rng.length
+    return Response(
+        206,
+        [*headers, ("Content-Range", rng.content_range(total))],
+        SegmentsBody(lambda: slice_segments(make(), start, length), length),
+    )
+
+
+async def nar_response(app: App, request: Request, resolved: Resolved) -> Response:
+    info = resolved.info
+    source = await app.store.nar(info)
+    headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE),
+               ("Vary", "Accept-Encoding")]
+    wants_zstd = (app.config.enable_compression and request.accepts_encoding("zstd")
+                  and request.header("range") is None)
+    if wants_zstd:
+        copy = app.compressed_copy(info)
+        if copy is not None:
+            region = FileRegion(bytes(copy.path), copy.file_size)
+            return Response(200, [*headers, ("Content-Encoding", "zstd")],
+                            SegmentsBody(lambda: _file_segments(region), copy.file_size))
+        if isinstance(source, FsNar):
+            app.schedule_compression(info)
+            level = min(app.config.zstd_level, 3)  # live streams favour speed
+            return Response(200, [*headers, ("Content-Encoding", "zstd")],
+                            StreamBody(lambda: _zstd_stream(source, level), None))
+    headers.append(("Accept-Ranges", "bytes"))
+    if isinstance(source, FsNar):
+        return _ranged(request, headers, source.segments, info.nar_size)
+    return _streamed(request, headers, source)
+
+
+def _streamed(request: Request, headers: list[tuple[str, str]], source: StreamedNar) -> Response:
+    total = source.size
+    try:
+        rng = parse_range(request.header("range"), total)
+    except Unsatisfiable:
+        return error(416, "range not satisfiable", [("Content-Range", f"bytes */{total}")])
+    opener = source.open
+    assert callable(opener)
+
+    async def chunks(skip: int, length: int) -> AsyncIterator[bytes]:
+        stream: AsyncIterator[bytes] = opener()
+        left = length
+        async for chunk in stream:
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            piece = chunk[skip : skip + left]
+            skip = 0
+            left -= len(piece)
+            yield piece
+            if not left:
+                break
+        await stream.aclose()  # type: ignore[attr-defined]
+
+    if rng is None:
+        return Response(200, headers, StreamBody(lambda: chunks(0, total), total))
+    start, length = rng.start, rng.length
+    return Response(206, [*headers, ("Content-Range", rng.content_range(total))],
+                    StreamBody(lambda: chunks(start, length), length))
+
+
+async def _zstd_stream(source: FsNar, level: int) -> AsyncIterator[bytes]:
+    """Compress in a thread, a block at a time, so the event loop keeps serving."""
+    blocks = compress_chunks(iter_nar_bytes(source.segments()), level)
+    done = object()
+    while True:
+        block = await trio.to_thread.run_sync(next, blocks, done)
+        if block is done:
+            return
+        assert isinstance(block, bytes)
+        yield block

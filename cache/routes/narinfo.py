@@ -1,0 +1,28 @@
+"""`/<hash>.narinfo` (and `?json`): the signed metadata of one store path."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from ..http import Request, Response, error, text
+from ..storepath import is_hash_part
+
+if TYPE_CHECKING:
+    from ..app import App
+
+POSITIVE_CACHE = "public, max-age=3600"
+
+
+async def get_narinfo(app: App, request: Request, match: re.Match[str]) -> Response:
+    hash_part = match["hash"]
+    if not is_hash_part(hash_part):
+        return error(400, "a narinfo name is the 32-character hash of a store path")
+    resolved = await app.resolve(hash_part)
+    if resolved is None or not app.present_on_disk(resolved.info):
+        return error(404, "no such path")
+    narinfo = app.narinfo(resolved)
+    if "json" in request.query_params():
+        return text(200, narinfo.to_json(), "application/json",
+                    [("Cache-Control", POSITIVE_CACHE)])
+    return text(200, narinfo.render(), "text/x-nix-narinfo", [("Cache-Control", POSITIVE_CACHE)])

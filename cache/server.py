@@ -1,0 +1,373 @@
+"""Listening sockets, the accept loop, worker processes, signals and systemd integration.
+
+One process binds (or takes socket-activated sockets), then forks `workers` children that share
+the listening sockets. Each child runs trio: it accepts, detects the protocol (HTTP/1.1, h2c prior
+knowledge, TLS with ALPN) and serves. The parent reports readiness (`READY=1`) once every child
+is serving, pings the watchdog, restarts a child that dies, and on SIGTERM/SIGINT stops them
+gracefully: they stop accepting and let running transfers finish within a grace period.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from .app import App
+from .asgi import Http2Handoff, ReplayStream
+from .config import Config
+from .http1 import H1Connection
+from .keys import read_secret_key
+from .metrics import Metrics
+from .signing import Signer
+from .systemd import listen_fds, notify, watchdog_interval
+
+log = logging.getLogger("harmonia.server")
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+TLS_HANDSHAKE_TIMEOUT = 10.0
+GRACE_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the parent sets up once, before any worker starts."""
+
+    config: Config
+    sockets: list[socket.socket]
+    signers: list[Signer]
+    metrics: Metrics
+
+    @property
+    def urls(self) -> list[str]:
+        return [socket_url(s, self.config.tls) for s in self.sockets]
+
+
+def socket_url(sock: socket.socket, tls: bool) -> str:
+    scheme = "https" if tls else "http"
+    if sock.family == socket.AF_UNIX:
+        return f"{scheme}+unix://{sock.getsockname()}"
+    host, port = sock.getsockname()[:2]
+    if sock.family == socket.AF_INET6:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+def open_sockets(config: Config) -> list[socket.socket]:
+    activated = listen_fds()
+    if activated:
+        return activated
+    bind = config.bind
+    if bind.unix_path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(bind.unix_path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(bind.unix_path)
+        os.chmod(bind.unix_path, 0o666)
+    else:
+        assert bind.host is not None and bind.port is not None
+        family = socket.AF_INET6 if ":" in bind.host else socket.AF_INET
+        if bind.host == "localhost":
+            family = socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # "[::]" serves IPv4 too, as harmonia's default bind does
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((bind.host if bind.host != "localhost" else "127.0.0.1", bind.port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return [sock]
+
+
+def load_signers(config: Config) -> list[Signer]:
+    return [read_secret_key(path).signer() for path in config.sign_key_paths]
+
+
+def prepare(config: Config) -> Prepared:
+    signers = load_signers(config)
+    sockets = open_sockets(config)
+    return Prepared(config, sockets, signers, Metrics(config.workers))
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    if not config.tls:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    assert config.tls_cert_path is not None and config.tls_key_path is not None
+    ctx.load_cert_chain(str(config.tls_cert_path), str(config.tls_key_path))
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    return ctx
+
+
+class RateLimiter:
+    """At most `rate` new connections a second per worker (a token bucket)."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.tokens = float(rate)
+        self.last = time.monotonic()
+
+    async def wait(self) -> None:
+        while True:
+            now = time.monotonic()
+            self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+            self.last = now
+            if self.tokens >= 1:
+                self.tokens -= 1
+                return
+            await trio.sleep((1 - self.tokens) / self.rate)
+
+
+class Worker:
+    def __init__(self, app: App, config: Config) -> None:
+        self.app = app
+        self.config = config
+        self.ssl = tls_context(config)
+        self.h2 = Http2Handoff(app)
+        self.slots = trio.Semaphore(config.max_connections)
+        self.rate = RateLimiter(config.max_connection_rate)
+
+    async def accept_loop(self, listener: trio.socket.SocketType, conns: trio.Nursery) -> None:
+        while True:
+            await self.slots.acquire()
+            await self.rate.wait()
+            try:
+                sock, addr = await listener.accept()
+            except OSError as exc:
+                self.slots.release()
+                log.warning("accept failed: %s", exc)
+                await trio.sleep(0.1)
+                continue
+            conns.start_soon(self.connection, sock, addr)
+
+    async def connection(self, sock: trio.socket.SocketType, addr: object) -> None:
+        client = addr[0] if isinstance(addr, tuple) else "unix"
+        self.app.metrics.connection_opened()
+        try:
+            stream = trio.SocketStream(sock)
+            if self.ssl is not None:
+                await self._tls(stream, str(client))
+            else:
+                await self._plain(stream, str(client))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+            pass
+        except Exception:
+            log.exception("connection from %s failed", client)
+        finally:
+            self.app.metrics.connection_closed()
+            self.slots.release()
+            sock.close()
+
+    async def _plain(self, stream: trio.SocketStream, client: str) -> None:
+        data = b""
+        with trio.move_on_after(30):
+            while True:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                data += chunk
+                # decide as soon as the bytes cannot be the HTTP/2 preface, or are it
+                if not H2_PREFACE.startswith(data[: len(H2_PREFACE)]) or len(data) >= len(H2_PREFACE):
+                    break
+        if not data:
+            return
+        if data.startswith(H2_PREFACE):
+            await self.h2.serve(ReplayStream(stream, data))
+            return
+        await H1Connection(stream, self.app, sock=stream.socket, client=client, prefix=data).run()
+
+    async def _tls(self, stream: trio.SocketStream, client: str) -> None:
+        assert self.ssl is not None
+        tls = trio.SSLStream(stream, self.ssl, server_side=True)
+        try:
+            with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                await tls.do_handshake()
+        except (trio.TooSlowError, trio.BrokenResourceError):
+            return
+        if tls.selected_alpn_protocol() == "h2":
+            await self.h2.serve(tls)
+            return
+        await H1Connection(tls, self.app, sock=None, client=client).run()
+
+    async def serve(self, sockets: list[socket.socket], *,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Accept until cancelled from outside; then drain connections for the grace period."""
+        listeners = [trio.socket.from_stdlib_socket(s.dup()) for s in sockets]
+        async with trio.open_nursery() as outer:
+            await outer.start(self.app.run_background)
+            async with trio.open_nursery() as conns:
+                accept_scope = trio.CancelScope()
+                with accept_scope:
+                    async with trio.open_nursery() as accepting:
+                        for listener in listeners:
+                            accepting.start_soon(self.accept_loop, listener, conns)
+                        task_status.started()
+                        await self._wait_for_stop()
+                        accepting.cancel_scope.cancel()
+                for listener in listeners:
+                    listener.close()
+                conns.cancel_scope.deadline = trio.current_time() + GRACE_SECONDS
+            outer.cancel_scope.cancel()
+        await self.app.aclose()
+
+    async def _wait_for_stop(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("received %s: finishing running requests (up to %ss)",
+                         signal.Signals(signum).name, GRACE_SECONDS)
+                return
+
+
+async def serve_in_process(prepared: Prepared, slot: int = 0,
+                           on_ready: Callable[[], None] | None = None, *,
+                           task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    """One worker in this process: what each child runs, and the whole server when workers=1."""
+    prepared.metrics.use_slot(slot)
+    app = App(prepared.config, prepared.signers, prepared.metrics)
+    app.public_keys = [signer.public_key() for signer in prepared.signers]
+    worker = Worker(app, prepared.config)
+    async with trio.open_nursery() as nursery:
+
+        async def serve_then_stop(*, task_status: trio.TaskStatus[None]) -> None:
+            await worker.serve(prepared.sockets, task_status=task_status)
+            nursery.cancel_scope.cancel()
+
+        await nursery.start(serve_then_stop)
+        if on_ready is not None:
+            on_ready()
+        task_status.started(prepared.urls)
+        interval = watchdog_interval() if prepared.config.workers == 1 else None
+        if interval:
+            nursery.start_soon(_watchdog, interval)
+
+
+async def _watchdog(interval: float) -> None:
+    while True:
+        notify("WATCHDOG=1")
+        await trio.sleep(interval)
+
+
+def announce(prepared: Prepared) -> None:
+    for url in prepared.urls:
+        log.info("listening on %s", url)
+    notify(f"READY=1\nSTATUS=Serving on {' '.join(prepared.urls)}")
+
+
+def run(config: Config) -> int:
+    """Serve until SIGTERM/SIGINT. Returns the exit status."""
+    prepared = prepare(config)
+    if config.workers == 1:
+        trio.run(serve_in_process, prepared, 0, lambda: announce(prepared))
+        return 0
+    return Supervisor(prepared).run()
+
+
+class Supervisor:
+    """The parent of the worker processes."""
+
+    def __init__(self, prepared: Prepared) -> None:
+        self.prepared = prepared
+        self.children: dict[int, int] = {}  # pid -> slot
+        self.stopping = False
+
+    def _spawn(self, slot: int) -> tuple[int, int]:
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            os.close(read_fd)
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            code = 0
+
+            def ready() -> None:
+                os.write(write_fd, b"1")
+                os.close(write_fd)
+
+            try:
+                trio.run(serve_in_process, self.prepared, slot, ready)
+            except BaseException:
+                log.exception("worker %d failed", slot)
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        os.close(write_fd)
+        self.children[pid] = slot
+        return pid, read_fd
+
+    def run(self) -> int:
+        handled = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP}
+        signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+        pipes = [self._spawn(slot) for slot in range(self.prepared.config.workers)]
+        for pid, fd in pipes:
+            ok = os.read(fd, 1) == b"1"
+            os.close(fd)
+            if not ok:
+                log.error("worker %d did not start", pid)
+                self._stop_all()
+                return 1
+        announce(self.prepared)
+        interval = watchdog_interval()
+        backoff = 0.5
+        while True:
+            timeout = interval if interval else 3600.0
+            info = signal.sigtimedwait(handled, timeout)
+            if interval:
+                notify("WATCHDOG=1")
+            if info is None:
+                continue
+            if info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                notify("STOPPING=1")
+                return self._stop_all()
+            if info.si_signo == signal.SIGCHLD:
+                for pid, slot in self._reap():
+                    log.error("worker %d (pid %d) exited; restarting it in %.1fs", slot, pid, backoff)
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 30.0)
+                    new_pid, fd = self._spawn(slot)
+                    os.read(fd, 1)
+                    os.close(fd)
+
+    def _reap(self) -> list[tuple[int, int]]:
+        dead = []
+        while self.children:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            slot = self.children.pop(pid, None)
+            if slot is not None:
+                dead.append((pid, slot))
+        return dead
+
+    def _stop_all(self) -> int:
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + GRACE_SECONDS + 5
+        while self.children and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.05)
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return 0
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )

@@ -1,0 +1,51 @@
+"""The small parts of systemd's protocols a service needs: sd_notify, the watchdog, LISTEN_FDS."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+
+SD_LISTEN_FDS_START = 3
+
+
+def notify(message: str, env: Mapping[str, str] | None = None) -> bool:
+    """Send `message` (e.g. "READY=1") to $NOTIFY_SOCKET; False when there is none."""
+    env = os.environ if env is None else env
+    address = env.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        except OSError:
+            return False
+    return True
+
+
+def watchdog_interval(env: Mapping[str, str] | None = None) -> float | None:
+    """Seconds between pings (half of WATCHDOG_USEC), when the watchdog is for this process."""
+    env = os.environ if env is None else env
+    usec = env.get("WATCHDOG_USEC")
+    pid = env.get("WATCHDOG_PID")
+    if not usec or not usec.isdigit() or int(usec) == 0:
+        return None
+    if pid and pid.isdigit() and int(pid) != os.getpid():
+        return None
+    return int(usec) / 2e6
+
+
+def listen_fds(env: Mapping[str, str] | None = None) -> list[socket.socket]:
+    """Sockets passed by socket activation (LISTEN_PID/LISTEN_FDS), else none."""
+    env = os.environ if env is None else env
+    pid, count = env.get("LISTEN_PID"), env.get("LISTEN_FDS")
+    if not pid or not count or not pid.isdigit() or not count.isdigit() or int(pid) != os.getpid():
+        return []
+    socks = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
+        os.set_inheritable(fd, True)
+        socks.append(socket.socket(fileno=fd))
+    return socks
