@@ -121,7 +121,8 @@ def start_cache(
                 ready.set()
         ready.set()
 
-    threading.Thread(target=pump, daemon=True).start()
+    pumping = threading.Thread(target=pump, daemon=True)
+    pumping.start()
     try:
         deadline = time.monotonic() + timeout
         while not found:
@@ -140,3 +141,6 @@ def start_cache(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+        pumping.join(5)
+        if proc.stderr is not None:
+            proc.stderr.close()

@@ -1,0 +1,225 @@
+"""Every route over HTTP against the real store: ranges, listings, /serve, logs, HTTP/2, GC."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import zstandard
+
+from tests.support.cache_server import CacheServer, start_cache
+from tests.support.fixtures import Fixtures, unique_path_expr
+from tests.support.nix import build, dump, run
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, nix_daemon_env: dict[str, str]) -> Iterator[CacheServer]:
+    with start_cache(tmp_path_factory.mktemp("routes"), priority=60, zstd={"level": 3}) as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server: CacheServer) -> Iterator[httpx.Client]:
+    # like Nix 2.8: no content coding unless a test asks for it
+    with httpx.Client(base_url=server.url, timeout=60, headers={"Accept-Encoding": "identity"}) as c:
+        yield c
+
+
+def nar_url(client: httpx.Client, path: str) -> str:
+    """The uncompressed NAR's URL (the narinfo may point at the compressed copy by now)."""
+    hash_part = Path(path).name[:32]
+    text = client.get(f"/{hash_part}.narinfo").text
+    narhash = next(line for line in text.splitlines() if line.startswith("NarHash: "))
+    return f"/nar/{narhash.removeprefix('NarHash: sha256:')}.nar?hash={hash_part}"
+
+
+def test_head_matches_get(client: httpx.Client, store_fixtures: Fixtures) -> None:
+    for url in ["/nix-cache-info", f"/{Path(store_fixtures.tree).name[:32]}.narinfo",
+                nar_url(client, store_fixtures.tree)]:
+        get, head = client.get(url), client.head(url)
+        assert head.status_code == get.status_code == 200
+        assert head.content == b""
+        assert head.headers["content-length"] == get.headers["content-length"] == str(len(get.content))
+        assert head.headers["content-type"] == get.headers["content-type"]
+
+
+def test_narinfo_json_and_cache_control(client: httpx.Client, store_fixtures: Fixtures) -> None:
+    hash_part = Path(store_fixtures.tree).name[:32]
+    resp = client.get(f"/{hash_part}.narinfo?json")
+    doc = json.loads(resp.text)
+    assert doc["path"] == store_fixtures.tree
+    assert store_fixtures.dep in doc["references"]
+    assert "max-age" in client.get(f"/{hash_part}.narinfo").headers["cache-control"]
+    missing = client.get("/" + "0" * 32 + ".narinfo")
+    assert missing.status_code == 404
+    assert missing.headers["cache-control"] == "no-store"
+
+
+def test_legacy_nix_serve_nar_url(client: httpx.Client, store_fixtures: Fixtures,
+                                  nix_daemon_env: dict[str, str]) -> None:
+    url = nar_url(client, store_fixtures.single)
+    narhash = url.split("/nar/")[1].split(".nar")[0]
+    hash_part = Path(store_fixtures.single).name[:32]
+    resp = client.get(f"/nar/{hash_part}-{narhash}.nar")
+    assert resp.status_code == 200
+    assert resp.content == dump(store_fixtures.single, nix_daemon_env)
+    wrong = client.get(f"/nar/{hash_part}-{'0' * 52}.nar")
+    assert wrong.status_code == 404
+
+
+def test_ranges(client: httpx.Client, store_fixtures: Fixtures, nix_daemon_env: dict[str, str]) -> None:
+    url = nar_url(client, store_fixtures.tree)
+    whole = dump(store_fixtures.tree, nix_daemon_env)
+    part = client.get(url, headers={"Range": "bytes=1000-200999"})
+    assert part.status_code == 206
+    assert part.headers["content-range"] == f"bytes 1000-200999/{len(whole)}"
+    assert part.content == whole[1000:201000]
+    tail = client.get(url, headers={"Range": "bytes=-100"})
+    assert tail.content == whole[-100:]
+    bad = client.get(url, headers={"Range": f"bytes={len(whole)}-"})
+    assert bad.status_code == 416
+    assert bad.headers["content-range"] == f"bytes */{len(whole)}"
+    assert client.get(url).headers["accept-ranges"] == "bytes"
+
+
+def test_zstd_content_encoding(client: httpx.Client, store_fixtures: Fixtures,
+                               nix_daemon_env: dict[str, str]) -> None:
+    url = nar_url(client, store_fixtures.tree)
+    resp = client.get(url, headers={"Accept-Encoding": "zstd"})
+    assert resp.headers["content-encoding"] == "zstd"
+    assert "Accept-Encoding" in resp.headers["vary"]
+    # httpx decodes zstd itself when zstandard is installed; check the raw bytes too
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(_raw(client, url)) == dump(
+        store_fixtures.tree, nix_daemon_env
+    )
+    plain = client.get(url, headers={"Accept-Encoding": "gzip"})
+    assert "content-encoding" not in plain.headers
+
+
+def _raw(client: httpx.Client, url: str) -> bytes:
+    with client.stream("GET", url, headers={"Accept-Encoding": "zstd"}) as resp:
+        return b"".join(resp.iter_raw())
+
+
+def test_compressed_copy_advertised_after_first_narinfo(client: httpx.Client, store_fixtures: Fixtures,
+                                                        nix_daemon_env: dict[str, str]) -> None:
+    hash_part = Path(store_fixtures.big).name[:32]
+    first = client.get(f"/{hash_part}.narinfo").text
+    deadline = time.monotonic() + 120
+    while "Compression: zstd" not in (text := client.get(f"/{hash_part}.narinfo").text):
+        assert time.monotonic() < deadline, "no compressed copy after 120 s"
+        time.sleep(0.5)
+    assert "Compression: none" in first
+    fields = dict(line.split(": ", 1) for line in text.splitlines())
+    assert fields["URL"].startswith("nar/") and ".nar.zst?hash=" in fields["URL"]
+    data = client.get("/" + fields["URL"]).content
+    assert len(data) == int(fields["FileSize"])
+    assert len(data) < 0.5 * int(fields["NarSize"])
+    import hashlib
+
+    from cache.hashes import sha256_nix32
+
+    assert sha256_nix32(hashlib.sha256(data).digest()) == fields["FileHash"]
+    part = client.get("/" + fields["URL"], headers={"Range": "bytes=10-19"})
+    assert part.status_code == 206
+    assert part.content == data[10:20]
+
+
+def test_listing(client: httpx.Client, store_fixtures: Fixtures, nix_daemon_env: dict[str, str]) -> None:
+    resp = client.get(f"/{Path(store_fixtures.tree).name[:32]}.ls")
+    assert resp.status_code == 200
+    doc = resp.json()
+    nar = dump(store_fixtures.tree, nix_daemon_env)
+    node = doc["root"]["entries"]["bin"]["entries"]["run"]
+    assert node["executable"] is True
+    assert nar[node["narOffset"] : node["narOffset"] + node["size"]] == b"#!/bin/sh\necho hi\n"
+    assert doc["root"]["entries"]["dangling"] == {"type": "symlink", "target": "/nonexistent/dangling"}
+
+
+def test_serve_browses_without_escaping(client: httpx.Client, store_fixtures: Fixtures) -> None:
+    h = Path(store_fixtures.tree).name[:32]
+    assert client.get(f"/serve/{h}/bin/run").content == b"#!/bin/sh\necho hi\n"
+    assert client.get(f"/serve/{h}/dir/").content == b"<html>index</html>"
+    assert client.get(f"/serve/{h}/dir").status_code == 301
+    listing = client.get(f"/serve/{h}/order/")
+    assert listing.status_code == 200 and "a.b" in listing.text
+    assert client.get(f"/serve/{h}/dir/rel-link").status_code == 200  # ../empty-file, inside
+    assert client.get(f"/serve/{h}/dir-link/one-byte").content == b"x"
+    moved = client.get(f"/serve/{h}/abs-link")
+    assert moved.status_code == 302
+    assert moved.headers["location"] == f"/serve/{Path(store_fixtures.dep).name[:32]}/file"
+    assert client.get(f"/serve/{h}/dangling").status_code == 404
+    assert client.get(f"/serve/{h}/dir/ünïcödé-файл-名前").content == b"unicode\n"
+    assert client.get(f"/serve/{h}/dir/zeros-100k", headers={"Range": "bytes=0-9"}).content == b"\0" * 10
+
+
+def test_build_log(client: httpx.Client, tmp_path: Path, server: CacheServer) -> None:
+    import bz2
+
+    drv_name = "0" * 31 + "1-fake-build.drv"
+    log_dir = Path("/nix/var/log/nix/drvs") / drv_name[:2]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    target = log_dir / (drv_name[2:] + ".bz2")
+    target.write_bytes(bz2.compress(b"building...\ndone\n"))
+    try:
+        resp = client.get(f"/log/{drv_name}")
+        assert resp.status_code == 200
+        assert resp.content == b"building...\ndone\n"
+        packed = client.get(f"/log/{drv_name}", headers={"Accept-Encoding": "bzip2"})
+        assert packed.headers.get("content-encoding") == "bzip2"
+        assert client.get("/log/" + "0" * 32 + "-nothing.drv").status_code == 404
+        assert client.get("/log/..%2F..%2Fetc%2Fpasswd").status_code in (400, 404)
+    finally:
+        target.unlink()
+
+
+def test_http2_prior_knowledge(server: CacheServer, store_fixtures: Fixtures,
+                               nix_daemon_env: dict[str, str]) -> None:
+    with httpx.Client(base_url=server.url, http1=False, http2=True, timeout=60,
+                      headers={"Accept-Encoding": "identity"}) as h2:
+        resp = h2.get("/nix-cache-info")
+        assert resp.http_version == "HTTP/2"
+        assert "Priority: 60" in resp.text
+        url = nar_url(h2, store_fixtures.tree)
+        assert h2.get(url).content == dump(store_fixtures.tree, nix_daemon_env)
+
+
+def test_collected_path_is_404_not_truncated(client: httpx.Client, nix_daemon_env: dict[str, str]) -> None:
+    path = build(unique_path_expr(f"gc-{time.time_ns()}"), nix_daemon_env)[0]
+    url = nar_url(client, path)
+    run(["nix-store", "--delete", path], env=nix_daemon_env)
+    assert client.get(url).status_code == 404
+    assert client.get(f"/{Path(path).name[:32]}.narinfo").status_code == 404
+
+
+def test_client_disconnect_mid_nar_frees_everything(server: CacheServer, client: httpx.Client,
+                                                    store_fixtures: Fixtures) -> None:
+    url = nar_url(client, store_fixtures.big)
+    host, port = server.hostport.rsplit(":", 1)
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(f"GET {url} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    deadline = time.monotonic() + 20
+    while "harmonia_nars_in_flight 0" not in client.get("/metrics").text:
+        assert time.monotonic() < deadline, "NAR transfers still counted after the clients left"
+        time.sleep(0.2)
+    assert client.get("/nix-cache-info").status_code == 200
+
+
+def test_metrics_and_service_routes(client: httpx.Client) -> None:
+    client.get("/nix-cache-info")
+    text = client.get("/metrics").text
+    assert 'harmonia_requests_total{route="nix-cache-info",status="200"}' in text
+    assert "harmonia_request_duration_seconds_bucket" in text
+    assert client.get("/health").text == "OK\n"
+    assert client.get("/version").text.startswith("harmonia-cache ")
+    landing = client.get("/")
+    assert "test-cache-1:" in landing.text and "trusted-public-keys" in landing.text
