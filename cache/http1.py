@@ -10,11 +10,13 @@ bodies carry Content-Length; when a body fails half-way the connection is cut, n
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import http
 import errno
 import logging
 import os
+import socket
 import time
 from typing import TYPE_CHECKING
 
@@ -37,6 +39,8 @@ SEND_TIMEOUT = 300.0  # a client that accepts nothing for this long is gone
 READ_SIZE = 64 * 1024
 SENDFILE_CHUNK = 8 * 1024 * 1024
 SERVER = b"harmonia-cache"
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 1 << 20
 _done = object()
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 
@@ -100,9 +104,13 @@ class H1Connection:
                     return
                 # a request without a body is complete now (EndOfMessage is queued); a request
                 # with a body we do not read, and its connection closes after the response
-                self.conn.next_event()
+                with contextlib.suppress(h11.RemoteProtocolError):
+                    self.conn.next_event()
                 await self._handle(event)
-                if self.conn.our_state is h11.MUST_CLOSE or self.conn.their_state is not h11.DONE:
+                if self.conn.their_state is not h11.DONE:
+                    await self._linger()  # a request body we did not read
+                    return
+                if self.conn.our_state is h11.MUST_CLOSE:
                     return
                 self.conn.start_next_cycle()
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, BodyFailed):
@@ -127,6 +135,23 @@ class H1Connection:
             await self._send_response(resp, head=False)
         except h11.LocalProtocolError:
             return
+        await self._linger()
+
+    async def _linger(self) -> None:
+        """Read and drop what the client still sends, briefly, before closing: closing with
+        unread input makes the kernel send a reset, and the client may lose our answer."""
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                return
+        with trio.move_on_after(LINGER_SECONDS):
+            drained = 0
+            while drained < LINGER_BYTES:
+                data = await self.stream.receive_some(READ_SIZE)
+                if not data:
+                    break
+                drained += len(data)
 
     async def _handle(self, event: h11.Request) -> None:
         started = time.monotonic()
@@ -142,7 +167,11 @@ class H1Connection:
             resp = error(400, "request target must be a path")
         else:
             request = Request(method, path, query, headers, self.client)
-            resp = await self.app.handle(request)
+            try:
+                resp = await self.app.handle(request)
+            except Exception:
+                log.exception("internal error on %s %s", method, path)
+                resp = error(500, "internal server error (logged)")
         if self.conn.their_state is not h11.DONE:
             # we answer without reading a request body (we take none): this connection ends after
             resp.headers.append(("Connection", "close"))

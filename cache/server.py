@@ -17,7 +17,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import trio
@@ -201,31 +201,40 @@ class Worker:
 
     async def serve(self, sockets: list[socket.socket], *,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Accept until cancelled from outside; then drain connections for the grace period."""
+        """Accept until SIGTERM/SIGINT; then drain connections for the grace period.
+
+        A second signal during the drain ends the remaining transfers at once.
+        """
         listeners = [trio.socket.from_stdlib_socket(s.dup()) for s in sockets]
-        async with trio.open_nursery() as outer:
-            await outer.start(self.app.run_background)
-            async with trio.open_nursery() as conns:
-                accept_scope = trio.CancelScope()
-                with accept_scope:
+        stop = trio.Event()
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as outer:
+                await outer.start(self.app.run_background)
+                async with trio.open_nursery() as conns:
+                    outer.start_soon(self._watch_signals, signals, stop, conns.cancel_scope)
                     async with trio.open_nursery() as accepting:
                         for listener in listeners:
                             accepting.start_soon(self.accept_loop, listener, conns)
                         task_status.started()
-                        await self._wait_for_stop()
+                        await stop.wait()
                         accepting.cancel_scope.cancel()
-                for listener in listeners:
-                    listener.close()
-                conns.cancel_scope.deadline = trio.current_time() + GRACE_SECONDS
-            outer.cancel_scope.cancel()
+                    for listener in listeners:
+                        listener.close()
+                    conns.cancel_scope.deadline = trio.current_time() + GRACE_SECONDS
+                outer.cancel_scope.cancel()
         await self.app.aclose()
 
-    async def _wait_for_stop(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
+    @staticmethod
+    async def _watch_signals(signals: AsyncIterator[int], stop: trio.Event,
+                             conns: trio.CancelScope) -> None:
+        async for signum in signals:
+            if not stop.is_set():
                 log.info("received %s: finishing running requests (up to %ss)",
                          signal.Signals(signum).name, GRACE_SECONDS)
-                return
+                stop.set()
+            else:
+                log.info("received %s again: stopping now", signal.Signals(signum).name)
+                conns.cancel()
 
 
 async def serve_in_process(prepared: Prepared, slot: int = 0,

@@ -19,6 +19,8 @@ from cache.ranges import ByteRange, Unsatisfiable, parse_range
         ("bytes=abc", 100, None),
         ("bytes=-", 100, None),
         ("bytes=1-x", 100, None),
+        ("bytes=0-" + "9" * 5000, 100, ByteRange(0, 100)),
+        ("bytes=-" + "9" * 5000, 100, ByteRange(0, 100)),
     ],
 )
 def test_parse(header: str | None, total: int, expected: ByteRange | None) -> None:
@@ -26,7 +28,8 @@ def test_parse(header: str | None, total: int, expected: ByteRange | None) -> No
 
 
 @pytest.mark.parametrize(("header", "total"), [("bytes=100-", 100), ("bytes=200-300", 100),
-                                               ("bytes=-0", 100), ("bytes=0-", 0)])
+                                               ("bytes=-0", 100), ("bytes=0-", 0),
+                                               ("bytes=" + "1" * 5000 + "-", 100)])
 def test_unsatisfiable(header: str, total: int) -> None:
     with pytest.raises(Unsatisfiable):
         parse_range(header, total)
