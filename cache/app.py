@@ -69,8 +69,13 @@ def make_store(config: Config) -> Store:
 
 
 class App:
-    def __init__(self, config: Config, signers: list[Signer], metrics: Metrics | None = None,
-                 store: Store | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        signers: list[Signer],
+        metrics: Metrics | None = None,
+        store: Store | None = None,
+    ) -> None:
         self.config = config
         self.store = store if store is not None else make_store(config)
         self.signers = signers
@@ -81,8 +86,11 @@ class App:
         self.version = __version__
         self.zstd: ZstdCache | None = None
         if config.enable_compression:
-            self.zstd = ZstdCache(default_state_directory(config) / "nar-zstd", config.zstd_level,
-                                  config.compressed_cache_max_bytes)
+            self.zstd = ZstdCache(
+                default_state_directory(config) / "nar-zstd",
+                config.zstd_level,
+                config.compressed_cache_max_bytes,
+            )
         self.log_dir = config.nix_db_path.parents[2] / "log" / "nix" / "drvs"
         self._nursery: trio.Nursery | None = None
 
@@ -92,7 +100,9 @@ class App:
             try:
                 self.zstd.ensure_dir()
             except OSError as exc:
-                log.warning("compressed NAR copies disabled: cannot create %s: %s", self.zstd.dir, exc.strerror)
+                log.warning(
+                    "compressed NAR copies disabled: cannot create %s: %s", self.zstd.dir, exc.strerror
+                )
                 self.zstd = None
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -124,8 +134,11 @@ class App:
             log.warning("%s is valid in the database but missing on disk", info.path)
             return False
         except PermissionError:
-            log.warning("%s is not readable by this process (uid %d): check the service's "
-                        "permissions on the store", info.path, os.getuid())
+            log.warning(
+                "%s is not readable by this process (uid %d): check the service's permissions on the store",
+                info.path,
+                os.getuid(),
+            )
             return False
         if not os.access(real, os.R_OK):
             log.warning("%s is not readable by this process (uid %d)", info.path, os.getuid())
@@ -149,13 +162,25 @@ class App:
         compressed = self.compressed_copy(info)
         narhash = nix32_encode(info.nar_hash)
         if compressed is not None:
-            location = NarLocation(f"nar/{narhash}.nar.zst?hash={resolved.hash_part}", "zstd",
-                                   compressed.file_hash, compressed.file_size)
+            location = NarLocation(
+                f"nar/{narhash}.nar.zst?hash={resolved.hash_part}",
+                "zstd",
+                compressed.file_hash,
+                compressed.file_size,
+            )
         else:
             location = NarLocation(f"nar/{narhash}.nar?hash={resolved.hash_part}", "none")
             self.schedule_compression(info)
-        key = (info.path, info.nar_hash, info.nar_size, info.sigs, info.references, info.deriver,
-               info.ca, location)
+        key = (
+            info.path,
+            info.nar_hash,
+            info.nar_size,
+            info.sigs,
+            info.references,
+            info.deriver,
+            info.ca,
+            location,
+        )
         cached = self.narinfo_cache.get(key)
         if cached is None:
             cached = NarInfo(info, location, signatures(info, self.signers))

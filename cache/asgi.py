@@ -52,9 +52,13 @@ class AsgiApp:
             val = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {val}" if key in headers else val
         client = scope.get("client") or ("", 0)
-        request = Request(scope["method"], scope.get("raw_path", b"").decode("ascii", "replace")
-                          or scope["path"], scope.get("query_string", b"").decode("ascii", "replace"),
-                          headers, str(client[0]))
+        request = Request(
+            scope["method"],
+            scope.get("raw_path", b"").decode("ascii", "replace") or scope["path"],
+            scope.get("query_string", b"").decode("ascii", "replace"),
+            headers,
+            str(client[0]),
+        )
         resp = await self.app.handle(request)
         out_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers]
         if resp.content_length is not None:
@@ -122,7 +126,7 @@ class Http2Handoff:
         self.config = HypercornConfig()
         self.config.keep_alive_timeout = 75
         self.config.h2_max_concurrent_streams = 100
-        self.app_wrapper = wrap_app(AsgiApp(app), self.config.wsgi_max_body_size, "asgi")
+        self.app_wrapper = wrap_app(AsgiApp(app), self.config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
         self.context = WorkerContext(None)
         self.state: dict[str, Any] = {}
 

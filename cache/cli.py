@@ -21,8 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="A harmonia-compatible Nix binary cache. Without a command: serve the store.",
     )
     parser.add_argument("--version", action="version", version=f"harmonia-cache {__version__}")
-    parser.add_argument("--config", "-c", metavar="FILE",
-                        help="TOML configuration (default: $CONFIG_FILE, else built-in defaults)")
+    parser.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="TOML configuration (default: $CONFIG_FILE, else built-in defaults)",
+    )
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="serve the Nix store over HTTP (the default)")
     sub.add_parser("check-config", help="validate the configuration and signing keys, then exit")
@@ -36,8 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     pub = key_sub.add_parser("public", help="print the public key of a secret key file")
     pub.add_argument("secret_file", type=Path)
 
-    for name, text in (("pin", "keep store paths alive across garbage collection"),
-                       ("unpin", "release pinned store paths"), ("pins", "list pinned store paths")):
+    for name, text in (
+        ("pin", "keep store paths alive across garbage collection"),
+        ("unpin", "release pinned store paths"),
+        ("pins", "list pinned store paths"),
+    ):
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -66,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"harmonia-cache: {exc}", file=sys.stderr)
         return 2
     if args.command == "check-config":
-        print(f"configuration OK: bind {config.bind}, {len(signers)} signing key(s): "
-              + ", ".join(s.name for s in signers))
+        print(
+            f"configuration OK: bind {config.bind}, {len(signers)} signing key(s): "
+            + ", ".join(s.name for s in signers)
+        )
         return 0
     try:
         return run(config)

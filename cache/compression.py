@@ -135,7 +135,9 @@ class ZstdCache:
                 path.unlink()
             total -= size
 
-    async def ensure(self, nar_hash: bytes, segments: Callable[[], Iterator[Segment]]) -> CompressedNar | None:
+    async def ensure(
+        self, nar_hash: bytes, segments: Callable[[], Iterator[Segment]]
+    ) -> CompressedNar | None:
         """The copy, made now if missing (waits for it)."""
         found = self.lookup(nar_hash)
         if found is not None:
@@ -151,8 +153,9 @@ class ZstdCache:
                     break
         return built or self.lookup(nar_hash)
 
-    def schedule(self, nursery: trio.Nursery, nar_hash: bytes, size: int,
-                 segments: Callable[[], Iterator[Segment]]) -> None:
+    def schedule(
+        self, nursery: trio.Nursery, nar_hash: bytes, size: int, segments: Callable[[], Iterator[Segment]]
+    ) -> None:
         if size < MIN_COMPRESS_SIZE or nar_hash in self._pending:
             return
         self._pending.add(nar_hash)

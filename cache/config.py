@@ -162,7 +162,7 @@ def config_from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Confi
         problems.append("tls_cert_path, tls_key_path: set both or neither")
     if (backend := _str(raw, "store_backend", problems)) is not None:
         if backend not in ("db", "daemon"):
-            problems.append(f"store_backend: expected \"db\" or \"daemon\", got {backend!r}")
+            problems.append(f'store_backend: expected "db" or "daemon", got {backend!r}')
         else:
             kw["store_backend"] = backend
     if (level_s := _str(raw, "log_level", problems)) is not None:

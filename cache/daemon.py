@@ -100,7 +100,9 @@ class Connection:
             raise DaemonError("not a nix-daemon (bad magic)")
         self.daemon_version = await self.read_u64()
         if self.daemon_version >> 8 != 1 or self.daemon_version & 0xFF < MIN_DAEMON_MINOR:
-            raise DaemonError(f"unsupported daemon protocol {self.daemon_version >> 8}.{self.daemon_version & 0xFF}")
+            raise DaemonError(
+                f"unsupported daemon protocol {self.daemon_version >> 8}.{self.daemon_version & 0xFF}"
+            )
         await self.send(u64(CLIENT_VERSION))
         minor = self.minor
         if minor >= 14:
@@ -187,7 +189,9 @@ class DaemonStore:
         try:
             stream = await trio.open_unix_socket(str(self.socket_path))
         except OSError as exc:
-            raise DaemonError(f"cannot connect to the nix-daemon at {self.socket_path}: {exc.strerror}") from exc
+            raise DaemonError(
+                f"cannot connect to the nix-daemon at {self.socket_path}: {exc.strerror}"
+            ) from exc
         conn = Connection(stream)
         try:
             with trio.fail_after(30):

@@ -68,15 +68,11 @@ def parse_store_path(path: str, store_dir: str = DEFAULT_STORE_DIR) -> StorePath
         rest = normalized[len(prefix) :]
         if "/" in rest:
             top = rest.split("/", 1)[0]
-            raise PinError(
-                f"{path!r} is inside the store path {prefix}{top}; pin the store path itself"
-            )
+            raise PinError(f"{path!r} is inside the store path {prefix}{top}; pin the store path itself")
     base = normalized[len(prefix) :] if normalized.startswith(prefix) else None
     m = _BASE_NAME.fullmatch(base) if base is not None else None
     if m is None:
-        raise PinError(
-            f"not a store path: {path[:200]!r} is not {prefix}<32-character hash>-<name>"
-        )
+        raise PinError(f"not a store path: {path[:200]!r} is not {prefix}<32-character hash>-<name>")
     return StorePath(store_dir, m.group(1), m.group(2))
 
 
@@ -154,9 +150,7 @@ def pin(
         _check_exists(sp)
         current = _read_root(gcroots / root_name(sp))
         if current is not None and current != str(sp):
-            raise PinError(
-                f"{gcroots / root_name(sp)} points at {current!r}, not {sp}; remove it by hand"
-            )
+            raise PinError(f"{gcroots / root_name(sp)} points at {current!r}, not {sp}; remove it by hand")
     try:
         gcroots.mkdir(mode=0o755, parents=True, exist_ok=True)
     except OSError as exc:
@@ -266,9 +260,7 @@ def _parser() -> _ArgumentParser:
         help="directory of the roots (default: $NIX_STATE_DIR/gcroots/harmonia, "
         "i.e. /nix/var/nix/gcroots/harmonia)",
     )
-    common.add_argument(
-        "--store-dir", default=None, help="the store (default: $NIX_STORE_DIR or /nix/store)"
-    )
+    common.add_argument("--store-dir", default=None, help="the store (default: $NIX_STORE_DIR or /nix/store)")
     parser = _ArgumentParser(
         prog="harmonia-cache",
         description="Pin store paths so that garbage collection keeps them served.",
@@ -278,9 +270,7 @@ def _parser() -> _ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="store path (or a link to one)")
     u = sub.add_parser("unpin", parents=[common], help="remove the GC root of each store path")
     u.add_argument("paths", nargs="+", metavar="PATH", help="store path")
-    u.add_argument(
-        "--missing-ok", action="store_true", help="a path that is not pinned is not an error"
-    )
+    u.add_argument("--missing-ok", action="store_true", help="a path that is not pinned is not an error")
     ls = sub.add_parser("pins", parents=[common], help="list the pinned store paths")
     ls.add_argument("--json", action="store_true", help="print a JSON list")
     return parser
@@ -306,8 +296,7 @@ def run_pins_command(argv: Sequence[str]) -> int:
                 state = "pinned" if r.changed else "already pinned"
                 print(f"{state} {r.pin.store_path} (root {r.pin.root})")
         elif args.command == "unpin":
-            for r in unpin(args.paths, gcroots_dir=gcroots, store_dir=store,
-                           missing_ok=args.missing_ok):
+            for r in unpin(args.paths, gcroots_dir=gcroots, store_dir=store, missing_ok=args.missing_ok):
                 state = "unpinned" if r.changed else "was not pinned"
                 print(f"{state} {r.pin.store_path}")
         else:

@@ -32,7 +32,9 @@ def check(url: str, timeout: float = 10.0) -> str | None:
         conn.close()
     if resp.status != 200:
         return f"{url}: HTTP {resp.status}"
-    fields = dict(line.split(": ", 1) for line in body.decode("utf-8", "replace").splitlines() if ": " in line)
+    fields = dict(
+        line.split(": ", 1) for line in body.decode("utf-8", "replace").splitlines() if ": " in line
+    )
     if "StoreDir" not in fields:
         return f"{url}: the answer has no StoreDir: not a Nix binary cache"
     return None

@@ -97,15 +97,18 @@ class Response:
         return None
 
 
-def text(status: int, body: str, content_type: str = "text/plain; charset=utf-8",
-         extra: list[tuple[str, str]] | None = None) -> Response:
+def text(
+    status: int,
+    body: str,
+    content_type: str = "text/plain; charset=utf-8",
+    extra: list[tuple[str, str]] | None = None,
+) -> Response:
     return Response(status, [("Content-Type", content_type), *(extra or [])], body.encode())
 
 
 def error(status: int, message: str, extra: list[tuple[str, str]] | None = None) -> Response:
     """A short plain-text error; negative answers must not be cached by clients or gateways."""
-    return text(status, message.rstrip("\n") + "\n",
-                extra=[("Cache-Control", "no-store"), *(extra or [])])
+    return text(status, message.rstrip("\n") + "\n", extra=[("Cache-Control", "no-store"), *(extra or [])])
 
 
 def http_date(timestamp: float) -> str:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
-import http
 import errno
+import http
 import logging
 import os
 import socket
@@ -62,8 +62,15 @@ class _Region:
 
 
 class H1Connection:
-    def __init__(self, stream: trio.abc.Stream, app: App, *, sock: trio.socket.SocketType | None,
-                 client: str, prefix: bytes = b"") -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        app: App,
+        *,
+        sock: trio.socket.SocketType | None,
+        client: str,
+        prefix: bytes = b"",
+    ) -> None:
         self.stream = stream
         self.app = app
         self.sock = sock  # set when the stream is plain TCP/unix: sendfile allowed
@@ -78,14 +85,14 @@ class H1Connection:
             with trio.fail_after(SEND_TIMEOUT):
                 await self.stream.send_all(data)
 
-    async def _next_event(self, timeout: float) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA] | None:
+    async def _next_event(self, wait: float) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA] | None:
         while True:
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
-                return event  # type: ignore[return-value]
-            with trio.move_on_after(timeout):
+                return event
+            with trio.move_on_after(wait):
                 data = await self.stream.receive_some(READ_SIZE)
-                self.conn.receive_data(data)
+                self.conn.receive_data(bytes(data))
                 continue
             return None  # timed out
 

@@ -96,9 +96,13 @@ class Metrics:
             running = 0
             for b, bound in enumerate(BUCKETS):
                 running += counts[b]
-                out.append(f'harmonia_request_duration_seconds_bucket{{route="{route}",le="{bound}"}} {running}')
+                out.append(
+                    f'harmonia_request_duration_seconds_bucket{{route="{route}",le="{bound}"}} {running}'
+                )
             out.append(f'harmonia_request_duration_seconds_bucket{{route="{route}",le="+Inf"}} {total}')
-            out.append(f'harmonia_request_duration_seconds_sum{{route="{route}"}} {self._sum(_SUM_US + r) / 1e6}')
+            out.append(
+                f'harmonia_request_duration_seconds_sum{{route="{route}"}} {self._sum(_SUM_US + r) / 1e6}'
+            )
             out.append(f'harmonia_request_duration_seconds_count{{route="{route}"}} {total}')
         out += [
             "# HELP harmonia_bytes_sent_total Response body bytes sent, by route.",

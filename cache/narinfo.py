@@ -121,11 +121,7 @@ def parse_narinfo(text: str) -> dict[str, list[str]]:
 
 
 def cache_info(store_dir: str, priority: int, want_mass_query: bool = True) -> str:
-    return (
-        f"StoreDir: {store_dir}\n"
-        f"WantMassQuery: {1 if want_mass_query else 0}\n"
-        f"Priority: {priority}\n"
-    )
+    return f"StoreDir: {store_dir}\nWantMassQuery: {1 if want_mass_query else 0}\nPriority: {priority}\n"
 
 
 def references_sorted(refs: Sequence[str]) -> tuple[str, ...]:

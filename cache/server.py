@@ -199,8 +199,9 @@ class Worker:
             return
         await H1Connection(tls, self.app, sock=None, client=client).run()
 
-    async def serve(self, sockets: list[socket.socket], *,
-                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, sockets: list[socket.socket], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Accept until SIGTERM/SIGINT; then drain connections for the grace period.
 
         A second signal during the drain ends the remaining transfers at once.
@@ -225,21 +226,27 @@ class Worker:
         await self.app.aclose()
 
     @staticmethod
-    async def _watch_signals(signals: AsyncIterator[int], stop: trio.Event,
-                             conns: trio.CancelScope) -> None:
+    async def _watch_signals(signals: AsyncIterator[int], stop: trio.Event, conns: trio.CancelScope) -> None:
         async for signum in signals:
             if not stop.is_set():
-                log.info("received %s: finishing running requests (up to %ss)",
-                         signal.Signals(signum).name, GRACE_SECONDS)
+                log.info(
+                    "received %s: finishing running requests (up to %ss)",
+                    signal.Signals(signum).name,
+                    GRACE_SECONDS,
+                )
                 stop.set()
             else:
                 log.info("received %s again: stopping now", signal.Signals(signum).name)
                 conns.cancel()
 
 
-async def serve_in_process(prepared: Prepared, slot: int = 0,
-                           on_ready: Callable[[], None] | None = None, *,
-                           task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_in_process(
+    prepared: Prepared,
+    slot: int = 0,
+    on_ready: Callable[[], None] | None = None,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """One worker in this process: what each child runs, and the whole server when workers=1."""
     prepared.metrics.use_slot(slot)
     app = App(prepared.config, prepared.signers, prepared.metrics)
@@ -342,7 +349,7 @@ class Supervisor:
                     log.error("worker %d (pid %d) exited; restarting it in %.1fs", slot, pid, backoff)
                     time.sleep(backoff)
                     backoff = min(backoff * 2, 30.0)
-                    new_pid, fd = self._spawn(slot)
+                    _, fd = self._spawn(slot)
                     os.read(fd, 1)
                     os.close(fd)
 

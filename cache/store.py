@@ -87,7 +87,9 @@ class DbStore:
         if self._conn is None:
             try:
                 conn = sqlite3.connect(
-                    f"file:{self.db_path}?mode=ro", uri=True, check_same_thread=False,
+                    f"file:{self.db_path}?mode=ro",
+                    uri=True,
+                    check_same_thread=False,
                     isolation_level=None,
                 )
                 conn.execute("PRAGMA busy_timeout = 2000")
@@ -107,17 +109,14 @@ class DbStore:
 
     async def path_from_hash_part(self, hash_part: str) -> str | None:
         prefix = f"{self.store_dir}/{hash_part}"
-        rows = self._query(
-            "SELECT path FROM ValidPaths WHERE path >= ? ORDER BY path LIMIT 1", (prefix,)
-        )
+        rows = self._query("SELECT path FROM ValidPaths WHERE path >= ? ORDER BY path LIMIT 1", (prefix,))
         if rows and isinstance(rows[0][0], str) and rows[0][0].startswith(prefix + "-"):
             return rows[0][0]
         return None
 
     async def path_info(self, path: str) -> PathInfo | None:
         rows = self._query(
-            "SELECT id, hash, registrationTime, deriver, narSize, sigs, ca "
-            "FROM ValidPaths WHERE path = ?",
+            "SELECT id, hash, registrationTime, deriver, narSize, sigs, ca FROM ValidPaths WHERE path = ?",
             (path,),
         )
         if not rows:

@@ -54,9 +54,12 @@ async def dispatch(app: App, request: Request) -> Response:
             continue
         if request.method not in ("GET", "HEAD"):
             if request.method == "PUT":
-                resp = error(405, "this binary cache is read-only: it serves the Nix store of its "
-                                  "host; copy paths into that store instead (nix copy --to ssh-ng://…)",
-                             [("Allow", ALLOWED)])
+                resp = error(
+                    405,
+                    "this binary cache is read-only: it serves the Nix store of its "
+                    "host; copy paths into that store instead (nix copy --to ssh-ng://…)",
+                    [("Allow", ALLOWED)],
+                )
             else:
                 resp = error(405, f"method {request.method} not allowed", [("Allow", ALLOWED)])
         else:

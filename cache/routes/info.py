@@ -31,8 +31,9 @@ async def health(app: App, request: Request, match: re.Match[str]) -> Response:
 
 
 async def metrics(app: App, request: Request, match: re.Match[str]) -> Response:
-    return text(200, app.metrics.render(), "text/plain; version=0.0.4; charset=utf-8",
-                [("Cache-Control", "no-store")])
+    return text(
+        200, app.metrics.render(), "text/plain; version=0.0.4; charset=utf-8", [("Cache-Control", "no-store")]
+    )
 
 
 async def landing(app: App, request: Request, match: re.Match[str]) -> Response:
@@ -46,7 +47,7 @@ async def landing(app: App, request: Request, match: re.Match[str]) -> Response:
     nixos = (
         "nix.settings = {\n"
         f'  substituters = [ "{url}" ];\n'
-        f'  trusted-public-keys = [ {" ".join(chr(34) + str(k) + chr(34) for k in app.public_keys)} ];\n'
+        f"  trusted-public-keys = [ {' '.join(chr(34) + str(k) + chr(34) for k in app.public_keys)} ];\n"
         "};"
     )
     body = f"""<!doctype html>

@@ -28,5 +28,9 @@ async def get_listing(app: App, request: Request, match: re.Match[str]) -> Respo
         doc = await trio.to_thread.run_sync(listing, root)
     except NarError:
         return error(404, "no such path")
-    return text(200, json.dumps(doc, separators=(",", ":")), "application/json",
-                [("Cache-Control", "public, max-age=3600")])
+    return text(
+        200,
+        json.dumps(doc, separators=(",", ":")),
+        "application/json",
+        [("Cache-Control", "public, max-age=3600")],
+    )

@@ -55,8 +55,11 @@ async def get_log(app: App, request: Request, match: re.Match[str]) -> Response:
     if found is None:
         return error(404, "no build log for this derivation")
     data, compressed = found
-    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Cache-Control", "public, max-age=3600"),
-               ("Vary", "Accept-Encoding")]
+    headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Cache-Control", "public, max-age=3600"),
+        ("Vary", "Accept-Encoding"),
+    ]
     if compressed:
         headers.append(("Content-Encoding", "bzip2"))
     return Response(200, headers, data)

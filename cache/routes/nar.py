@@ -81,8 +81,7 @@ async def get_nar_zst(app: App, request: Request, match: re.Match[str]) -> Respo
     return _ranged(request, headers, lambda: _file_segments(region), copy.file_size)
 
 
-def _ranged(request: Request, headers: list[tuple[str, str]],
-            segments: object, total: int) -> Response:
+def _ranged(request: Request, headers: list[tuple[str, str]], segments: object, total: int) -> Response:
     make = segments  # Callable[[], Iterator[Segment]]
     assert callable(make)
     try:
@@ -102,21 +101,27 @@ def _ranged(request: Request, headers: list[tuple[str, str]],
 async def nar_response(app: App, request: Request, resolved: Resolved) -> Response:
     info = resolved.info
     source = await app.store.nar(info)
-    headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE),
-               ("Vary", "Accept-Encoding")]
-    wants_zstd = (app.config.enable_compression and request.accepts_encoding("zstd")
-                  and request.header("range") is None)
+    headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE), ("Vary", "Accept-Encoding")]
+    wants_zstd = (
+        app.config.enable_compression and request.accepts_encoding("zstd") and request.header("range") is None
+    )
     if wants_zstd:
         copy = app.compressed_copy(info)
         if copy is not None:
             region = FileRegion(bytes(copy.path), copy.file_size)
-            return Response(200, [*headers, ("Content-Encoding", "zstd")],
-                            SegmentsBody(lambda: _file_segments(region), copy.file_size))
+            return Response(
+                200,
+                [*headers, ("Content-Encoding", "zstd")],
+                SegmentsBody(lambda: _file_segments(region), copy.file_size),
+            )
         if isinstance(source, FsNar):
             app.schedule_compression(info)
             level = min(app.config.zstd_level, 3)  # live streams favour speed
-            return Response(200, [*headers, ("Content-Encoding", "zstd")],
-                            StreamBody(lambda: _zstd_stream(source, level), None))
+            return Response(
+                200,
+                [*headers, ("Content-Encoding", "zstd")],
+                StreamBody(lambda: _zstd_stream(source, level), None),
+            )
     headers.append(("Accept-Ranges", "bytes"))
     if isinstance(source, FsNar):
         return _ranged(request, headers, source.segments, info.nar_size)
@@ -150,8 +155,11 @@ def _streamed(request: Request, headers: list[tuple[str, str]], source: Streamed
     if rng is None:
         return Response(200, headers, StreamBody(lambda: chunks(0, total), total))
     start, length = rng.start, rng.length
-    return Response(206, [*headers, ("Content-Range", rng.content_range(total))],
-                    StreamBody(lambda: chunks(start, length), length))
+    return Response(
+        206,
+        [*headers, ("Content-Range", rng.content_range(total))],
+        StreamBody(lambda: chunks(start, length), length),
+    )
 
 
 async def _zstd_stream(source: FsNar, level: int) -> AsyncIterator[bytes]:

@@ -86,8 +86,10 @@ def _listing_page(title: str, base_url: str, entries: list[tuple[str, bool]]) ->
         f"{esc(name)}{'/' if is_dir else ''}</a></li>"
         for name, is_dir in entries
     )
-    return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{esc(title)}</title></head>"
-            f"<body><h1>{esc(title)}</h1><ul>{items}</ul></body></html>\n").encode()
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title></head>'
+        f"<body><h1>{esc(title)}</h1><ul>{items}</ul></body></html>\n"
+    ).encode()
 
 
 async def get_serve(app: App, request: Request, match: re.Match[str]) -> Response:
@@ -96,7 +98,7 @@ async def get_serve(app: App, request: Request, match: re.Match[str]) -> Respons
         return error(400, "/serve/ takes the 32-character hash of a store path")
     raw = request.path_bytes
     prefix = f"/serve/{hash_part}".encode()
-    rest = raw[len(prefix):]
+    rest = raw[len(prefix) :]
     if b"\0" in rest:
         return error(400, "invalid path")
     parts = [p for p in rest.split(b"/") if p not in (b"", b".")]
@@ -111,13 +113,12 @@ async def get_serve(app: App, request: Request, match: re.Match[str]) -> Respons
     if isinstance(found, Elsewhere):
         store_prefix = os.fsencode(app.config.virtual_nix_store) + b"/"
         if found.target.startswith(store_prefix):
-            inner = found.target[len(store_prefix):]
+            inner = found.target[len(store_prefix) :]
             base, _, tail = inner.partition(b"/")
             other = base[:32].decode("ascii", "replace")
             if is_hash_part(other):
                 location = f"/serve/{other}/" + quote(tail)
-                return Response(302, [("Location", location), ("Cache-Control", "no-store")],
-                                b"")
+                return Response(302, [("Location", location), ("Cache-Control", "no-store")], b"")
         return error(404, "this link leads outside the store path")
     if found is None:
         return error(404, "no such file in this store path")
@@ -129,8 +130,9 @@ async def get_serve(app: App, request: Request, match: re.Match[str]) -> Respons
             return Response(301, [("Location", quote(raw) + "/")], b"")
         index = await trio.to_thread.run_sync(resolve_inside, root, [*found.parts, b"index.html"])
         if isinstance(index, Found) and stat.S_ISREG(index.st.st_mode):
-            return _file(request, root + b"".join(b"/" + p for p in index.parts),
-                         index.st.st_size, "index.html")
+            return _file(
+                request, root + b"".join(b"/" + p for p in index.parts), index.st.st_size, "index.html"
+            )
         names = sorted(os.listdir(target))
         entries = []
         for name in names:
@@ -140,8 +142,9 @@ async def get_serve(app: App, request: Request, match: re.Match[str]) -> Respons
                 is_dir = False
             entries.append((os.fsdecode(name), is_dir))
         title = store_path + "/" + "/".join(os.fsdecode(p) for p in found.parts)
-        return Response(200, [("Content-Type", "text/html; charset=utf-8")],
-                        _listing_page(title, url_base, entries))
+        return Response(
+            200, [("Content-Type", "text/html; charset=utf-8")], _listing_page(title, url_base, entries)
+        )
     if not stat.S_ISREG(st.st_mode):
         return error(404, "not a regular file")
     return _file(request, target, st.st_size, os.fsdecode(found.parts[-1]) if found.parts else "")
@@ -151,8 +154,12 @@ def _file(request: Request, path: bytes, size: int, name: str) -> Response:
     ctype = mimetypes.guess_type(name)[0] or "application/octet-stream"
     if ctype.startswith("text/"):
         ctype += "; charset=utf-8"
-    headers = [("Content-Type", ctype), ("Accept-Ranges", "bytes"),
-               ("Cache-Control", "public, max-age=3600"), ("X-Content-Type-Options", "nosniff")]
+    headers = [
+        ("Content-Type", ctype),
+        ("Accept-Ranges", "bytes"),
+        ("Cache-Control", "public, max-age=3600"),
+        ("X-Content-Type-Options", "nosniff"),
+    ]
     try:
         rng = parse_range(request.header("range"), size)
     except Unsatisfiable:
@@ -161,5 +168,8 @@ def _file(request: Request, path: bytes, size: int, name: str) -> Response:
         region = FileRegion(path, size)
         return Response(200, headers, SegmentsBody(lambda: iter([region]), size))
     region = FileRegion(path, rng.length, rng.start)
-    return Response(206, [*headers, ("Content-Range", rng.content_range(size))],
-                    SegmentsBody(lambda: iter([region]), rng.length))
+    return Response(
+        206,
+        [*headers, ("Content-Range", rng.content_range(size))],
+        SegmentsBody(lambda: iter([region]), rng.length),
+    )

@@ -73,9 +73,21 @@ def generate_key(directory: Path, name: str = "test-cache-1") -> tuple[Path, str
     public = directory / f"{name}.public"
     if not secret.exists():
         subprocess.run(
-            [sys.executable, "-m", "cache", "key", "generate", name,
-             "--secret-file", str(secret), "--public-file", str(public)],
-            check=True, capture_output=True, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "cache",
+                "key",
+                "generate",
+                name,
+                "--secret-file",
+                str(secret),
+                "--public-file",
+                str(public),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
         )
     return secret, public.read_text().strip()
 
@@ -105,7 +117,10 @@ def start_cache(
     proc_env.pop("CONFIG_FILE", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "cache", "--config", str(config_file)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=proc_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=proc_env,
         cwd=Path(__file__).resolve().parents[2],
     )
     lines: list[str] = []

@@ -22,7 +22,9 @@ _MK = """
 """
 
 FIXTURE_EXPR = (
-    "let" + _MK + """
+    "let"
+    + _MK
+    + """
   dep = mk "hc-dep" "/bin/mkdir -p $out && /bin/echo dependency > $out/file" {};
   tree = mk "hc-tree" ''
     set -e
@@ -79,6 +81,4 @@ def build_fixtures(env: Mapping[str, str]) -> Fixtures:
 
 def unique_path_expr(tag: str, content: str = "x") -> str:
     """A derivation whose output nobody else has: for tests that delete or collect paths."""
-    return (
-        "let" + _MK + f"in mk \"hc-{tag}\" \"/bin/echo {content} > $out\" {{}}"
-    )
+    return "let" + _MK + f'in mk "hc-{tag}" "/bin/echo {content} > $out" {{}}'

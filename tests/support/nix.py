@@ -37,8 +37,12 @@ def run(
     args: list[str], env: Mapping[str, str] | None = None, timeout: float = 300, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        args, env=dict(env) if env is not None else None, capture_output=True, text=True,
-        timeout=timeout, check=False,
+        args,
+        env=dict(env) if env is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -97,5 +101,6 @@ def path_info(path: str, env: Mapping[str, str], store: str | None = None) -> di
 
 
 def dump(path: str, env: Mapping[str, str]) -> bytes:
-    return subprocess.run(["nix-store", "--dump", path], env=dict(env), capture_output=True,
-                          check=True, timeout=300).stdout
+    return subprocess.run(
+        ["nix-store", "--dump", path], env=dict(env), capture_output=True, check=True, timeout=300
+    ).stdout

@@ -125,8 +125,17 @@ def test_future_http_version_gets_an_http11_answer(server: CacheServer) -> None:
 
 @pytest.mark.parametrize(
     "range_header",
-    ["bytes=abc", "bytes=-0", "bytes=99999999999999999999-", "bytes=5-1", "bytes=0-0,1-1,2-2",
-     "bytes=" + "1" * 5000 + "-", "lines=1-2", "bytes=--1", "bytes=1--2"],
+    [
+        "bytes=abc",
+        "bytes=-0",
+        "bytes=99999999999999999999-",
+        "bytes=5-1",
+        "bytes=0-0,1-1,2-2",
+        "bytes=" + "1" * 5000 + "-",
+        "lines=1-2",
+        "bytes=--1",
+        "bytes=1--2",
+    ],
 )
 def test_malformed_ranges(server: CacheServer, store_fixtures: Fixtures, range_header: str) -> None:
     h = Path(store_fixtures.single).name[:32]

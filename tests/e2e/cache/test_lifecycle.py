@@ -22,26 +22,41 @@ pytestmark = pytest.mark.e2e
 CLI = [sys.executable, "-m", "cache"]
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def test_key_generate_and_public(tmp_path: Path) -> None:
-    out = cli("key", "generate", "harmonia-raider-1", "--secret-file", str(tmp_path / "sk"),
-              "--public-file", str(tmp_path / "pk"))
+    out = cli(
+        "key",
+        "generate",
+        "harmonia-raider-1",
+        "--secret-file",
+        str(tmp_path / "sk"),
+        "--public-file",
+        str(tmp_path / "pk"),
+    )
     assert out.returncode == 0, out.stderr
     public = (tmp_path / "pk").read_text()
     assert public.startswith("harmonia-raider-1:") and out.stdout.strip() == public
     assert (tmp_path / "sk").stat().st_mode & 0o077 == 0
     assert cli("key", "public", str(tmp_path / "sk")).stdout.strip() == public
-    again = cli("key", "generate", "x", "--secret-file", str(tmp_path / "sk"), "--public-file", str(tmp_path / "p2"))
+    again = cli(
+        "key", "generate", "x", "--secret-file", str(tmp_path / "sk"), "--public-file", str(tmp_path / "p2")
+    )
     assert again.returncode != 0 and "refusing to overwrite" in again.stderr
 
 
 def test_nix_generated_key_is_accepted(tmp_path: Path) -> None:
-    subprocess.run(["nix-store", "--generate-binary-cache-key", "nixkey-1", str(tmp_path / "sk"),
-                    str(tmp_path / "pk")], check=True, timeout=30)
+    subprocess.run(
+        ["nix-store", "--generate-binary-cache-key", "nixkey-1", str(tmp_path / "sk"), str(tmp_path / "pk")],
+        check=True,
+        timeout=30,
+    )
     (tmp_path / "sk").chmod(0o600)
     assert cli("key", "public", str(tmp_path / "sk")).stdout.strip() == (tmp_path / "pk").read_text().strip()
 
@@ -77,14 +92,26 @@ def test_check_config_through_config_file_env(tmp_path: Path) -> None:
 
 def test_healthcheck(tmp_path: Path, nix_daemon_env: dict[str, str]) -> None:
     with start_cache(tmp_path) as cache:
-        ok = subprocess.run([sys.executable, "-m", "cache.healthcheck", f"{cache.url}/nix-cache-info"],
-                            capture_output=True, text=True, timeout=30)
+        ok = subprocess.run(
+            [sys.executable, "-m", "cache.healthcheck", f"{cache.url}/nix-cache-info"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert ok.returncode == 0, ok.stderr
-        wrong = subprocess.run([sys.executable, "-m", "cache.healthcheck", f"{cache.url}/version"],
-                               capture_output=True, text=True, timeout=30)
+        wrong = subprocess.run(
+            [sys.executable, "-m", "cache.healthcheck", f"{cache.url}/version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert wrong.returncode == 1 and "not a Nix binary cache" in wrong.stderr
-    down = subprocess.run([sys.executable, "-m", "cache.healthcheck", cache.url + "/nix-cache-info"],
-                          capture_output=True, text=True, timeout=30)
+    down = subprocess.run(
+        [sys.executable, "-m", "cache.healthcheck", cache.url + "/nix-cache-info"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert down.returncode == 1
     assert down.stderr.startswith("unhealthy:") and len(down.stderr.strip().splitlines()) == 1
 
@@ -122,8 +149,12 @@ def test_socket_activation(tmp_path: Path, store_fixtures: Fixtures) -> None:
         "os.environ['LISTEN_FDS'] = '1'; os.execv(sys.executable, [sys.executable, '-m', 'cache', "
         "'--config', sys.argv[2]])"
     )
-    proc = subprocess.Popen([sys.executable, "-c", launcher, str(listener.fileno()), str(config)],
-                            pass_fds=[listener.fileno()], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launcher, str(listener.fileno()), str(config)],
+        pass_fds=[listener.fileno()],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         resp = httpx.get(f"http://127.0.0.1:{port}/nix-cache-info", timeout=20)
         assert resp.status_code == 200 and "StoreDir" in resp.text
@@ -143,7 +174,9 @@ def test_workers_share_the_port_and_metrics(tmp_path: Path, store_fixtures: Fixt
             text = client.get("/metrics").text
         children = subprocess.run(["pgrep", "-P", str(cache.proc.pid)], capture_output=True, text=True)
         assert len(children.stdout.split()) == 2
-        line = next(x for x in text.splitlines() if x.startswith('harmonia_requests_total{route="nix-cache-info"'))
+        line = next(
+            x for x in text.splitlines() if x.startswith('harmonia_requests_total{route="nix-cache-info"')
+        )
         assert line.endswith(" 40")
         assert "harmonia_workers 2" in text
 
@@ -155,8 +188,12 @@ def test_sigterm_lets_a_running_transfer_finish(tmp_path: Path, store_fixtures: 
         narhash = text.split("NarHash: sha256:")[1][:52]
         size = int(text.split("NarSize: ")[1].split()[0])
         received = 0
-        with httpx.stream("GET", f"{cache.url}/nar/{narhash}.nar?hash={h}", timeout=60,
-                          headers={"Accept-Encoding": "identity"}) as resp:
+        with httpx.stream(
+            "GET",
+            f"{cache.url}/nar/{narhash}.nar?hash={h}",
+            timeout=60,
+            headers={"Accept-Encoding": "identity"},
+        ) as resp:
             for chunk in resp.iter_raw(1 << 16):
                 if received == 0:
                     cache.proc.send_signal(signal.SIGTERM)
@@ -177,15 +214,17 @@ def test_unix_socket_bind(tmp_path: Path, nix_daemon_env: dict[str, str]) -> Non
             assert "Priority:" in client.get("/nix-cache-info").text
 
 
-def test_tls_with_alpn_h2_and_http11(tmp_path: Path, store_fixtures: Fixtures,
-                                     nix_daemon_env: dict[str, str]) -> None:
+def test_tls_with_alpn_h2_and_http11(
+    tmp_path: Path, store_fixtures: Fixtures, nix_daemon_env: dict[str, str]
+) -> None:
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "chain.pem"))
     cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    with start_cache(tmp_path, tls_cert_path=str(tmp_path / "chain.pem"),
-                     tls_key_path=str(tmp_path / "key.pem")) as cache:
+    with start_cache(
+        tmp_path, tls_cert_path=str(tmp_path / "chain.pem"), tls_key_path=str(tmp_path / "key.pem")
+    ) as cache:
         assert cache.url.startswith("https://")
         ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
         with httpx.Client(verify=ctx, http2=True, timeout=20) as h2:
@@ -197,7 +236,12 @@ def test_tls_with_alpn_h2_and_http11(tmp_path: Path, store_fixtures: Fixtures,
         env = dict(nix_daemon_env, NIX_SSL_CERT_FILE=str(tmp_path / "ca.pem"))
         from tests.support.nix import nix_env, run
 
-        client_env = nix_env(tmp_path / "xdg", f"trusted-public-keys = {cache.public_key}\n",
-                             NIX_SSL_CERT_FILE=env["NIX_SSL_CERT_FILE"])
-        run(["nix", "copy", "--from", cache.url, "--to", str(tmp_path / "client"), store_fixtures.tree],
-            env=client_env)
+        client_env = nix_env(
+            tmp_path / "xdg",
+            f"trusted-public-keys = {cache.public_key}\n",
+            NIX_SSL_CERT_FILE=env["NIX_SSL_CERT_FILE"],
+        )
+        run(
+            ["nix", "copy", "--from", cache.url, "--to", str(tmp_path / "client"), store_fixtures.tree],
+            env=client_env,
+        )

@@ -18,8 +18,7 @@ def client_env(tmp_path: Path, cache: CacheServer, key: str | None = None) -> di
     return nix_env(
         tmp_path / "xdg-cache",
         extra_config=(
-            f"require-sigs = true\ntrusted-public-keys = {key or cache.public_key}\n"
-            "connect-timeout = 5\n"
+            f"require-sigs = true\ntrusted-public-keys = {key or cache.public_key}\nconnect-timeout = 5\n"
         ),
     )
 
@@ -31,52 +30,100 @@ def test_cache_info(cache: CacheServer) -> None:
     assert resp.text == "StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 60\n"
 
 
-def test_nix_copy_closure_with_signatures(cache: CacheServer, store_fixtures: Fixtures,
-                                         tmp_path: Path, client_root: Path) -> None:
+def test_nix_copy_closure_with_signatures(
+    cache: CacheServer, store_fixtures: Fixtures, tmp_path: Path, client_root: Path
+) -> None:
     env = client_env(tmp_path, cache)
-    run(["nix", "copy", "--from", cache.url, "--to", str(client_root), store_fixtures.tree,
-         store_fixtures.single, store_fixtures.link], env=env)
+    run(
+        [
+            "nix",
+            "copy",
+            "--from",
+            cache.url,
+            "--to",
+            str(client_root),
+            store_fixtures.tree,
+            store_fixtures.single,
+            store_fixtures.link,
+        ],
+        env=env,
+    )
     for path in (store_fixtures.tree, store_fixtures.dep, store_fixtures.single, store_fixtures.link):
         copied = path_info(path, env, store=str(client_root))
         original = path_info(path, env)
         assert copied["narHash"] == original["narHash"]
         assert sorted(copied["references"]) == sorted(original["references"])
         assert any(sig.startswith("test-cache-1:") for sig in copied.get("signatures", []))
-    run(["nix", "store", "verify", "--store", str(client_root), "-r", store_fixtures.tree,
-         "--trusted-public-keys", cache.public_key], env=env)
+    run(
+        [
+            "nix",
+            "store",
+            "verify",
+            "--store",
+            str(client_root),
+            "-r",
+            store_fixtures.tree,
+            "--trusted-public-keys",
+            cache.public_key,
+        ],
+        env=env,
+    )
 
 
-def test_nix_copy_big_path(cache: CacheServer, store_fixtures: Fixtures, tmp_path: Path,
-                           client_root: Path) -> None:
+def test_nix_copy_big_path(
+    cache: CacheServer, store_fixtures: Fixtures, tmp_path: Path, client_root: Path
+) -> None:
     env = client_env(tmp_path, cache)
-    run(["nix", "copy", "--from", cache.url, "--to", str(client_root), store_fixtures.big], env=env,
-        timeout=300)
-    assert path_info(store_fixtures.big, env, store=str(client_root))["narHash"] == \
-        path_info(store_fixtures.big, env)["narHash"]
+    run(
+        ["nix", "copy", "--from", cache.url, "--to", str(client_root), store_fixtures.big],
+        env=env,
+        timeout=300,
+    )
+    assert (
+        path_info(store_fixtures.big, env, store=str(client_root))["narHash"]
+        == path_info(store_fixtures.big, env)["narHash"]
+    )
 
 
-def test_substitution_with_nix_store_realise(cache: CacheServer, store_fixtures: Fixtures,
-                                             tmp_path: Path, client_root: Path) -> None:
+def test_substitution_with_nix_store_realise(
+    cache: CacheServer, store_fixtures: Fixtures, tmp_path: Path, client_root: Path
+) -> None:
     env = client_env(tmp_path, cache)
-    out = run(["nix-store", "--store", str(client_root), "-r", store_fixtures.link,
-               "--option", "substituters", cache.url], env=env)
+    out = run(
+        [
+            "nix-store",
+            "--store",
+            str(client_root),
+            "-r",
+            store_fixtures.link,
+            "--option",
+            "substituters",
+            cache.url,
+        ],
+        env=env,
+    )
     assert store_fixtures.link in out.stdout
     target = client_root / store_fixtures.link.lstrip("/")
     assert target.is_symlink()
 
 
-def test_wrong_key_is_refused(cache: CacheServer, store_fixtures: Fixtures, tmp_path: Path,
-                              client_root: Path) -> None:
+def test_wrong_key_is_refused(
+    cache: CacheServer, store_fixtures: Fixtures, tmp_path: Path, client_root: Path
+) -> None:
     other = "other-key-1:" + "A" * 43 + "="
     env = client_env(tmp_path, cache, key=other)
-    proc = run(["nix", "copy", "--from", cache.url, "--to", str(client_root), store_fixtures.single],
-               env=env, check=False)
+    proc = run(
+        ["nix", "copy", "--from", cache.url, "--to", str(client_root), store_fixtures.single],
+        env=env,
+        check=False,
+    )
     assert proc.returncode != 0
     assert "lacks a valid signature" in proc.stderr
 
 
-def test_nar_bytes_equal_nix_store_dump(cache: CacheServer, store_fixtures: Fixtures,
-                                        nix_daemon_env: dict[str, str]) -> None:
+def test_nar_bytes_equal_nix_store_dump(
+    cache: CacheServer, store_fixtures: Fixtures, nix_daemon_env: dict[str, str]
+) -> None:
     with httpx.Client(base_url=cache.url, timeout=60) as client:
         for path in store_fixtures.small:
             hash_part = Path(path).name[:32]

@@ -41,8 +41,11 @@ def nar_url(client: httpx.Client, path: str) -> str:
 
 
 def test_head_matches_get(client: httpx.Client, store_fixtures: Fixtures) -> None:
-    for url in ["/nix-cache-info", f"/{Path(store_fixtures.tree).name[:32]}.narinfo",
-                nar_url(client, store_fixtures.tree)]:
+    for url in [
+        "/nix-cache-info",
+        f"/{Path(store_fixtures.tree).name[:32]}.narinfo",
+        nar_url(client, store_fixtures.tree),
+    ]:
         get, head = client.get(url), client.head(url)
         assert head.status_code == get.status_code == 200
         assert head.content == b""
@@ -62,8 +65,9 @@ def test_narinfo_json_and_cache_control(client: httpx.Client, store_fixtures: Fi
     assert missing.headers["cache-control"] == "no-store"
 
 
-def test_legacy_nix_serve_nar_url(client: httpx.Client, store_fixtures: Fixtures,
-                                  nix_daemon_env: dict[str, str]) -> None:
+def test_legacy_nix_serve_nar_url(
+    client: httpx.Client, store_fixtures: Fixtures, nix_daemon_env: dict[str, str]
+) -> None:
     url = nar_url(client, store_fixtures.single)
     narhash = url.split("/nar/")[1].split(".nar")[0]
     hash_part = Path(store_fixtures.single).name[:32]
@@ -89,8 +93,9 @@ def test_ranges(client: httpx.Client, store_fixtures: Fixtures, nix_daemon_env: 
     assert client.get(url).headers["accept-ranges"] == "bytes"
 
 
-def test_zstd_content_encoding(client: httpx.Client, store_fixtures: Fixtures,
-                               nix_daemon_env: dict[str, str]) -> None:
+def test_zstd_content_encoding(
+    client: httpx.Client, store_fixtures: Fixtures, nix_daemon_env: dict[str, str]
+) -> None:
     url = nar_url(client, store_fixtures.tree)
     resp = client.get(url, headers={"Accept-Encoding": "zstd"})
     assert resp.headers["content-encoding"] == "zstd"
@@ -108,8 +113,9 @@ def _raw(client: httpx.Client, url: str) -> bytes:
         return b"".join(resp.iter_raw())
 
 
-def test_compressed_copy_advertised_after_first_narinfo(client: httpx.Client, store_fixtures: Fixtures,
-                                                        nix_daemon_env: dict[str, str]) -> None:
+def test_compressed_copy_advertised_after_first_narinfo(
+    client: httpx.Client, store_fixtures: Fixtures, nix_daemon_env: dict[str, str]
+) -> None:
     hash_part = Path(store_fixtures.big).name[:32]
     first = client.get(f"/{hash_part}.narinfo").text
     deadline = time.monotonic() + 120
@@ -180,10 +186,12 @@ def test_build_log(client: httpx.Client, tmp_path: Path, server: CacheServer) ->
         target.unlink()
 
 
-def test_http2_prior_knowledge(server: CacheServer, store_fixtures: Fixtures,
-                               nix_daemon_env: dict[str, str]) -> None:
-    with httpx.Client(base_url=server.url, http1=False, http2=True, timeout=60,
-                      headers={"Accept-Encoding": "identity"}) as h2:
+def test_http2_prior_knowledge(
+    server: CacheServer, store_fixtures: Fixtures, nix_daemon_env: dict[str, str]
+) -> None:
+    with httpx.Client(
+        base_url=server.url, http1=False, http2=True, timeout=60, headers={"Accept-Encoding": "identity"}
+    ) as h2:
         resp = h2.get("/nix-cache-info")
         assert resp.http_version == "HTTP/2"
         assert "Priority: 60" in resp.text
@@ -199,8 +207,9 @@ def test_collected_path_is_404_not_truncated(client: httpx.Client, nix_daemon_en
     assert client.get(f"/{Path(path).name[:32]}.narinfo").status_code == 404
 
 
-def test_client_disconnect_mid_nar_frees_everything(server: CacheServer, client: httpx.Client,
-                                                    store_fixtures: Fixtures) -> None:
+def test_client_disconnect_mid_nar_frees_everything(
+    server: CacheServer, client: httpx.Client, store_fixtures: Fixtures
+) -> None:
     url = nar_url(client, store_fixtures.big)
     host, port = server.hostport.rsplit(":", 1)
     for _ in range(3):

@@ -15,9 +15,16 @@ def test_defaults_serve_the_local_store() -> None:
 def test_harmonia_keys() -> None:
     cfg = config_from_mapping(
         {
-            "bind": "127.0.0.1:5001", "workers": 2, "max_connection_rate": 10, "max_connections": 7,
-            "priority": 60, "virtual_nix_store": "/nix/store", "real_nix_store": "/mnt/nix/store",
-            "enable_compression": False, "zstd": {"level": 5}, "sign_key_paths": ["/k1"],
+            "bind": "127.0.0.1:5001",
+            "workers": 2,
+            "max_connection_rate": 10,
+            "max_connections": 7,
+            "priority": 60,
+            "virtual_nix_store": "/nix/store",
+            "real_nix_store": "/mnt/nix/store",
+            "enable_compression": False,
+            "zstd": {"level": 5},
+            "sign_key_paths": ["/k1"],
             "nix_db_path": "/mnt/nix/var/nix/db/db.sqlite",
         },
         {"SIGN_KEY_PATHS": "/k2 /k3"},
@@ -33,21 +40,40 @@ def test_harmonia_keys() -> None:
 def test_every_problem_reported_at_once() -> None:
     with pytest.raises(ConfigError) as info:
         config_from_mapping(
-            {"bind": "nonsense", "workers": 0, "priorty": 5, "enable_compression": "yes",
-             "zstd": {"level": 99, "speed": 1}, "tls_cert_path": "/c", "store_backend": "s3"},
+            {
+                "bind": "nonsense",
+                "workers": 0,
+                "priorty": 5,
+                "enable_compression": "yes",
+                "zstd": {"level": 99, "speed": 1},
+                "tls_cert_path": "/c",
+                "store_backend": "s3",
+            },
             {},
         )
     text = str(info.value)
-    for key in ("bind:", "workers:", "priorty: unknown key", "enable_compression:", "zstd.level:",
-                "zstd.speed: unknown key", "tls_cert_path, tls_key_path", "store_backend:"):
+    for key in (
+        "bind:",
+        "workers:",
+        "priorty: unknown key",
+        "enable_compression:",
+        "zstd.level:",
+        "zstd.speed: unknown key",
+        "tls_cert_path, tls_key_path",
+        "store_backend:",
+    ):
         assert key in text, key
     assert len(info.value.problems) == 8
 
 
 @pytest.mark.parametrize(
     ("text", "bind"),
-    [("[::]:5000", Bind("::", 5000)), ("127.0.0.1:0", Bind("127.0.0.1", 0)),
-     ("[::1]:80", Bind("::1", 80)), ("unix:/run/h.sock", Bind(unix_path="/run/h.sock"))],
+    [
+        ("[::]:5000", Bind("::", 5000)),
+        ("127.0.0.1:0", Bind("127.0.0.1", 0)),
+        ("[::1]:80", Bind("::1", 80)),
+        ("unix:/run/h.sock", Bind(unix_path="/run/h.sock")),
+    ],
 )
 def test_bind_forms(text: str, bind: Bind) -> None:
     assert parse_bind(text) == bind
@@ -55,7 +81,7 @@ def test_bind_forms(text: str, bind: Bind) -> None:
 
 @pytest.mark.parametrize("text", ["5000", ":5000", "host:99999", "unix:", "host:port"])
 def test_bad_binds(text: str) -> None:
-    with pytest.raises(ValueError, match="."):
+    with pytest.raises(ValueError, match=r"."):
         parse_bind(text)
 
 
@@ -68,9 +94,9 @@ def test_config_file_through_env(tmp_path: Path) -> None:
 def test_bad_toml_names_the_file(tmp_path: Path) -> None:
     f = tmp_path / "c.toml"
     f.write_text("priority = \n")
-    with pytest.raises(ConfigError, match="not valid TOML"):
+    with pytest.raises(ConfigError, match=r"not valid TOML"):
         load_config(f, {})
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match=r"not found"):
         load_config(tmp_path / "missing.toml", {})
 
 

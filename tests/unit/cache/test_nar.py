@@ -19,8 +19,9 @@ needs_nix = pytest.mark.skipif(shutil.which("nix-store") is None, reason="nix-st
 
 
 def nix_dump(path: Path) -> bytes:
-    return subprocess.run(["nix-store", "--dump", str(path)], capture_output=True, check=True,
-                          timeout=60).stdout
+    return subprocess.run(
+        ["nix-store", "--dump", str(path)], capture_output=True, check=True, timeout=60
+    ).stdout
 
 
 def make_tree(root: Path) -> None:

@@ -30,8 +30,12 @@ def test_render_in_nix_order() -> None:
 
 
 def test_empty_references_line_and_compressed_fields() -> None:
-    info = PathInfo("/nix/store/w4pr28v949dwc3ck68c7xbvrxb9519rr-c.toml", INFO.nar_hash, 224,
-                    ca="fixed:r:sha256:1x2ira5016dfl42xp4v337ys8pa63jcilz2wdx87g8vlx8jia0sh")
+    info = PathInfo(
+        "/nix/store/w4pr28v949dwc3ck68c7xbvrxb9519rr-c.toml",
+        INFO.nar_hash,
+        224,
+        ca="fixed:r:sha256:1x2ira5016dfl42xp4v337ys8pa63jcilz2wdx87g8vlx8jia0sh",
+    )
     loc = NarLocation("nar/y.nar.zst?hash=w4pr28v949dwc3ck68c7xbvrxb9519rr", "zstd", b"\1" * 32, 99)
     text = NarInfo(info, loc, ("a:1", "b:2")).render()
     assert "\nReferences: \n" in text

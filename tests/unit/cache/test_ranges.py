@@ -27,9 +27,16 @@ def test_parse(header: str | None, total: int, expected: ByteRange | None) -> No
     assert parse_range(header, total) == expected
 
 
-@pytest.mark.parametrize(("header", "total"), [("bytes=100-", 100), ("bytes=200-300", 100),
-                                               ("bytes=-0", 100), ("bytes=0-", 0),
-                                               ("bytes=" + "1" * 5000 + "-", 100)])
+@pytest.mark.parametrize(
+    ("header", "total"),
+    [
+        ("bytes=100-", 100),
+        ("bytes=200-300", 100),
+        ("bytes=-0", 100),
+        ("bytes=0-", 0),
+        ("bytes=" + "1" * 5000 + "-", 100),
+    ],
+)
 def test_unsatisfiable(header: str, total: int) -> None:
     with pytest.raises(Unsatisfiable):
         parse_range(header, total)

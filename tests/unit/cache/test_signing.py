@@ -16,7 +16,9 @@ SIGNED = PathInfo(
     nar_hash=parse_sha256("sha256-UAMVJep0o3dQb1x8GpkcRl2k/Rljk9sFoa6ZAIrKUfQ="),
     nar_size=224,
 )
-NIX_SIG = "vector-key-1:P75SiLbR3rljPlKTHcNl6/C7ub8P2tvc6B81tTya8Yg9vmWwwXTdN6wMHWBTdpSsoUpOVOxopXegL3OKH+FLBw=="
+NIX_SIG = (
+    "vector-key-1:P75SiLbR3rljPlKTHcNl6/C7ub8P2tvc6B81tTya8Yg9vmWwwXTdN6wMHWBTdpSsoUpOVOxopXegL3OKH+FLBw=="
+)
 
 
 def test_fingerprint_format() -> None:
@@ -60,8 +62,12 @@ def test_generated_key_roundtrip() -> None:
 
 def test_store_signature_of_same_name_is_replaced_others_kept() -> None:
     key = SecretKey.parse(NIX_SECRET)
-    info = PathInfo(SIGNED.path, SIGNED.nar_hash, SIGNED.nar_size,
-                    sigs=("vector-key-1:stale==", "cache.nixos.org-1:abc=="))
+    info = PathInfo(
+        SIGNED.path,
+        SIGNED.nar_hash,
+        SIGNED.nar_size,
+        sigs=("vector-key-1:stale==", "cache.nixos.org-1:abc=="),
+    )
     assert signatures(info, [key.signer()]) == ("cache.nixos.org-1:abc==", NIX_SIG)
 
 
