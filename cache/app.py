@@ -115,6 +115,9 @@ class App:
     # --- lookups shared by the routes -------------------------------------------------
 
     async def resolve(self, hash_part: str) -> Resolved | None:
+        if isinstance(self.store, DbStore):
+            found = await self.store.info_from_hash_part(hash_part)
+            return Resolved(hash_part, found) if found is not None else None
         path = await self.store.path_from_hash_part(hash_part)
         if path is None:
             return None
@@ -148,7 +151,7 @@ class App:
     def compressed_copy(self, info: PathInfo) -> CompressedNar | None:
         if self.zstd is None:
             return None
-        return self.zstd.lookup(info.nar_hash)
+        return self.zstd.cached_lookup(info.nar_hash)
 
     def schedule_compression(self, info: PathInfo) -> None:
         if self.zstd is None or self._nursery is None or isinstance(self.store, DaemonStore):

@@ -11,10 +11,12 @@ Clients that send `Accept-Encoding: zstd` get `Content-Encoding: zstd` as from h
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,8 @@ from .nar import Segment, read_region
 log = logging.getLogger("harmonia.compression")
 
 MIN_COMPRESS_SIZE = 4096
+NEGATIVE_TTL = 1.0
+MEMO_ENTRIES = 100_000
 CHUNK = 1 << 20
 
 
@@ -66,6 +70,7 @@ class ZstdCache:
         self.level = level
         self.max_bytes = max_bytes
         self._pending: set[bytes] = set()
+        self._memo: dict[bytes, tuple[float, CompressedNar | None]] = {}
         self._limiter = trio.CapacityLimiter(1)  # one background compression per worker
 
     def ensure_dir(self) -> None:
@@ -74,6 +79,22 @@ class ZstdCache:
     def _paths(self, nar_hash: bytes) -> tuple[Path, Path]:
         name = nix32_encode(nar_hash)
         return self.dir / f"{name}.nar.zst", self.dir / f"{name}.meta"
+
+    def cached_lookup(self, nar_hash: bytes) -> CompressedNar | None:
+        """`lookup` with memory: a found copy is remembered (and re-checked when served), an
+        absent one for a second, since another worker may finish it meanwhile."""
+        now = time.monotonic()
+        hit = self._memo.get(nar_hash)
+        if hit is not None and (hit[1] is not None or now - hit[0] < NEGATIVE_TTL):
+            return hit[1]
+        found = self.lookup(nar_hash)
+        if len(self._memo) >= MEMO_ENTRIES:
+            self._memo.clear()
+        self._memo[nar_hash] = (now, found)
+        return found
+
+    def forget(self, nar_hash: bytes) -> None:
+        self._memo.pop(nar_hash, None)
 
     def lookup(self, nar_hash: bytes) -> CompressedNar | None:
         data_path, meta_path = self._paths(nar_hash)
@@ -92,32 +113,43 @@ class ZstdCache:
     def build(self, nar_hash: bytes, segments: Callable[[], Iterator[Segment]]) -> CompressedNar | None:
         """Compress one NAR into the cache (blocking; run it in a thread).
 
-        A lock file made with O_EXCL keeps worker processes from compressing the same NAR twice.
+        An flock on the temporary file keeps worker processes from compressing the same NAR twice;
+        the file is renamed into place while still locked, so nobody truncates a finished copy.
         """
         data_path, meta_path = self._paths(nar_hash)
         tmp = data_path.with_suffix(".tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return None  # another worker is on it
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             log.warning("cannot write compressed NARs under %s: %s", self.dir, exc.strerror)
             return None
+        try:
+            # a lock, not the file's existence, says someone is on it: a crashed worker's
+            # leftover is simply overwritten
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
         digest = hashlib.sha256()
         size = 0
+        out = os.fdopen(fd, "wb")
         try:
-            with os.fdopen(fd, "wb") as out:
-                for block in compress_chunks(iter_nar_bytes(segments()), self.level):
-                    out.write(block)
-                    digest.update(block)
-                    size += len(block)
+            for block in compress_chunks(iter_nar_bytes(segments()), self.level):
+                out.write(block)
+                digest.update(block)
+                size += len(block)
+            out.flush()
             os.replace(tmp, data_path)
             meta_path.write_text(json.dumps({"sha256": digest.hexdigest(), "size": size}))
+            self.forget(nar_hash)
         except Exception as exc:
             log.warning("compressing NAR %s failed: %s", nix32_encode(nar_hash), exc)
             with contextlib.suppress(OSError):
                 tmp.unlink()
             return None
+        finally:
+            out.close()
         self._evict()
         return CompressedNar(data_path, digest.digest(), size)
 
@@ -142,16 +174,31 @@ class ZstdCache:
         found = self.lookup(nar_hash)
         if found is not None:
             return found
-        built = await trio.to_thread.run_sync(self.build, nar_hash, segments, abandon_on_cancel=True)
-        if built is None:
-            # another worker may be building it: wait a little for its result
-            for _ in range(600):
+        for _ in range(2):
+            built = await trio.to_thread.run_sync(self.build, nar_hash, segments, abandon_on_cancel=True)
+            if built is not None:
+                return built
+            # another worker holds the lock: wait for its result while it works
+            for _ in range(1200):
                 await trio.sleep(0.1)
                 if (found := self.lookup(nar_hash)) is not None:
                     return found
-                if not self._paths(nar_hash)[0].with_suffix(".tmp").exists():
+                if not self._locked(nar_hash):
                     break
-        return built or self.lookup(nar_hash)
+        return self.lookup(nar_hash)
+
+    def _locked(self, nar_hash: bytes) -> bool:
+        try:
+            fd = os.open(self._paths(nar_hash)[0].with_suffix(".tmp"), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def schedule(
         self, nursery: trio.Nursery, nar_hash: bytes, size: int, segments: Callable[[], Iterator[Segment]]

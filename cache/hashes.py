@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 
 NIX32_ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -22,16 +23,12 @@ def nix32_length(nbytes: int) -> int:
     return (nbytes * 8 - 1) // 5 + 1
 
 
+@functools.lru_cache(maxsize=65536)
 def nix32_encode(digest: bytes) -> str:
-    out = []
-    for n in range(nix32_length(len(digest)) - 1, -1, -1):
-        bit = n * 5
-        i, j = divmod(bit, 8)
-        c = digest[i] >> j
-        if i + 1 < len(digest):
-            c |= digest[i + 1] << (8 - j)
-        out.append(NIX32_ALPHABET[c & 0x1F])
-    return "".join(out)
+    # Nix reads the digest as one little-endian number and prints its 5-bit groups, highest first
+    number = int.from_bytes(digest, "little")
+    alphabet = NIX32_ALPHABET
+    return "".join(alphabet[(number >> (5 * n)) & 0x1F] for n in range(nix32_length(len(digest)) - 1, -1, -1))
 
 
 def nix32_decode(text: str, nbytes: int) -> bytes:

@@ -1,28 +1,27 @@
-"""Our HTTP/1.1 transport: h11 driven directly on trio, with `os.sendfile` for NAR contents.
+"""Our HTTP/1.1 transport on trio, with `os.sendfile` for NAR contents.
 
-Hypercorn's generic ASGI path costs several times more per request than h11 on trio directly
-(see docs/benchmarks.md), and it cannot hand file contents to the kernel. HTTP/2 (h2c prior
-knowledge, or ALPN `h2` over TLS) is handed to hypercorn by the server, see `asgi.py`.
+Hypercorn's generic ASGI path costs several times more per request than a direct loop on
+trio, and it cannot hand file contents to the kernel (see docs/benchmarks.md); message heads
+are parsed and written by `h1proto`. HTTP/2 (h2c prior knowledge, or ALPN `h2` over TLS) is
+handed to hypercorn by the server, see `asgi.py`.
 
-Rules: a response's headers go out only once the route has validated everything; identity
-bodies carry Content-Length; when a body fails half-way the connection is cut, not finished.
+Rules: a response's head goes out only once the route has validated everything; identity
+bodies carry Content-Length; when a body fails half-way the connection is cut, never finished.
 """
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import errno
-import http
 import logging
 import os
 import socket
 import time
 from typing import TYPE_CHECKING
 
-import h11
 import trio
 
+from .h1proto import MAX_HEAD_BYTES, BadRequest, RequestHead, find_head_end, parse_head, write_head
 from .http import Request, Response, SegmentsBody, StreamBody, error
 from .nar import FileRegion, NarError, read_region
 from .store import StoreError
@@ -32,33 +31,29 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("harmonia.http")
 
-MAX_HEADER_BYTES = 32 * 1024
 HEADER_TIMEOUT = 30.0
 KEEPALIVE_TIMEOUT = 75.0
 SEND_TIMEOUT = 300.0  # a client that accepts nothing for this long is gone
-READ_SIZE = 64 * 1024
-SENDFILE_CHUNK = 8 * 1024 * 1024
-SERVER = b"harmonia-cache"
 LINGER_SECONDS = 1.0
 LINGER_BYTES = 1 << 20
+READ_SIZE = 64 * 1024
+SENDFILE_CHUNK = 8 * 1024 * 1024
+SERVER = "harmonia-cache"
 _done = object()
-_REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """The Date header, formatted once a second rather than once a response."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+    return _date_cache[1]
 
 
 class BodyFailed(Exception):
-    """The body could not be produced after the headers went out: cut the connection."""
-
-
-class _Region:
-    """Lets h11 count a file region's length without us reading it (send_with_data_passthrough)."""
-
-    __slots__ = ("region",)
-
-    def __init__(self, region: FileRegion) -> None:
-        self.region = region
-
-    def __len__(self) -> int:
-        return self.region.size
+    """The body could not be produced after the head went out: cut the connection."""
 
 
 class H1Connection:
@@ -75,51 +70,25 @@ class H1Connection:
         self.app = app
         self.sock = sock  # set when the stream is plain TCP/unix: sendfile allowed
         self.client = client
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
-        if prefix:
-            self.conn.receive_data(prefix)
-
-    async def _send(self, event: h11.Event) -> None:
-        data = self.conn.send(event)
-        if data:
-            with trio.fail_after(SEND_TIMEOUT):
-                await self.stream.send_all(data)
-
-    async def _next_event(self, wait: float) -> h11.Event | type[h11.PAUSED] | type[h11.NEED_DATA] | None:
-        while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            with trio.move_on_after(wait):
-                data = await self.stream.receive_some(READ_SIZE)
-                self.conn.receive_data(bytes(data))
-                continue
-            return None  # timed out
+        self.buf = bytearray(prefix)
 
     async def run(self) -> None:
         try:
             while True:
-                timeout = KEEPALIVE_TIMEOUT if self.conn.their_state is h11.IDLE else HEADER_TIMEOUT
                 try:
-                    event = await self._next_event(timeout)
-                except h11.RemoteProtocolError as exc:
-                    await self._protocol_error(exc)
+                    raw = await self._read_head(HEADER_TIMEOUT if self.buf else KEEPALIVE_TIMEOUT)
+                    if raw is None:
+                        return
+                    head = parse_head(raw)
+                except BadRequest as exc:
+                    await self._refuse(exc)
                     return
-                if event is None or isinstance(event, h11.ConnectionClosed):
-                    return
-                if not isinstance(event, h11.Request):
-                    return
-                # a request without a body is complete now (EndOfMessage is queued); a request
-                # with a body we do not read, and its connection closes after the response
-                with contextlib.suppress(h11.RemoteProtocolError):
-                    self.conn.next_event()
-                await self._handle(event)
-                if self.conn.their_state is not h11.DONE:
+                keep = await self._handle(head)
+                if head.has_body:
                     await self._linger()  # a request body we did not read
                     return
-                if self.conn.our_state is h11.MUST_CLOSE:
+                if not keep:
                     return
-                self.conn.start_next_cycle()
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, BodyFailed):
             return
         except OSError as exc:
@@ -130,17 +99,35 @@ class H1Connection:
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
 
-    async def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
-        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        status = exc.error_status_hint
-        if status == 400 and "exceeded" in str(exc).lower():
-            status = 431
-        resp = error(status, f"bad request: {exc}")
-        resp.headers.append(("Connection", "close"))
+    async def _read_head(self, wait: float) -> bytes | None:
+        """The next request head, or None at end of stream or when the client stays silent."""
+        searched = 0
+        while True:
+            end = find_head_end(self.buf, max(0, searched - 3))
+            if end != -1:
+                raw = bytes(self.buf[:end])
+                del self.buf[:end]
+                return raw
+            if len(self.buf) > MAX_HEAD_BYTES:
+                raise BadRequest(431, "request head too large")
+            searched = len(self.buf)
+            with trio.move_on_after(wait):
+                data = await self.stream.receive_some(READ_SIZE)
+                if not data:
+                    if self.buf.strip():
+                        raise BadRequest(400, "incomplete request head")
+                    return None
+                self.buf += data
+                wait = HEADER_TIMEOUT
+                continue
+            return None
+
+    async def _refuse(self, exc: BadRequest) -> None:
+        resp = error(exc.status, f"bad request: {exc}")
+        self.app.metrics.observe("other", resp.status, 0.0, 0)
         try:
-            await self._send_response(resp, head=False)
-        except h11.LocalProtocolError:
+            await self._send_response(resp, head_only=False, keep_alive=False)
+        except (trio.BrokenResourceError, trio.TooSlowError, OSError):
             return
         await self._linger()
 
@@ -155,69 +142,76 @@ class H1Connection:
         with trio.move_on_after(LINGER_SECONDS):
             drained = 0
             while drained < LINGER_BYTES:
-                data = await self.stream.receive_some(READ_SIZE)
+                try:
+                    data = await self.stream.receive_some(READ_SIZE)
+                except (trio.BrokenResourceError, OSError):
+                    return
                 if not data:
-                    break
+                    return
                 drained += len(data)
 
-    async def _handle(self, event: h11.Request) -> None:
+    async def _handle(self, head: RequestHead) -> bool:
+        """Answer one request; True when the connection may serve another."""
         started = time.monotonic()
-        method = event.method.decode("ascii", "replace")
-        target = event.target.decode("ascii", "replace")
-        headers: dict[str, str] = {}
-        for name, value in event.headers:
-            key = name.decode("ascii", "replace")
-            val = value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {val}" if key in headers else val
-        path, _, query = target.partition("?")
+        path, _, query = head.target.partition("?")
         if not path.startswith("/"):
             resp = error(400, "request target must be a path")
         else:
-            request = Request(method, path, query, headers, self.client)
+            request = Request(head.method, path, query, head.headers, self.client)
             try:
                 resp = await self.app.handle(request)
             except Exception:
-                log.exception("internal error on %s %s", method, path)
+                log.exception("internal error on %s %s", head.method, path)
                 resp = error(500, "internal server error (logged)")
-        if self.conn.their_state is not h11.DONE:
-            # we answer without reading a request body (we take none): this connection ends after
-            resp.headers.append(("Connection", "close"))
+        keep_alive = head.keep_alive
         sent = 0
         try:
-            sent = await self._send_response(resp, head=method == "HEAD")
+            sent = await self._send_response(
+                resp, head_only=head.method == "HEAD", keep_alive=keep_alive, http10=head.minor == 0
+            )
         finally:
             self.app.metrics.observe(resp.route, resp.status, time.monotonic() - started, sent)
+        # an HTTP/1.0 stream of unknown length ended by closing the connection
+        return keep_alive and not (head.minor == 0 and resp.content_length is None)
 
-    async def _send_response(self, resp: Response, *, head: bool) -> int:
-        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers]
-        headers.append((b"Server", SERVER))
-        headers.append((b"Date", email.utils.formatdate(usegmt=True).encode()))
-        length = resp.content_length
-        if length is not None:
-            headers.append((b"Content-Length", str(length).encode()))
-        reason = _REASONS.get(resp.status, b"")
-        await self._send(h11.Response(status_code=resp.status, headers=headers, reason=reason))
-        if head:
-            await self._send(h11.EndOfMessage())
-            return 0
+    async def _send_response(
+        self, resp: Response, *, head_only: bool, keep_alive: bool, http10: bool = False
+    ) -> int:
+        headers = [*resp.headers, ("Server", SERVER), ("Date", _http_date())]
         body = resp.body
+        length = resp.content_length
+        chunked = False
+        if length is not None:
+            headers.append(("Content-Length", str(length)))
+        elif http10:
+            keep_alive = False  # the end of the body is the end of the connection
+        else:
+            headers.append(("Transfer-Encoding", "chunked"))
+            chunked = True
+        head = write_head(resp.status, headers, close=not keep_alive)
+        if head_only:
+            await self._send(head)
+            return 0
+        if isinstance(body, bytes):
+            # small answers (narinfo, errors) leave in one write
+            await self._send(head + body)
+            return len(body)
+        with trio.fail_after(SEND_TIMEOUT):
+            await self.stream.send_all(head)
         is_nar = resp.route == "nar"
         if is_nar:
             self.app.metrics.nar_started()
         try:
-            if isinstance(body, bytes):
-                if body:
-                    await self._send(h11.Data(data=body))
-                sent = len(body)
-            elif isinstance(body, SegmentsBody):
-                sent = await self._send_segments(body)
-            else:
-                sent = await self._send_stream(body)
+            if isinstance(body, SegmentsBody):
+                return await self._send_segments(body)
+            return await self._send_stream(body, chunked)
         finally:
             if is_nar:
                 self.app.metrics.nar_finished()
-        await self._send(h11.EndOfMessage())
-        return sent
+
+    async def _send(self, data: bytes) -> None:
+        with trio.fail_after(SEND_TIMEOUT):
+            await self.stream.send_all(data)
 
     async def _send_segments(self, body: SegmentsBody) -> int:
         it = body.segments()
@@ -232,7 +226,7 @@ class H1Connection:
                 break
             if isinstance(seg, bytes):
                 if seg:
-                    await self._send(h11.Data(data=seg))
+                    await self._send(seg)
                     sent += len(seg)
                 continue
             assert isinstance(seg, FileRegion)
@@ -254,10 +248,8 @@ class H1Connection:
                 if data is _done:
                     return n
                 assert isinstance(data, bytes)
-                await self._send(h11.Data(data=data))
+                await self._send(data)
                 n += len(data)
-        # h11 accounts for the region's length; we move the bytes with sendfile
-        self.conn.send_with_data_passthrough(h11.Data(data=_Region(region)))  # type: ignore[arg-type]
         try:
             fd = os.open(region.path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -290,13 +282,13 @@ class H1Connection:
             await trio.lowlevel.checkpoint()
         return size
 
-    async def _send_stream(self, body: StreamBody) -> int:
+    async def _send_stream(self, body: StreamBody, chunked: bool) -> int:
         sent = 0
         stream = body.chunks()
         try:
             async for chunk in stream:
                 if chunk:
-                    await self._send(h11.Data(data=chunk))
+                    await self._send(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                     sent += len(chunk)
         except (NarError, OSError, StoreError) as exc:
             log.error("streamed body failed after %d bytes: %s", sent, exc)
@@ -308,4 +300,6 @@ class H1Connection:
                     await aclose()
         if body.length is not None and sent != body.length:
             raise BodyFailed
+        if chunked:
+            await self._send(b"0\r\n\r\n")
         return sent

@@ -114,20 +114,28 @@ class DbStore:
             return rows[0][0]
         return None
 
+    _COLUMNS = "SELECT id, path, hash, registrationTime, deriver, narSize, sigs, ca FROM ValidPaths"
+
     async def path_info(self, path: str) -> PathInfo | None:
-        rows = self._query(
-            "SELECT id, hash, registrationTime, deriver, narSize, sigs, ca FROM ValidPaths WHERE path = ?",
-            (path,),
-        )
-        if not rows:
-            return None
-        row_id, nar_hash, reg_time, deriver, nar_size, sigs, ca = rows[0]
+        rows = self._query(f"{self._COLUMNS} WHERE path = ?", (path,))
+        return self._info(rows[0]) if rows else None
+
+    async def info_from_hash_part(self, hash_part: str) -> PathInfo | None:
+        """One query instead of two on the hot path: hash part to full metadata."""
+        prefix = f"{self.store_dir}/{hash_part}"
+        rows = self._query(f"{self._COLUMNS} WHERE path >= ? ORDER BY path LIMIT 1", (prefix,))
+        if rows and isinstance(rows[0][1], str) and rows[0][1].startswith(prefix + "-"):
+            return self._info(rows[0])
+        return None
+
+    def _info(self, row: tuple[object, ...]) -> PathInfo:
+        row_id, path, nar_hash, reg_time, deriver, nar_size, sigs, ca = row
         refs = self._query(
             "SELECT v.path FROM Refs r JOIN ValidPaths v ON r.reference = v.id WHERE r.referrer = ?",
             (row_id,),
         )
         return PathInfo(
-            path=path,
+            path=str(path),
             nar_hash=_parse_db_hash(str(nar_hash)),
             nar_size=int(nar_size or 0),  # type: ignore[call-overload]
             references=tuple(sorted(str(r[0]) for r in refs)),

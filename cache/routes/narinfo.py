@@ -22,6 +22,6 @@ async def get_narinfo(app: App, request: Request, match: re.Match[str]) -> Respo
     if resolved is None or not app.present_on_disk(resolved.info):
         return error(404, "no such path")
     narinfo = app.narinfo(resolved)
-    if "json" in request.query_params():
+    if request.query and "json" in request.query_params():
         return text(200, narinfo.to_json(), "application/json", [("Cache-Control", POSITIVE_CACHE)])
     return text(200, narinfo.render(), "text/x-nix-narinfo", [("Cache-Control", POSITIVE_CACHE)])

@@ -1,0 +1,107 @@
+"""The benchmark's closure, built in the real store without nixpkgs, and its static export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+SMALL_COUNT = 300
+SIZES_MB = (10, 100, 200)
+
+# seq output compresses about 6:1 with zstd, like typical binaries and text in a closure
+_EXPR = """
+let
+  mk = name: script: extra: builtins.derivation ({
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" script ];
+  } // extra);
+  # roughly `mb` megabytes of decimal numbers, one a line
+  sized = mb: mk "bench-${toString mb}mb" "/usr/bin/seq 1 ${toString (mb * 117000)} > $out" {};
+  small = i: prev: mk "bench-small-${toString i}" ''
+    /bin/mkdir -p $out/share
+    /bin/echo "path ${toString i} after $prev" > $out/share/info
+    /usr/bin/seq 1 ${toString (50 + i * 7)} > $out/share/data
+  '' { inherit prev; };
+  chain = builtins.foldl' (acc: i: acc ++ [ (small i (if acc == [] then "none" else builtins.elemAt acc (i - 1))) ])
+    [] (builtins.genList (x: x) COUNT);
+in { sized = map sized [ SIZES ]; small = chain; }
+"""
+
+
+@dataclass(frozen=True)
+class Closure:
+    sized: dict[int, str]  # MB -> store path
+    small: list[str]
+
+    @property
+    def big(self) -> str:
+        return self.sized[max(self.sized)]
+
+    @property
+    def all(self) -> list[str]:
+        return [*self.sized.values(), *self.small]
+
+
+def nix_env(state: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XDG_CACHE_HOME"] = str(state / "xdg-cache")
+    env["NIX_CONFIG"] = "experimental-features = nix-command\nsubstituters =\n"
+    return env
+
+
+def expression(count: int = SMALL_COUNT, sizes: tuple[int, ...] = SIZES_MB) -> str:
+    return _EXPR.replace("COUNT", str(count)).replace("SIZES", " ".join(map(str, sizes)))
+
+
+def build_closure(state: Path, count: int = SMALL_COUNT, sizes: tuple[int, ...] = SIZES_MB) -> Closure:
+    env = nix_env(state)
+    expr = expression(count, sizes)
+    sized = subprocess.run(
+        ["nix-build", "--no-out-link", "-E", f"({expr}).sized"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=900,
+    ).stdout.split()
+    small = subprocess.run(
+        ["nix-build", "--no-out-link", "-E", f"({expr}).small"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=900,
+    ).stdout.split()
+    return Closure(dict(zip(sizes, sized, strict=True)), small)
+
+
+def export(closure: Closure, target: Path, state: Path) -> None:
+    """`nix copy --to file://…?compression=none`: the reference server's document root."""
+    if (target / "nix-cache-info").exists():
+        return
+    subprocess.run(
+        ["nix", "copy", "--to", f"file://{target}?compression=none", *closure.all],
+        env=nix_env(state),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=900,
+    )
+
+
+def nar_size(path: str, state: Path) -> int:
+    out = subprocess.run(
+        ["nix", "path-info", "--json", path],
+        env=nix_env(state),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    info = json.loads(out)
+    return int((info[0] if isinstance(info, list) else info[path])["narSize"])

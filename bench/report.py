@@ -1,0 +1,137 @@
+"""Ratios, targets, the table and the chart of a benchmark run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# (name, how to compute ours/reference or an absolute figure, comparison, target)
+TARGETS = [
+    ("narinfo requests/s vs Caddy", ">=", 0.35),
+    ("NAR MiB/s, 1 connection, vs Caddy", ">=", 0.6),
+    ("NAR MiB/s, 16 connections, vs Caddy", ">=", 0.6),
+    ("zstd wire bytes / NAR size", "<=", 0.5),
+    ("zstd transfer time / identity transfer", "<=", 1.5),
+    ("peak RSS with 64 NARs in flight (MiB)", "<=", 150.0),
+    ("request errors", "<=", 0),
+    ("time grows linearly with NAR size (per-MB time, largest / smallest)", "<=", 1.5),
+]
+
+
+def _get(results: dict[str, Any], key: str, *path: str) -> float:
+    node: Any = results[key]
+    for part in path:
+        node = node[part]
+    return float(node)
+
+
+def figures(results: dict[str, Any]) -> list[float]:
+    c, h = "caddy", "harmonia"
+    zstd = results[h]["zstd"]
+    errors = sum(
+        int(results[k][m]["errors"]) for k in (c, h) for m in ("narinfo", "nar_c1", "nar_c16", "rss_64")
+    )
+    by_size = results[h]["by_size"]
+    sizes = sorted(by_size, key=int)
+    per_mb = [by_size[s]["seconds"] / (by_size[s]["bytes"] / 2**20) for s in sizes]
+    return [
+        _get(results, h, "narinfo", "rps") / _get(results, c, "narinfo", "rps"),
+        _get(results, h, "nar_c1", "mib_s") / _get(results, c, "nar_c1", "mib_s"),
+        _get(results, h, "nar_c16", "mib_s") / _get(results, c, "nar_c16", "mib_s"),
+        float(zstd["wire_ratio"]),
+        min(float(zstd["copy_time_ratio"]), float(zstd["content_encoding_time_ratio"])),
+        _get(results, h, "rss_64", "peak_mib"),
+        float(errors),
+        per_mb[-1] / per_mb[0] if per_mb[0] > 0 else 0.0,
+    ]
+
+
+def check_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for (name, op, target), value in zip(TARGETS, figures(results), strict=True):
+        met = value >= target if op == ">=" else value <= target
+        out.append({"name": name, "value": round(value, 3), "op": op, "target": target, "met": met})
+    return out
+
+
+def render_table(report: dict[str, Any]) -> str:
+    r = report["results"]
+    c, h = r["caddy"], r["harmonia"]
+    rows = [
+        ("narinfo requests/s (16 conns)", c["narinfo"]["rps"], h["narinfo"]["rps"]),
+        ("narinfo p50 latency (ms)", c["narinfo"]["p50_ms"], h["narinfo"]["p50_ms"]),
+        ("narinfo p99 latency (ms)", c["narinfo"]["p99_ms"], h["narinfo"]["p99_ms"]),
+        ("NAR MiB/s, 1 connection", c["nar_c1"]["mib_s"], h["nar_c1"]["mib_s"]),
+        ("NAR MiB/s, 16 connections", c["nar_c16"]["mib_s"], h["nar_c16"]["mib_s"]),
+        ("NAR time to first byte (ms)", c["ttfb_ms"], h["ttfb_ms"]),
+        ("peak RSS, 64 NARs in flight (MiB)", c["rss_64"]["peak_mib"], h["rss_64"]["peak_mib"]),
+        ("NAR MiB/s, 64 connections", c["rss_64"]["mib_s"], h["rss_64"]["mib_s"]),
+    ]
+    for size in sorted(c["by_size"], key=int):
+        rows.append(
+            (f"{size} MB NAR, seconds (1 conn)", c["by_size"][size]["seconds"], h["by_size"][size]["seconds"])
+        )
+    lines = [
+        f"Run {report['when']} on {report['machine']['cores']} cores, harmonia-cache with "
+        f"{report['workers']} workers, {report['seconds_per_phase']} s per load phase.",
+        "",
+        "| measure | Caddy file_server | harmonia-cache | ratio |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, ref, ours in rows:
+        ratio = ours / ref if ref else float("nan")
+        lines.append(f"| {name} | {ref:,.2f} | {ours:,.2f} | {ratio:.2f}× |")
+    z = h["zstd"]
+    lines += [
+        "",
+        f"zstd (harmonia-cache, {z['nar_size'] / 2**20:.0f} MiB NAR): compressed copy {z['wire_bytes'] / 2**20:.1f} MiB "
+        f"({z['wire_ratio']:.3f}× of the NAR), transfer {z['copy_s']:.3f} s vs identity {z['identity_s']:.3f} s "
+        f"({z['copy_time_ratio']:.2f}×); as Content-Encoding {z['content_encoding_time_ratio']:.2f}×; "
+        f"a live stream before the copy exists: {z['live_stream_ratio_vs_identity']:.2f}× the identity time.",
+        "",
+        "| target | value | goal | met |",
+        "|---|---:|---:|:---:|",
+    ]
+    for t in report["targets"]:
+        lines.append(
+            f"| {t['name']} | {t['value']} | {t['op']} {t['target']} | {'yes' if t['met'] else 'NO'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render_chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = report["results"]
+    c, h = r["caddy"], r["harmonia"]
+    panels = [
+        ("narinfo requests/s\n(16 connections)", c["narinfo"]["rps"], h["narinfo"]["rps"]),
+        ("NAR MiB/s\n(1 connection)", c["nar_c1"]["mib_s"], h["nar_c1"]["mib_s"]),
+        ("NAR MiB/s\n(16 connections)", c["nar_c16"]["mib_s"], h["nar_c16"]["mib_s"]),
+        ("NAR time to first byte\n(ms, lower is better)", c["ttfb_ms"], h["ttfb_ms"]),
+        ("peak RSS, 64 NARs\n(MiB, lower is better)", c["rss_64"]["peak_mib"], h["rss_64"]["peak_mib"]),
+    ]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 4))
+    for ax, (title, ref, ours) in zip(axes, panels, strict=False):
+        bars = ax.bar(["Caddy", "harmonia-cache"], [ref, ours], color=["#888888", "#2a7ab0"])
+        ax.set_title(title, fontsize=10)
+        ax.bar_label(bars, fmt="%.0f")
+        ax.text(0.5, 0.92, f"{ours / ref:.2f}×" if ref else "", transform=ax.transAxes, ha="center")
+    ax = axes[-1]
+    for name, series, color in (
+        ("Caddy", c["by_size"], "#888888"),
+        ("harmonia-cache", h["by_size"], "#2a7ab0"),
+    ):
+        sizes = sorted(series, key=int)
+        ax.plot([int(s) for s in sizes], [series[s]["seconds"] for s in sizes], "o-", label=name, color=color)
+    ax.set_title("transfer time vs NAR size\n(1 connection)", fontsize=10)
+    ax.set_xlabel("MB")
+    ax.set_ylabel("s")
+    ax.legend()
+    fig.suptitle(f"harmonia-cache vs Caddy file_server — {report['when']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,144 @@
+"""The two servers side by side: Debian's Caddy `file_server` on the static export, and harmonia-cache."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes]
+
+
+def _free_port() -> int:
+    # Caddy cannot report the port it bound, so it gets one picked here (loopback only)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/nix-cache-info", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer within {timeout}s")
+        time.sleep(0.1)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextmanager
+def caddy_file_server(root: Path, state: Path) -> Iterator[Server]:
+    caddy = shutil.which("caddy")
+    if caddy is None:
+        raise RuntimeError("Debian's caddy is not installed (./bootstrap bench installs it)")
+    port = _free_port()
+    config = state / "Caddyfile"
+    config.write_text(
+        "{\n\tadmin off\n\tauto_https off\n}\n"
+        f"http://127.0.0.1:{port} {{\n\troot * {root}\n\tfile_server\n}}\n"
+    )
+    env = dict(
+        os.environ, HOME=str(state), XDG_DATA_HOME=str(state / "data"), XDG_CONFIG_HOME=str(state / "config")
+    )
+    proc = subprocess.Popen(
+        [caddy, "run", "--config", str(config), "--adapter", "caddyfile"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_http(url, proc)
+        yield Server("caddy file_server", url, proc)
+    finally:
+        _stop(proc)
+
+
+@contextmanager
+def harmonia_cache(state: Path, workers: int) -> Iterator[Server]:
+    state.mkdir(parents=True, exist_ok=True)
+    secret = state / "secret-key"
+    if not secret.exists():
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cache",
+                "key",
+                "generate",
+                "bench-1",
+                "--secret-file",
+                str(secret),
+                "--public-file",
+                str(state / "public-key"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+    config = state / "harmonia.toml"
+    config.write_text(
+        f'bind = "127.0.0.1:0"\nworkers = {workers}\npriority = 60\n'
+        f'sign_key_paths = ["{secret}"]\nstate_directory = "{state}"\n[zstd]\nlevel = 3\n'
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cache", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    found: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace")
+            if not found and (m := re.search(r"listening on (\S+)", line)):
+                found.append(m.group(1))
+                ready.set()
+        ready.set()
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        ready.wait(30)
+        if not found:
+            raise RuntimeError("harmonia-cache did not start")
+        _wait_http(found[0], proc)
+        yield Server("harmonia-cache", found[0], proc)
+    finally:
+        _stop(proc)
+        thread.join(5)
+        proc.stderr.close()

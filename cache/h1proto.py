@@ -1,0 +1,148 @@
+"""HTTP/1.1 message heads, parsed and written. Pure: bytes in, values out; no sockets.
+
+Why not h11: on this cache's hot path (a ~500-byte narinfo answer) h11's per-event state
+machine and header validation cost more than the route itself (see docs/benchmarks.md). This
+module does the subset a binary cache needs, strictly: request heads only, no request bodies
+(a request that has one is answered, then its connection is closed), responses written from
+headers we build ourselves.
+
+Rules (RFC 9112):
+- a request head is the request line and header fields up to an empty line, at most
+  MAX_HEAD_BYTES; lines end in CRLF (a bare LF is tolerated, as most servers do);
+- request line: `METHOD SP request-target SP HTTP/1.x`; methods are tokens; the target has no
+  spaces or control characters;
+- header fields: `token ":" OWS value OWS`; obsolete line folding, a space before the colon,
+  and control characters in values are errors; HTTP/1.1 requires exactly one Host;
+- framing: Transfer-Encoding wins over Content-Length; several differing Content-Length values
+  or a non-numeric one are errors;
+- persistence: HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0 only with
+  `Connection: keep-alive`.
+Errors are the client's (`BadRequest`, with the status to answer: 400, 431 or 501).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_HEAD_BYTES = 32 * 1024
+MAX_HEADERS = 100
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e\x80-\xff]+) HTTP/1\.([01])")
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class BadRequest(Exception):
+    """The client sent something that is not HTTP/1.1 as we accept it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: str
+    target: str
+    minor: int  # HTTP/1.<minor>
+    headers: dict[str, str]  # lower-case names; repeats joined with ", "
+    keep_alive: bool
+    has_body: bool
+
+
+def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
+    """Index just past the empty line ending a head, or -1 when more bytes are needed."""
+    crlf = buf.find(b"\r\n\r\n", start)
+    lf = buf.find(b"\n\n", start)
+    if crlf == -1 and lf == -1:
+        return -1
+    if lf == -1 or (crlf != -1 and crlf + 1 < lf):
+        return crlf + 4
+    return lf + 2
+
+
+def parse_head(raw: bytes) -> RequestHead:
+    lines = raw.split(b"\n")
+    # drop the terminating empty line(s) and the CRs
+    lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+    while lines and lines[-1] == b"":
+        lines.pop()
+    # RFC 9112 §2.2: ignore at least one empty line before the request line
+    while lines and lines[0] == b"":
+        lines.pop(0)
+    if not lines:
+        raise BadRequest(400, "empty request")
+    match = _REQUEST_LINE.fullmatch(lines[0])
+    if match is None:
+        if lines[0].count(b" ") == 2 and lines[0].rsplit(b" ", 1)[1].startswith(b"HTTP/"):
+            raise BadRequest(400, "only HTTP/1.0 and HTTP/1.1 are spoken here")
+        raise BadRequest(400, "malformed request line")
+    method = match.group(1).decode("ascii")
+    target = match.group(2).decode("latin-1")
+    minor = int(match.group(3))
+    if len(lines) - 1 > MAX_HEADERS:
+        raise BadRequest(431, "too many header fields")
+    headers: dict[str, str] = {}
+    lengths: set[str] = set()
+    hosts = 0
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise BadRequest(400, "obsolete line folding is not accepted")
+        name, sep, value = line.partition(b":")
+        if not sep or _TOKEN.fullmatch(name) is None:
+            raise BadRequest(400, "malformed header field")
+        value = value.strip(b" \t")
+        if _BAD_VALUE.search(value):
+            raise BadRequest(400, "control character in a header value")
+        key = name.decode("ascii").lower()
+        text = value.decode("latin-1")
+        if key == "content-length":
+            lengths.update(part.strip() for part in text.split(","))
+        elif key == "host":
+            hosts += 1
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    if minor == 1 and hosts != 1:
+        raise BadRequest(400, "an HTTP/1.1 request needs exactly one Host header")
+    has_body = False
+    if "transfer-encoding" in headers:
+        if minor == 0:
+            raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
+        has_body = True
+    elif lengths:
+        if len(lengths) != 1 or not next(iter(lengths)).isdigit() or len(next(iter(lengths))) > 18:
+            raise BadRequest(400, "invalid Content-Length")
+        has_body = int(next(iter(lengths))) > 0
+    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    keep_alive = "close" not in tokens if minor == 1 else "keep-alive" in tokens
+    return RequestHead(method, target, minor, headers, keep_alive and not has_body, has_body)
+
+
+_REASONS: dict[int, bytes] = {}
+
+
+def _reason(status: int) -> bytes:
+    found = _REASONS.get(status)
+    if found is None:
+        import http
+
+        try:
+            found = http.HTTPStatus(status).phrase.encode()
+        except ValueError:
+            found = b""
+        _REASONS[status] = found
+    return found
+
+
+def write_head(status: int, headers: list[tuple[str, str]], *, close: bool) -> bytes:
+    """A response head. Header names and values are ours; a CR or LF in one is a bug, refused."""
+    out = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
+    for name, value in headers:
+        raw_value = value.encode("latin-1")
+        if b"\r" in raw_value or b"\n" in raw_value or _TOKEN.fullmatch(name.encode("ascii")) is None:
+            raise ValueError(f"refusing to write an unsafe header {name!r}")
+        out.append(b"%s: %s\r\n" % (name.encode("ascii"), raw_value))
+    if close:
+        out.append(b"Connection: close\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)

@@ -1,0 +1,1 @@
+"""End-to-end tests of the local tailnet with real Tailscale nodes, in a network namespace."""

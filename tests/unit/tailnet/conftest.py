@@ -1,0 +1,1 @@
+from tests.tailnet.fixtures import local_tailnet  # noqa: F401
