@@ -245,3 +245,36 @@ def test_tls_with_alpn_h2_and_http11(
             ["nix", "copy", "--from", cache.url, "--to", str(tmp_path / "client"), store_fixtures.tree],
             env=client_env,
         )
+
+
+def test_real_store_elsewhere(tmp_path: Path, store_fixtures: Fixtures, nix_daemon_env: dict[str, str]) -> None:
+    """virtual_nix_store / real_nix_store: the files are read from where the store really is."""
+    from tests.support.nix import dump
+
+    real = tmp_path / "mnt-store"
+    real.mkdir()
+    subprocess.run(["cp", "-a", store_fixtures.tree, str(real)], check=True, timeout=60)
+    with start_cache(tmp_path / "srv", virtual_nix_store="/nix/store", real_nix_store=str(real)) as cache:
+        with httpx.Client(base_url=cache.url, timeout=30, headers={"Accept-Encoding": "identity"}) as client:
+            h = Path(store_fixtures.tree).name[:32]
+            text = client.get(f"/{h}.narinfo").text
+            assert f"StorePath: {store_fixtures.tree}" in text
+            narhash = text.split("NarHash: sha256:")[1][:52]
+            assert client.get(f"/nar/{narhash}.nar?hash={h}").content == dump(store_fixtures.tree, nix_daemon_env)
+            # valid in the database but not under the real store: not served
+            assert client.get(f"/{Path(store_fixtures.dep).name[:32]}.narinfo").status_code == 404
+
+
+def test_connection_limit_queues_instead_of_failing(tmp_path: Path, nix_daemon_env: dict[str, str]) -> None:
+    with start_cache(tmp_path, max_connections=1) as cache:
+        host, port = cache.hostport.rsplit(":", 1)
+        first = socket.create_connection((host, int(port)), timeout=10)
+        try:
+            first.sendall(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert first.recv(4096).startswith(b"HTTP/1.1 200")
+            # the first connection is kept alive: a second one waits for its slot
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.get(f"{cache.url}/nix-cache-info", timeout=1.5)
+        finally:
+            first.close()
+        assert httpx.get(f"{cache.url}/nix-cache-info", timeout=10).status_code == 200
