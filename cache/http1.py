@@ -65,8 +65,14 @@ class H1Connection:
         sock: trio.socket.SocketType | None,
         client: str,
         prefix: bytes = b"",
+        idle: set[trio.CancelScope] | None = None,
+        stopping: trio.Event | None = None,
     ) -> None:
         self.stream = stream
+        # on shutdown the server cancels connections idling between requests at once, and
+        # answers the rest with Connection: close
+        self.idle = idle if idle is not None else set()
+        self.stopping = stopping if stopping is not None else trio.Event()
         self.app = app
         self.sock = sock  # set when the stream is plain TCP/unix: sendfile allowed
         self.client = client
@@ -111,8 +117,16 @@ class H1Connection:
             if len(self.buf) > MAX_HEAD_BYTES:
                 raise BadRequest(431, "request head too large")
             searched = len(self.buf)
-            with trio.move_on_after(wait):
-                data = await self.stream.receive_some(READ_SIZE)
+            idle = not self.buf
+            if idle and self.stopping.is_set():
+                return None
+            with trio.move_on_after(wait) as scope:
+                if idle:
+                    self.idle.add(scope)
+                try:
+                    data = await self.stream.receive_some(READ_SIZE)
+                finally:
+                    self.idle.discard(scope)
                 if not data:
                     if self.buf.strip():
                         raise BadRequest(400, "incomplete request head")
@@ -163,7 +177,7 @@ class H1Connection:
             except Exception:
                 log.exception("internal error on %s %s", head.method, path)
                 resp = error(500, "internal server error (logged)")
-        keep_alive = head.keep_alive
+        keep_alive = head.keep_alive and not self.stopping.is_set()
         sent = 0
         try:
             sent = await self._send_response(

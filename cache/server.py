@@ -135,6 +135,8 @@ class Worker:
         self.ssl = tls_context(config)
         self.h2 = Http2Handoff(app)
         self.slots = trio.Semaphore(config.max_connections)
+        self.stopping = trio.Event()
+        self.idle: set[trio.CancelScope] = set()
         self.rate = RateLimiter(config.max_connection_rate)
 
     async def accept_loop(self, listener: trio.socket.SocketType, conns: trio.Nursery) -> None:
@@ -170,21 +172,33 @@ class Worker:
 
     async def _plain(self, stream: trio.SocketStream, client: str) -> None:
         data = b""
-        with trio.move_on_after(30):
-            while True:
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    return
-                data += chunk
-                # decide as soon as the bytes cannot be the HTTP/2 preface, or are it
-                if not H2_PREFACE.startswith(data[: len(H2_PREFACE)]) or len(data) >= len(H2_PREFACE):
-                    break
+        with trio.move_on_after(30) as scope:
+            self.idle.add(scope)  # nothing asked yet: shutdown may drop it at once
+            try:
+                while True:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                    # decide as soon as the bytes cannot be the HTTP/2 preface, or are it
+                    if not H2_PREFACE.startswith(data[: len(H2_PREFACE)]) or len(data) >= len(H2_PREFACE):
+                        break
+            finally:
+                self.idle.discard(scope)
         if not data:
             return
         if data.startswith(H2_PREFACE):
             await self.h2.serve(ReplayStream(stream, data))
             return
-        await H1Connection(stream, self.app, sock=stream.socket, client=client, prefix=data).run()
+        await H1Connection(
+            stream,
+            self.app,
+            sock=stream.socket,
+            client=client,
+            prefix=data,
+            idle=self.idle,
+            stopping=self.stopping,
+        ).run()
 
     async def _tls(self, stream: trio.SocketStream, client: str) -> None:
         assert self.ssl is not None
@@ -197,7 +211,9 @@ class Worker:
         if tls.selected_alpn_protocol() == "h2":
             await self.h2.serve(tls)
             return
-        await H1Connection(tls, self.app, sock=None, client=client).run()
+        await H1Connection(
+            tls, self.app, sock=None, client=client, idle=self.idle, stopping=self.stopping
+        ).run()
 
     async def serve(
         self, sockets: list[socket.socket], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -221,6 +237,9 @@ class Worker:
                         accepting.cancel_scope.cancel()
                     for listener in listeners:
                         listener.close()
+                    self.stopping.set()
+                    for scope in list(self.idle):
+                        scope.cancel()
                     conns.cancel_scope.deadline = trio.current_time() + GRACE_SECONDS
                 outer.cancel_scope.cancel()
         await self.app.aclose()

@@ -247,22 +247,26 @@ def test_tls_with_alpn_h2_and_http11(
         )
 
 
-def test_real_store_elsewhere(tmp_path: Path, store_fixtures: Fixtures, nix_daemon_env: dict[str, str]) -> None:
+def test_real_store_elsewhere(
+    tmp_path: Path, store_fixtures: Fixtures, nix_daemon_env: dict[str, str]
+) -> None:
     """virtual_nix_store / real_nix_store: the files are read from where the store really is."""
     from tests.support.nix import dump
 
     real = tmp_path / "mnt-store"
     real.mkdir()
     subprocess.run(["cp", "-a", store_fixtures.tree, str(real)], check=True, timeout=60)
-    with start_cache(tmp_path / "srv", virtual_nix_store="/nix/store", real_nix_store=str(real)) as cache:
-        with httpx.Client(base_url=cache.url, timeout=30, headers={"Accept-Encoding": "identity"}) as client:
-            h = Path(store_fixtures.tree).name[:32]
-            text = client.get(f"/{h}.narinfo").text
-            assert f"StorePath: {store_fixtures.tree}" in text
-            narhash = text.split("NarHash: sha256:")[1][:52]
-            assert client.get(f"/nar/{narhash}.nar?hash={h}").content == dump(store_fixtures.tree, nix_daemon_env)
-            # valid in the database but not under the real store: not served
-            assert client.get(f"/{Path(store_fixtures.dep).name[:32]}.narinfo").status_code == 404
+    with (
+        start_cache(tmp_path / "srv", virtual_nix_store="/nix/store", real_nix_store=str(real)) as cache,
+        httpx.Client(base_url=cache.url, timeout=30, headers={"Accept-Encoding": "identity"}) as client,
+    ):
+        h = Path(store_fixtures.tree).name[:32]
+        text = client.get(f"/{h}.narinfo").text
+        assert f"StorePath: {store_fixtures.tree}" in text
+        narhash = text.split("NarHash: sha256:")[1][:52]
+        assert client.get(f"/nar/{narhash}.nar?hash={h}").content == dump(store_fixtures.tree, nix_daemon_env)
+        # valid in the database but not under the real store: not served
+        assert client.get(f"/{Path(store_fixtures.dep).name[:32]}.narinfo").status_code == 404
 
 
 def test_connection_limit_queues_instead_of_failing(tmp_path: Path, nix_daemon_env: dict[str, str]) -> None:
@@ -278,3 +282,21 @@ def test_connection_limit_queues_instead_of_failing(tmp_path: Path, nix_daemon_e
         finally:
             first.close()
         assert httpx.get(f"{cache.url}/nix-cache-info", timeout=10).status_code == 200
+
+
+def test_idle_keepalive_connections_do_not_delay_shutdown(tmp_path: Path, nix_daemon_env: dict[str, str]) -> None:
+    with start_cache(tmp_path) as cache:
+        host, port = cache.hostport.rsplit(":", 1)
+        idle = socket.create_connection((host, int(port)), timeout=10)
+        silent = socket.create_connection((host, int(port)), timeout=10)
+        try:
+            idle.sendall(b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert idle.recv(4096).startswith(b"HTTP/1.1 200")
+            started = time.monotonic()
+            cache.proc.send_signal(signal.SIGTERM)
+            assert cache.proc.wait(10) == 0
+            assert time.monotonic() - started < 3
+            assert idle.recv(4096) == b""  # closed cleanly, not reset
+        finally:
+            idle.close()
+            silent.close()
