@@ -1,0 +1,511 @@
+"""One proxy policy for both frontends of the cache, and its rendering as Caddy JSON fragments.
+
+The cache has two frontends: the tailnet node published by ``sidecar/`` (a Caddy + tsnet engine
+whose JSON config the sidecar compiles) and the public gateway (a Caddyfile snippet rendered by
+:mod:`caddy.caddyfile`). Both are rendered from a :class:`Policy` by the pure functions here, so
+they cannot drift. Standard library only; no I/O.
+
+The policy, rule by rule (each rule names the Caddy setting it becomes):
+
+1. **Stream, never buffer.** ``flush_interval -1`` (every write flushed at once); request bodies
+   are never buffered (Caddy's default; no ``request_buffers``/``buffer_requests`` is rendered).
+2. **No response deadline.** Only ``dial_timeout`` (short) and ``response_header_timeout`` (the
+   wait for the *headers*) are set; no read/write timeout can cut a multi-GB NAR mid-body.
+3. **Compress only small text.** ``encode zstd gzip`` runs only for ``/nix-cache-info``,
+   ``/<hash>.narinfo`` and ``/<hash>.ls`` responses whose Content-Type is text or JSON, and only
+   above ``compress_min_bytes``. NARs are never re-compressed. A response that already carries a
+   ``Content-Encoding`` (harmonia's zstd) passes through untouched (Caddy's ``encode`` skips it),
+   and the proxy transport has ``compression off`` so the client's ``Accept-Encoding`` reaches the
+   cache as sent and nothing is transparently decoded.
+4. **Health and failover.** Load balancing ``first`` (the first available upstream in the listed
+   order), retried for ``try_duration_s`` every ``try_interval_s``; active health checks
+   (``GET health_path`` every ``health_interval_s``, expecting 200) and passive ones (a dial
+   failure or a 502/503/504 marks an upstream down for ``fail_duration_s`` after ``max_fails``).
+5. **Request body limit.** ``max_request_body_bytes`` (``None`` = none): a request announcing a
+   larger ``Content-Length`` is answered 413 before anything is proxied; ``request_body
+   max_size`` cuts a chunked body that grows past it (that request then fails with 502).
+6. **Forwarding headers.** Caddy sets ``X-Forwarded-For`` / ``-Proto`` / ``-Host`` itself and,
+   without ``trusted_proxies``, replaces any value a client sent. ``Host`` becomes the upstream's
+   own ``host:port`` (so a TLS upstream such as the sidecar's ts.net node sees its own name).
+7. **Identity headers never come from outside.** Every incoming ``X-Tailscale-*`` and
+   ``Tailscale-*`` header (``Tailscale-User-Login``… as Tailscale Serve sets them; the ``_``
+   spellings too) is deleted before anything else runs (:func:`request_header_strip_ops`). The
+   sidecar then sets its own identity headers *after* the strip (see :func:`server_routes`).
+8. **Exposed routes.** The public side answers only the binary-cache protocol —
+   ``/nix-cache-info``, ``/<hash>.narinfo``, ``/nar/…``, ``/<hash>.ls``, ``/health`` — with GET and
+   HEAD; ``/serve/…``, ``/log/…`` and ``/metrics`` only when ``expose_serve`` / ``expose_log`` /
+   ``expose_metrics``; anything else is 404 (405 for another method on a public path). The path is
+   checked both after Caddy's cleaning (``path_regexp``) and as sent (a CEL ``expression``), so
+   ``/serve/../nar/x.nar`` style paths do not slip through. :meth:`Policy.tailnet` exposes every
+   route and every method.
+9. **Access logs** (``access_log``): Caddy's access log for the server/site.
+
+API (what ``sidecar/`` builds on):
+
+- :class:`Policy` — frozen; ``Policy()`` / :meth:`Policy.public` is the public gateway's,
+  :meth:`Policy.tailnet` the tailnet node's; :meth:`Policy.from_mapping` reads one from config
+  (rejects unknown keys, lists every problem).
+- JSON fragments (dicts ready for ``json.dumps``; durations in nanoseconds, as Caddy emits them):
+  :func:`reverse_proxy_handler`, :func:`request_header_strip_ops`, :func:`identity_strip_handler`,
+  :func:`request_body_handler`, :func:`body_too_large_matcher`, :func:`encode_handler`,
+  :func:`small_text_matcher`, :func:`path_matcher`, :func:`method_matcher`,
+  :func:`public_matcher`, :func:`server_logs`, and :func:`server_routes` — the whole
+  ``routes`` list of one Caddy HTTP server, with a slot for the sidecar's own handlers
+  (identity headers) right after the strip.
+- The Caddyfile form of the same rules is in :mod:`caddy.caddyfile`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
+
+from caddy.errors import ConfigError, raise_if
+
+if TYPE_CHECKING:
+    from caddy.model import Upstream
+
+__all__ = [
+    "CACHE_PATH_PATTERNS",
+    "IDENTITY_HEADER_PATTERNS",
+    "SMALL_TEXT_PATTERN",
+    "Policy",
+    "body_too_large_matcher",
+    "caddy_duration",
+    "encode_handler",
+    "exposed_path_pattern",
+    "identity_strip_handler",
+    "load_balancing",
+    "method_matcher",
+    "path_matcher",
+    "public_matcher",
+    "request_body_handler",
+    "request_header_strip_ops",
+    "reverse_proxy_handler",
+    "server_logs",
+    "server_routes",
+    "small_text_matcher",
+]
+
+#: Regex alternatives (anchored by :func:`exposed_path_pattern`) of the binary-cache protocol.
+#: No backslashes or braces, so the same text is safe in JSON, CEL strings and Caddyfile tokens.
+CACHE_PATH_PATTERNS: tuple[str, ...] = (
+    "nix-cache-info",
+    "health",
+    "[0-9a-z]+[.]narinfo",
+    "[0-9a-z]+[.]ls",
+    "nar/[0-9a-z-]+[.]nar([.][0-9a-z]+)?",
+)
+SERVE_PATH_PATTERN = "serve/.+"
+LOG_PATH_PATTERN = "log/.+"
+METRICS_PATH_PATTERN = "metrics"
+
+#: Small text responses worth compressing: nix-cache-info, narinfo and .ls listings.
+SMALL_TEXT_PATTERN = "^/(nix-cache-info|[0-9a-z]+[.](narinfo|ls))$"
+#: Response Content-Types that may be compressed (Caddy response-matcher wildcards).
+SMALL_TEXT_CONTENT_TYPES: tuple[str, ...] = ("text/*", "application/json*")
+
+#: Incoming request headers deleted before anything else (case-insensitive prefix matches).
+IDENTITY_HEADER_PATTERNS: tuple[str, ...] = (
+    "X-Tailscale-*",
+    "Tailscale-*",
+    "X_Tailscale_*",
+    "Tailscale_*",
+)
+
+UPSTREAM_HOST_PLACEHOLDER = "{http.reverse_proxy.upstream.hostport}"
+PUBLIC_MATCHER_NAME = "harmonia_public"
+READ_METHODS: tuple[str, ...] = ("GET", "HEAD")
+#: Statuses from an upstream that count as that upstream failing (passive health).
+UNHEALTHY_STATUSES: tuple[int, ...] = (502, 503, 504)
+
+_MIB = 1024 * 1024
+_GIB = 1024 * _MIB
+
+
+def caddy_duration(seconds: float) -> str:
+    """A Caddyfile duration: ``3s``, ``250ms``, ``1.5s``."""
+    if seconds == int(seconds):
+        return f"{int(seconds)}s"
+    ms = seconds * 1000
+    if abs(ms - round(ms)) < 1e-9:
+        return f"{round(ms)}ms"
+    return f"{seconds:g}s"
+
+
+def _ns(seconds: float) -> int:
+    return round(seconds * 1_000_000_000)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a frontend proxies to the cache. Defaults are the public gateway's.
+
+    Route classes: the binary-cache protocol is always exposed; ``expose_serve``,
+    ``expose_log`` and ``expose_metrics`` add ``/serve/…``, ``/log/…`` and ``/metrics``;
+    ``restrict_paths=False`` drops the path filter altogether (every route of the cache, ``/`` and
+    ``/version`` included). ``allow_upload`` allows methods other than GET and HEAD.
+    Durations are seconds; sizes bytes.
+    """
+
+    expose_serve: bool = False
+    expose_log: bool = False
+    expose_metrics: bool = False
+    restrict_paths: bool = True
+    allow_upload: bool = False
+    max_request_body_bytes: int | None = _MIB
+    dial_timeout_s: float = 2.0
+    response_header_timeout_s: float | None = 120.0
+    health_path: str = "/nix-cache-info"
+    health_interval_s: float = 5.0
+    health_timeout_s: float = 3.0
+    fail_duration_s: float = 10.0
+    max_fails: int = 1
+    try_duration_s: float = 4.0
+    try_interval_s: float = 0.25
+    compress_small_text: bool = True
+    compress_min_bytes: int = 512
+    strip_identity_headers: bool = True
+    access_log: bool = True
+
+    def __post_init__(self) -> None:
+        raise_if(self.problems())
+
+    def problems(self, key: str = "policy") -> list[str]:
+        """Every reason this policy cannot be rendered, each naming its key."""
+        problems: list[str] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            where = f"{key}.{f.name}"
+            if f.type == "bool":
+                if not isinstance(value, bool):
+                    problems.append(f"{where}: must be true or false, not {value!r}")
+            elif f.name.endswith("_s"):
+                optional = "None" in str(f.type)
+                if value is None and optional:
+                    continue
+                if (
+                    isinstance(value, bool)
+                    or not isinstance(value, int | float)
+                    or not math.isfinite(value)
+                    or value <= 0
+                ):
+                    problems.append(f"{where}: must be a positive number of seconds, not {value!r}")
+                elif value > 86400 * 365:
+                    problems.append(f"{where}: {value!r} seconds is unreasonably long")
+            elif f.name in ("max_request_body_bytes", "compress_min_bytes", "max_fails"):
+                if value is None and f.name == "max_request_body_bytes":
+                    continue
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    problems.append(f"{where}: must be a positive integer, not {value!r}")
+        path = self.health_path
+        if (
+            not isinstance(path, str)
+            or not path.startswith("/")
+            or any(c.isspace() or c in "{}\"'`#?" for c in path)
+        ):
+            problems.append(
+                f"{key}.health_path: {path!r} must be an absolute path without spaces, "
+                "braces, quotes or a query"
+            )
+        return problems
+
+    @classmethod
+    def public(cls, **overrides: Any) -> Policy:
+        """The public gateway's policy (same as ``Policy()``), with optional overrides."""
+        return cls(**overrides)
+
+    @classmethod
+    def tailnet(cls, **overrides: Any) -> Policy:
+        """The tailnet node's policy: every route and method exposed, uploads up to 64 GiB."""
+        base = cls(
+            expose_serve=True,
+            expose_log=True,
+            expose_metrics=True,
+            restrict_paths=False,
+            allow_upload=True,
+            max_request_body_bytes=64 * _GIB,
+        )
+        return replace(base, **overrides) if overrides else base
+
+    @classmethod
+    def from_mapping(
+        cls, data: Mapping[str, Any], key: str = "policy", base: Policy | None = None
+    ) -> Policy:
+        """Read a policy from config (e.g. TOML), over ``base`` (default: the public policy).
+
+        Unknown keys and bad values are all reported at once, each with its key.
+        """
+        if not isinstance(data, Mapping):
+            raise ConfigError([f"{key}: must be a table of settings, not {type(data).__name__}"])
+        known = {f.name for f in fields(cls)}
+        problems = [
+            f"{key}.{name}: unknown setting (known: {', '.join(sorted(known))})"
+            for name in data
+            if name not in known
+        ]
+        values = {name: value for name, value in data.items() if name in known}
+        start = base if base is not None else cls()
+        merged = {f.name: getattr(start, f.name) for f in fields(cls)} | values
+        candidate = object.__new__(cls)
+        for name, value in merged.items():
+            object.__setattr__(candidate, name, value)
+        problems.extend(candidate.problems(key))
+        raise_if(problems)
+        return cls(**merged)
+
+
+# ---------------------------------------------------------------------------------------------
+# Route classes
+
+
+def exposed_path_pattern(policy: Policy) -> str | None:
+    """The anchored regex of the paths this policy exposes, or ``None`` for every path."""
+    if not policy.restrict_paths:
+        return None
+    alternatives = list(CACHE_PATH_PATTERNS)
+    if policy.expose_serve:
+        alternatives.append(SERVE_PATH_PATTERN)
+    if policy.expose_log:
+        alternatives.append(LOG_PATH_PATTERN)
+    if policy.expose_metrics:
+        alternatives.append(METRICS_PATH_PATTERN)
+    return "^/(" + "|".join(alternatives) + ")$"
+
+
+def path_expression(pattern: str) -> str:
+    """CEL expression checking the request path *as sent* (decoded, not cleaned)."""
+    return '{http.request.uri.path}.matches("' + pattern + '")'
+
+
+def path_matcher(policy: Policy) -> dict[str, Any] | None:
+    """Caddy matcher fields restricting the path to the exposed routes; ``None``: no restriction.
+
+    Two conditions, both required: ``path_regexp`` (Caddy cleans the path first, so ``//`` and
+    ``..`` tricks cannot dodge it) and a CEL ``expression`` on the uncleaned path (so a path that
+    only *cleans* into a public one is refused too, since the upstream receives it uncleaned).
+    """
+    pattern = exposed_path_pattern(policy)
+    if pattern is None:
+        return None
+    return {
+        "path_regexp": {"name": PUBLIC_MATCHER_NAME, "pattern": pattern},
+        "expression": path_expression(pattern),
+    }
+
+
+def method_matcher(policy: Policy) -> dict[str, Any] | None:
+    """``{"method": ["GET", "HEAD"]}`` unless uploads are allowed (then ``None``)."""
+    return None if policy.allow_upload else {"method": list(READ_METHODS)}
+
+
+def public_matcher(policy: Policy) -> dict[str, Any] | None:
+    """One matcher set: exposed path and allowed method. ``None`` when everything is allowed."""
+    combined: dict[str, Any] = {}
+    combined.update(path_matcher(policy) or {})
+    combined.update(method_matcher(policy) or {})
+    return combined or None
+
+
+def small_text_matcher() -> dict[str, Any]:
+    """Request matcher of the small text responses that may be compressed."""
+    return {"path_regexp": {"name": "harmonia_text", "pattern": SMALL_TEXT_PATTERN}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Handlers
+
+
+def request_header_strip_ops() -> dict[str, Any]:
+    """Caddy header ops deleting every incoming identity header (``X-Tailscale-*``, ``Tailscale-*``)."""
+    return {"delete": list(IDENTITY_HEADER_PATTERNS)}
+
+
+def identity_strip_handler() -> dict[str, Any]:
+    """A ``headers`` handler applying :func:`request_header_strip_ops` to the request."""
+    return {"handler": "headers", "request": request_header_strip_ops()}
+
+
+def body_too_large_expression(policy: Policy) -> str | None:
+    """CEL: the request announces a body over the limit (``Content-Length``), or ``None``."""
+    if policy.max_request_body_bytes is None:
+        return None
+    length = "{http.request.header.Content-Length}"
+    return f'{length} != "" && int({length}) > {policy.max_request_body_bytes}'
+
+
+def body_too_large_matcher(policy: Policy) -> dict[str, Any] | None:
+    """Matcher of requests whose ``Content-Length`` is over the limit (answered 413 at once).
+
+    A chunked body without ``Content-Length`` is cut by :func:`request_body_handler` instead;
+    the proxy then fails that request (502), and the upstream sees a truncated upload.
+    """
+    expression = body_too_large_expression(policy)
+    return None if expression is None else {"expression": expression}
+
+
+def too_large_handler() -> dict[str, Any]:
+    return {"handler": "static_response", "status_code": 413, "body": "413 request body too large"}
+
+
+def request_body_handler(policy: Policy) -> dict[str, Any] | None:
+    """The ``request_body`` handler enforcing ``max_request_body_bytes`` (``None``: no limit)."""
+    if policy.max_request_body_bytes is None:
+        return None
+    return {"handler": "request_body", "max_size": policy.max_request_body_bytes}
+
+
+def encode_handler(policy: Policy) -> dict[str, Any] | None:
+    """The ``encode`` handler for small text (use it under :func:`small_text_matcher`)."""
+    if not policy.compress_small_text:
+        return None
+    return {
+        "handler": "encode",
+        "encodings": {"zstd": {}, "gzip": {}},
+        "prefer": ["zstd", "gzip"],
+        "minimum_length": policy.compress_min_bytes,
+        "match": {"headers": {"Content-Type": list(SMALL_TEXT_CONTENT_TYPES)}},
+    }
+
+
+def _transport(policy: Policy, upstreams: Sequence[Upstream]) -> dict[str, Any]:
+    first = upstreams[0]
+    transport: dict[str, Any]
+    if first.tailnet_node is not None:
+        # caddy-tailscale's transport has no timeouts of its own; it dials through tsnet
+        transport = {"protocol": "tailscale", "name": first.tailnet_node}
+    else:
+        transport = {"protocol": "http", "dial_timeout": _ns(policy.dial_timeout_s)}
+        if policy.response_header_timeout_s is not None:
+            transport["response_header_timeout"] = _ns(policy.response_header_timeout_s)
+        transport["compression"] = False
+    if first.tls:
+        transport["tls"] = {}
+    return transport
+
+
+def load_balancing(
+    policy: Policy, upstreams: Sequence[Upstream], *, fallback_follows: bool = False
+) -> dict[str, Any]:
+    """``first`` available upstream, retried for ``try_duration_s``.
+
+    With ``fallback_follows`` (another group of upstreams takes over when this one fails, see
+    :mod:`caddy.caddyfile`), each upstream of the group is tried once, without waiting, so the
+    fallback is reached at once instead of after the retry window.
+    """
+    if fallback_follows:
+        lb: dict[str, Any] = {"selection_policy": {"policy": "first"}}
+        if len(upstreams) > 1:
+            lb["retries"] = len(upstreams) - 1
+        return lb
+    return {
+        "selection_policy": {"policy": "first"},
+        "try_duration": _ns(policy.try_duration_s),
+        "try_interval": _ns(policy.try_interval_s),
+    }
+
+
+def reverse_proxy_handler(
+    policy: Policy, upstreams: Sequence[Upstream], *, fallback_follows: bool = False
+) -> dict[str, Any]:
+    """The ``"handler": "reverse_proxy"`` object for upstreams sharing one transport.
+
+    ``fallback_follows``: another group takes over when this one fails (see
+    :func:`load_balancing`). Raises :class:`~caddy.errors.ConfigError` for an empty list or mixed
+    transports (Caddy puts one transport on a handler; :func:`caddy.model.transport_groups`
+    splits such lists).
+    """
+    problems: list[str] = []
+    if not upstreams:
+        problems.append("upstreams: at least one upstream is required")
+    elif len({u.transport_key for u in upstreams}) > 1:
+        problems.append(
+            "upstreams: all upstreams of one reverse_proxy need the same scheme and tailnet node; "
+            "got " + ", ".join(f"{u.url}{' via ' + u.tailnet_node if u.tailnet_node else ''}"
+                               for u in upstreams)
+        )
+    raise_if(problems)
+    return {
+        "handler": "reverse_proxy",
+        "upstreams": [{"dial": u.dial} for u in upstreams],
+        "load_balancing": load_balancing(policy, upstreams, fallback_follows=fallback_follows),
+        "health_checks": {
+            "active": {
+                "uri": policy.health_path,
+                "interval": _ns(policy.health_interval_s),
+                "timeout": _ns(policy.health_timeout_s),
+                "expect_status": 200,
+            },
+            "passive": {
+                "fail_duration": _ns(policy.fail_duration_s),
+                "max_fails": policy.max_fails,
+                "unhealthy_status": list(UNHEALTHY_STATUSES),
+            },
+        },
+        "flush_interval": -1,
+        "headers": {"request": {"set": {"Host": [UPSTREAM_HOST_PLACEHOLDER]}}},
+        "transport": _transport(policy, upstreams),
+    }
+
+
+def not_found_handler() -> dict[str, Any]:
+    return {"handler": "static_response", "status_code": 404, "body": "404 not found\n"}
+
+
+def method_not_allowed_handler() -> dict[str, Any]:
+    return {
+        "handler": "static_response",
+        "status_code": 405,
+        "headers": {"Allow": [", ".join(READ_METHODS)]},
+        "body": "405 method not allowed\n",
+    }
+
+
+def server_logs(policy: Policy) -> dict[str, Any] | None:
+    """The value of a Caddy HTTP server's ``"logs"`` key (access logs on), or ``None``."""
+    return {} if policy.access_log else None
+
+
+def server_routes(
+    policy: Policy,
+    upstreams: Sequence[Upstream],
+    *,
+    after_strip: Sequence[Mapping[str, Any]] = (),
+) -> list[dict[str, Any]]:
+    """The complete ``routes`` list of one Caddy HTTP server proxying to ``upstreams``.
+
+    Order: strip identity headers → ``after_strip`` handlers (the sidecar's own identity
+    headers go here) → request body limit (413 at once for a ``Content-Length`` over it) → exposed
+    routes (small text compressed, then the
+    reverse proxy) → 405 for another method on an exposed path → 404.
+    """
+    routes: list[dict[str, Any]] = []
+    if policy.strip_identity_headers:
+        routes.append({"handle": [identity_strip_handler()]})
+    routes.extend({"handle": [dict(h)]} for h in after_strip)
+    body = request_body_handler(policy)
+    if body is not None:
+        routes.append({"handle": [body]})
+    too_large = body_too_large_matcher(policy)
+    if too_large is not None:
+        routes.append({"match": [too_large], "handle": [too_large_handler()], "terminal": True})
+    proxy_routes: list[dict[str, Any]] = []
+    encode = encode_handler(policy)
+    if encode is not None:
+        proxy_routes.append({"match": [small_text_matcher()], "handle": [encode]})
+    proxy_routes.append({"handle": [reverse_proxy_handler(policy, upstreams)]})
+    matcher = public_matcher(policy)
+    main: dict[str, Any] = {"handle": [{"handler": "subroute", "routes": proxy_routes}]}
+    if matcher is not None:
+        main = {"match": [matcher], **main}
+    routes.append({**main, "terminal": True})
+    paths = path_matcher(policy)
+    if method_matcher(policy) is not None and paths is not None:
+        routes.append({"match": [paths], "handle": [method_not_allowed_handler()], "terminal": True})
+    elif method_matcher(policy) is not None:
+        routes.append({"handle": [method_not_allowed_handler()], "terminal": True})
+    if paths is not None:
+        routes.append({"handle": [not_found_handler()], "terminal": True})
+    return routes
