@@ -97,7 +97,8 @@ def path_info(path: str, env: Mapping[str, str], store: str | None = None) -> di
     if store:
         args += ["--store", store]
     info = json.loads(run(args, env=env).stdout)
-    return info[0] if isinstance(info, list) else info[path]
+    found: dict[str, object] = info[0] if isinstance(info, list) else info[path]
+    return found
 
 
 def dump(path: str, env: Mapping[str, str]) -> bytes:

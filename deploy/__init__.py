@@ -1,0 +1,1 @@
+"""Deployment: systemd units (deploy/systemd/), the NixOS module (deploy/nixos/), their renderer."""
