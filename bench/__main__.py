@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, srv in servers.items():
             series = {}
             for mb, path in sorted(closure.sized.items()):
-                t = best_of(3, srv.url + nar_url(key, path))
+                t = best_of(7, srv.url + nar_url(key, path))
                 series[str(mb)] = {"seconds": t.seconds, "bytes": t.size}
             results[key]["by_size"] = series
 

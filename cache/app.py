@@ -91,7 +91,9 @@ class App:
                 config.zstd_level,
                 config.compressed_cache_max_bytes,
             )
-        self.log_dir = config.nix_db_path.parents[2] / "log" / "nix" / "drvs"
+        # <state>/nix/db/db.sqlite beside <state>/log/nix/drvs, as Nix lays them out
+        parents = config.nix_db_path.parents
+        self.log_dir = (parents[2] if len(parents) > 2 else Path("/nix/var")) / "log" / "nix" / "drvs"
         self._nursery: trio.Nursery | None = None
 
     async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -29,6 +29,7 @@ from .http1 import H1Connection
 from .keys import read_secret_key
 from .metrics import Metrics
 from .signing import Signer
+from .store import StoreError
 from .systemd import listen_fds, notify, watchdog_interval
 
 log = logging.getLogger("harmonia.server")
@@ -271,6 +272,8 @@ async def serve_in_process(
     app = App(prepared.config, prepared.signers, prepared.metrics)
     app.public_keys = [signer.public_key() for signer in prepared.signers]
     worker = Worker(app, prepared.config)
+    if slot == 0:
+        await _probe_store(app)
     async with trio.open_nursery() as nursery:
 
         async def serve_then_stop(*, task_status: trio.TaskStatus[None]) -> None:
@@ -284,6 +287,25 @@ async def serve_in_process(
         interval = watchdog_interval() if prepared.config.workers == 1 else None
         if interval:
             nursery.start_soon(_watchdog, interval)
+
+
+async def _probe_store(app: App) -> None:
+    """Say at start, once, when the store cannot be read: every request would answer 503."""
+    try:
+        with trio.fail_after(10):
+            await app.store.path_from_hash_part("0" * 32)
+    except StoreError as exc:
+        hint = ""
+        if app.config.store_backend == "db" and "readonly" in str(exc):
+            hint = (
+                " (a non-root reader of Nix's WAL-mode database fails when no Nix process holds it open;"
+                ' store_backend = "daemon" reads through the nix-daemon instead)'
+            )
+        elif app.config.store_backend == "db":
+            hint = f" (check nix_db_path = {app.config.nix_db_path}: is Nix installed, and has it run once?)"
+        log.error("the store cannot be read: %s%s", exc, hint)
+    except trio.TooSlowError:
+        log.error("the store did not answer within 10 s")
 
 
 async def _watchdog(interval: float) -> None:
