@@ -1,0 +1,5 @@
+"""``python -m sidecar`` is ``harmonia-sidecar``."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,294 @@
+"""Compile a ``ValidConfig`` into the engine's configuration: Caddy JSON for caddy-tailscale.
+
+Pure: no sockets, files or trio. The auth keys (read at start, at the I/O edge) come in as
+arguments; ``redact=True`` replaces them, for printing.
+
+Per service, one Caddy server listening on ``tailscale/<name>:<port>`` (``tailscale+tls`` for the
+tailnet's own certificates), with these routes:
+
+1. delete every incoming ``X-Tailscale-*`` and ``Tailscale-*`` header (no forged identity);
+2. with whois: ``authentication`` by the tailscale provider, then the user's identity headers;
+   tagged nodes (and callers whose whois fails) make the provider fail with 401, which the error
+   routes catch and serve through the same proxy with node identity (the tailnet address) only;
+3. the named route ``proxy``: prefix filter (404 outside the prefixes), optional strip, then the
+   shared policy's handlers (``caddy.policy``: body limit, small-text compression,
+   ``reverse_proxy`` streaming with ``flush_interval: -1``); its own errors answered in place.
+
+Each server's access log goes to a logger of its own (the engine counts requests from it), and
+tsnet's debug log to a log of its own (the engine reads node addresses from it; see
+``nodestate``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from caddy.model import Upstream as PolicyUpstream
+from caddy.policy import (
+    encode_handler,
+    identity_strip_handler,
+    public_matcher,
+    request_body_handler,
+    reverse_proxy_handler,
+    small_text_matcher,
+)
+
+from .model import Listen, Secret, TLSMode, ValidConfig, ValidService
+
+JSON = dict[str, Any]
+
+REDACTED = "REDACTED"
+TSNET_LOGGER = "tailscale"
+IDLE_TIMEOUT_NS = 300 * 10**9  # keep-alive between requests; never a limit on a body
+
+
+@dataclass(frozen=True)
+class EngineFiles:
+    """Paths the engine uses, decided by the supervisor (all inside the engine directory)."""
+
+    admin_socket: str
+
+
+def listen_address(service: ValidService) -> str:
+    network = "tailscale+tls" if service.listen.tls is TLSMode.TAILSCALE else "tailscale"
+    return f"{network}/{service.name}:{service.listen.port}"
+
+
+def _regex_escape(text: str) -> str:
+    """Escape for Go's RE2: a backslash before every punctuation character RE2 treats specially."""
+    return "".join("\\" + c if c in r"\.+*?()|[]{}^$" else c for c in text)
+
+
+def _headers(op: str, values: Mapping[str, str]) -> JSON:
+    return {"handler": "headers", "request": {op: {k: [v] for k, v in values.items()}}}
+
+
+def _reverse_proxy(service: ValidService) -> JSON:
+    """The shared policy's ``reverse_proxy`` (caddy.policy), fitted to this service's upstream.
+
+    Kept from the policy: streaming (``flush_interval -1``), dial and response-header timeouts,
+    ``compression off``, ``first`` with retries, the Host rule. Changed: a unix-socket dial, the
+    upstream's TLS name, tsnsrv's extra request headers, and no health checks: a sidecar service
+    has one upstream, which health checks could only turn into false 503s (and the policy's health
+    path is the cache's, not any service's).
+    """
+    up = service.upstream
+    policy = service.policy
+    handler = reverse_proxy_handler(policy, [PolicyUpstream(up.policy_url)])
+    handler.pop("health_checks", None)
+    handler["upstreams"] = [{"dial": up.dial}]
+    transport = handler["transport"]
+    if up.scheme == "https":
+        tls: JSON = {"server_name": up.server_name}
+        if up.insecure_tls:
+            tls["insecure_skip_verify"] = True
+        transport["tls"] = tls
+    request_set: dict[str, list[str]] = handler.setdefault("headers", {}).setdefault(
+        "request", {}).setdefault("set", {})
+    if up.is_unix:
+        request_set["Host"] = [up.host_header]
+    request_set["X-Real-Ip"] = ["{http.request.remote.host}"]
+    request_set["X-Scheme"] = ["http" if service.listen.tls is TLSMode.PLAINTEXT else "https"]
+    for name, value in service.upstream_headers:
+        request_set[name] = [value]
+    return handler
+
+
+def _proxy_route(service: ValidService) -> JSON:
+    """The named route every request ends in: prefixes, strip, base path, body limit, proxy."""
+    policy = service.policy
+    tail: list[JSON] = []
+    if service.upstream.base_path:
+        tail.append({"handler": "rewrite",
+                     "uri": service.upstream.base_path + "{http.request.uri}"})
+    body = request_body_handler(policy)
+    if body is not None:
+        tail.append(body)
+    proxy_routes: list[JSON] = []
+    encode = encode_handler(policy)
+    if encode is not None:
+        proxy_routes.append({"match": [small_text_matcher()], "handle": [encode]})
+    proxy_routes.append({"handle": [_reverse_proxy(service)]})
+    guarded: JSON = {"handle": [{"handler": "subroute", "routes": proxy_routes}]}
+    matcher = public_matcher(policy)
+    if matcher is not None:
+        guarded["match"] = [matcher]
+        guarded = {"handle": [{"handler": "subroute", "routes": [
+            {**guarded, "terminal": True}, {"handle": [_not_found()]}]}]}
+    tail.extend(guarded["handle"])
+    if not service.prefixes:
+        return _answer_errors(tail)
+    routes: list[JSON] = []
+    for i, prefix in enumerate(service.tailnet_prefixes):
+        pattern = "^" + _regex_escape(prefix.path)
+        handle: list[JSON] = []
+        if service.strip_prefix:
+            handle.append({"handler": "rewrite",
+                           "path_regexp": [{"find": pattern, "replace": ""}]})
+        routes.append({"match": [{"path_regexp": {"name": f"prefix{i}", "pattern": pattern}}],
+                       "handle": handle + copy.deepcopy(tail), "terminal": True})
+    routes.append({"handle": [_not_found()]})
+    return _answer_errors([{"handler": "subroute", "routes": routes}])
+
+
+def _answer_errors(handle: list[JSON]) -> JSON:
+    """Answer the proxy's own errors (upstream down: 502) right where they happen.
+
+    Needed for the tagged-node path: that request is already inside the server's error routes
+    (after tailscale_auth's 401), and an error there makes Caddy answer the *first* error, 401,
+    which Nix would not retry. Here every caller gets the proxy's real status.
+    """
+    return {"handle": [{
+        "handler": "subroute",
+        "routes": [{"handle": handle}],
+        "errors": {"routes": [{"handle": [{
+            "handler": "static_response", "status_code": "{http.error.status_code}",
+            "headers": {"Content-Type": ["text/plain; charset=utf-8"]},
+            "body": "{http.error.status_code} {http.error.status_text}\n"}]}]},
+    }]}
+
+
+def _not_found() -> JSON:
+    return {"handler": "static_response", "status_code": 404,
+            "headers": {"Content-Type": ["text/plain; charset=utf-8"]},
+            "body": "404 page not found\n"}
+
+
+def _user_identity() -> JSON:
+    """Headers from ``tailscale_auth``'s placeholders (tsnsrv's names, and Tailscale Serve's)."""
+    user = "{http.auth.user."
+    always = {
+        "X-Tailscale-User": user + "id}",
+        "X-Tailscale-User-LoginName": user + "tailscale_user}",
+        "X-Tailscale-User-DisplayName": user + "tailscale_name}",
+        "X-Tailscale-Node-Addr": "{http.request.remote.host}",
+        "Tailscale-User-Login": user + "tailscale_user}",
+        "Tailscale-User-Name": user + "tailscale_name}",
+    }
+    split_login = {
+        "handler": "map", "source": user + "id}",
+        "destinations": ["{sidecar_login_localpart}", "{sidecar_login_domain}"],
+        "mappings": [{"input_regexp": "^([^@]+)@(.+)$", "outputs": ["${1}", "${2}"]}],
+        "defaults": ["", ""],
+    }
+    return {"handler": "subroute", "routes": [
+        {"handle": [_headers("set", always), split_login]},
+        {"match": [{"expression": "{sidecar_login_domain} != ''"}],
+         "handle": [_headers("set", {
+             "X-Tailscale-User-LoginName-Localpart": "{sidecar_login_localpart}",
+             "X-Tailscale-User-LoginName-Domain": "{sidecar_login_domain}"})]},
+        {"match": [{"expression": user + "tailscale_profile_picture} != ''"}],
+         "handle": [_headers("set", {
+             "X-Tailscale-User-ProfilePicURL": user + "tailscale_profile_picture}",
+             "Tailscale-User-Profile-Pic": user + "tailscale_profile_picture}"})]},
+    ]}
+
+
+def _node_identity() -> list[JSON]:
+    return [identity_strip_handler(),
+            _headers("set", {"X-Tailscale-Node-Addr": "{http.request.remote.host}"})]
+
+
+def _server(service: ValidService, listen: str) -> JSON:
+    # the strip always runs first, whatever the policy says: identity comes only from the engine
+    routes: list[JSON] = [{"handle": [identity_strip_handler()]}]
+    server: JSON = {
+        "listen": [listen],
+        "automatic_https": {"disable": True},
+        "named_routes": {"proxy": _proxy_route(service)},
+        "idle_timeout": IDLE_TIMEOUT_NS,
+    }
+    if service.read_header_timeout:
+        server["read_header_timeout"] = round(service.read_header_timeout * 1e9)
+    # always logged: the sidecar counts requests from these entries (its metrics); whether
+    # they are also shown follows the policy's access_log (see CaddyEngine)
+    server["logs"] = {"default_logger_name": access_logger(service.name)}
+    invoke = {"handler": "invoke", "name": "proxy"}
+    if service.whois:
+        routes.append({"handle": [
+            {"handler": "authentication", "providers": {"tailscale": {}}},
+            _user_identity(), invoke]})
+        server["errors"] = {"routes": [{
+            "match": [{"expression": "{http.error.status_code} == 401"}],
+            "handle": [*_node_identity(), invoke]}]}
+    else:
+        routes.append({"handle": [invoke]})
+    server["routes"] = routes
+    if service.listen.tls is TLSMode.CUSTOM:
+        server["tls_connection_policies"] = [
+            {"certificate_selection": {"any_tag": [cert_tag(service.name)]}}]
+    return server
+
+
+def access_logger(name: str) -> str:
+    return f"sidecar-{name}"
+
+
+ACCESS_LOG_PREFIX = "http.log.access." + access_logger("")
+
+
+def cert_tag(name: str) -> str:
+    return f"harmonia-sidecar-{name}"
+
+
+def _node(service: ValidService, auth_key: Secret | None, redact: bool) -> JSON:
+    node: JSON = {"hostname": service.name, "state_dir": service.node_dir,
+                  "ephemeral": service.ephemeral}
+    if service.tags:
+        node["tags"] = list(service.tags)
+    if service.control_url:
+        node["control_url"] = service.control_url
+    if auth_key is not None:
+        node["auth_key"] = REDACTED if redact else auth_key.reveal()
+    return node
+
+
+def compile_engine_config(
+    cfg: ValidConfig,
+    files: EngineFiles,
+    auth_keys: Mapping[str, Secret | None],
+    *,
+    redact: bool = False,
+    listen_override: Mapping[str, str] | None = None,
+) -> JSON:
+    """The whole Caddy JSON document for ``cfg``.
+
+    ``listen_override`` (service name → Caddy listen address) replaces the tailnet listener; it
+    exists so the very same routes can be exercised on a loopback unix socket by tests.
+    """
+    servers: JSON = {}
+    certificates: list[JSON] = []
+    for s in cfg.services:
+        listen = (listen_override or {}).get(s.name) or listen_address(s)
+        servers[s.name] = _server(s, listen)
+        if s.listen.tls is TLSMode.CUSTOM:
+            certificates.append(_certificate(s.listen, s.name))
+    apps: JSON = {
+        "tailscale": {"nodes": {s.name: _node(s, auth_keys.get(s.name), redact)
+                                for s in cfg.services}},
+        "http": {"servers": servers},
+    }
+    if certificates:
+        apps["tls"] = {"certificates": {"load_files": certificates}}
+    return {
+        "admin": {"listen": f"unix/{files.admin_socket}", "config": {"persist": False}},
+        "logging": {"logs": {
+            "default": {"level": "INFO", "exclude": [TSNET_LOGGER],
+                        "writer": {"output": "stderr"}, "encoder": {"format": "json"}},
+            # tsnet's debug log carries each node's own addresses ("netmap: self: …"): the
+            # engine reads them for status and shows the lines only with tsnet_verbose
+            "tsnet": {"level": "DEBUG", "include": [TSNET_LOGGER],
+                      "writer": {"output": "stderr"}, "encoder": {"format": "json"}},
+        }},
+        "apps": apps,
+    }
+
+
+def _certificate(listen: Listen, name: str) -> JSON:
+    assert listen.certificate_file is not None
+    assert listen.key_file is not None
+    return {"certificate": listen.certificate_file, "key": listen.key_file,
+            "tags": [cert_tag(name)]}

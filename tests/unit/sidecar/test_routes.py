@@ -1,0 +1,188 @@
+"""The compiled routes, run by the real Caddy against a real upstream, on local unix sockets.
+
+The tailnet listener is swapped for a unix socket (``listen_override``), so no Tailscale node
+starts; everything else is the config the sidecar loads. Without a tsnet listener the tailscale
+auth provider cannot identify anyone and answers 401 — exactly the path a tagged node takes — so
+these tests cover the 401 re-serve route, header stripping, prefixes, streaming and errors.
+The identity of untagged users is checked end to end on the local tailnet (tests/e2e/sidecar).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import trio
+
+from sidecar.engine import CaddyEngine
+from sidecar.model import ServiceSpec, SidecarSpec, ValidConfig, validate
+
+from .upstream import Echo
+
+FORGED = {
+    "X-Tailscale-User": "forged",
+    "X-Tailscale-User-LoginName": "root@forged",
+    "x-tailscale-node-name": "forged",
+    "X-Tailscale-Node-Addr": "6.6.6.6",
+    "Tailscale-User-Login": "forged",
+    "Tailscale-User-Name": "forged",
+}
+
+
+@asynccontextmanager
+async def running(caddy_bin: str, tmp: Path, services: list[ServiceSpec]
+                  ) -> AsyncIterator[tuple[ValidConfig, CaddyEngine, dict[str, httpx.AsyncClient]]]:
+    cfg = validate(SidecarSpec(services=services, state_dir=str(tmp / "state")), {})
+    sockets = {s.name: str(tmp / f"{s.name}.sock") for s in cfg.services}
+    engine = CaddyEngine(binary=caddy_bin, engine_dir=cfg.engine_dir,
+                         env={"PATH": os.environ.get("PATH", "")},
+                         listen_override={k: f"unix/{v}" for k, v in sockets.items()})
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(30):
+            await nursery.start(_engine_task, engine)
+            await engine.apply(cfg, {s.name: None for s in cfg.services})
+        clients = {name: httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=path),
+                                           base_url=f"http://{name}", timeout=60)
+                   for name, path in sockets.items()}
+        try:
+            yield cfg, engine, clients
+        finally:
+            for c in clients.values():
+                await c.aclose()
+            nursery.cancel_scope.cancel()
+    assert_no_node_started(tmp)
+
+
+def assert_no_node_started(tmp: Path) -> None:
+    assert not list(tmp.glob("**/tailscaled.state")), "a Tailscale node started outside a netns"
+
+
+async def _engine_task(engine: CaddyEngine, task_status: trio.TaskStatus[None]) -> None:
+    try:
+        await engine.start(task_status=task_status)
+    finally:
+        await engine.stop()
+
+
+async def test_forged_identity_never_reaches_the_upstream(caddy_bin: str, tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        echo = Echo()
+        port = await nursery.start(echo.serve)
+        spec = ServiceSpec(name="echo", upstream=f"http://127.0.0.1:{port}", plaintext=True,
+                           upstream_headers=["X-Extra: 1"])
+        async with running(caddy_bin, tmp_path, [spec]) as (_, _, clients):
+            with trio.fail_after(30):
+                r = await clients["echo"].get("/who?x=1", headers=FORGED)
+        nursery.cancel_scope.cancel()
+    assert r.status_code == 200  # served although whois failed (the tagged-node path)
+    seen = r.json()
+    headers = seen["headers"]
+    assert seen["path"] == "/who?x=1"
+    assert "forged" not in str(headers)
+    assert "6.6.6.6" not in str(headers)
+    assert not [h for h in headers if h.startswith("tailscale-user")]
+    assert not [h for h in headers if h.startswith("x-tailscale-user")]
+    assert "x-tailscale-node-addr" in headers  # node identity: the caller's tailnet address
+    assert headers["x-extra"] == "1"
+    assert headers["x-scheme"] == "http"
+
+
+async def test_suppress_whois_still_strips(caddy_bin: str, tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        echo = Echo()
+        port = await nursery.start(echo.serve)
+        spec = ServiceSpec(name="echo", upstream=f"http://127.0.0.1:{port}", plaintext=True,
+                           suppress_whois=True)
+        async with running(caddy_bin, tmp_path, [spec]) as (_, _, clients):
+            with trio.fail_after(30):
+                r = await clients["echo"].get("/", headers=FORGED)
+        nursery.cancel_scope.cancel()
+    assert r.status_code == 200
+    assert not [h for h in r.json()["headers"] if "tailscale" in h]
+
+
+async def test_prefixes_filter_and_strip(caddy_bin: str, tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        echo = Echo()
+        port = await nursery.start(echo.serve)
+        services = [
+            ServiceSpec(name="strip", upstream=f"http://127.0.0.1:{port}", plaintext=True,
+                        prefixes=["/cache", "tailnet:/v1.0", "funnel:/public"]),
+            ServiceSpec(name="keep", upstream=f"http://127.0.0.1:{port}/base", plaintext=True,
+                        prefixes=["/cache"], strip_prefix=False),
+        ]
+        async with running(caddy_bin, tmp_path, services) as (_, _, clients):
+            with trio.fail_after(30):
+                strip, keep = clients["strip"], clients["keep"]
+                stripped = await strip.get("/cache/nix-cache-info")
+                dotted = await strip.get("/v1.0/x")
+                not_dot = await strip.get("/v1x0/x")  # '.' is literal, not a regex wildcard
+                funnel_only = await strip.get("/public/x")
+                outside = await strip.get("/secret")
+                sneaky = await strip.get("/cache/../secret")
+                kept = await keep.get("/cache/a")
+        nursery.cancel_scope.cancel()
+    assert stripped.status_code == 200
+    assert stripped.json()["path"] == "/nix-cache-info"
+    assert dotted.json()["path"] == "/x"
+    for r in (not_dot, funnel_only, outside, sneaky):
+        assert r.status_code == 404
+        assert r.text == "404 page not found\n"
+    assert kept.json()["path"] == "/base/cache/a"
+    assert {s["path"] for s in echo.seen} == {"/nix-cache-info", "/x", "/base/cache/a"}
+
+
+async def test_large_bodies_stream_both_ways(caddy_bin: str, tmp_path: Path) -> None:
+    size = 64 * 1024 * 1024
+    async with trio.open_nursery() as nursery:
+        echo = Echo()
+        port = await nursery.start(echo.serve)
+        spec = ServiceSpec(name="echo", upstream=f"http://127.0.0.1:{port}", plaintext=True)
+        async with running(caddy_bin, tmp_path, [spec]) as (_, _, clients):
+            with trio.fail_after(60):
+                received = 0
+                first_byte_at = None
+                started = trio.current_time()
+                async with clients["echo"].stream("GET", f"/big/{size}") as r:
+                    assert r.status_code == 200
+                    async for chunk in r.aiter_raw():
+                        if first_byte_at is None:
+                            first_byte_at = trio.current_time() - started
+                        received += len(chunk)
+
+                async def body() -> AsyncIterator[bytes]:
+                    for _ in range(size // 65536):
+                        yield b"y" * 65536
+
+                put = await clients["echo"].put("/upload", content=body())
+        nursery.cancel_scope.cancel()
+    assert received == size
+    assert first_byte_at is not None
+    assert first_byte_at < 5
+    assert put.status_code == 200
+    assert put.json()["body_bytes"] == size
+
+
+async def test_upstream_errors_and_statuses_pass_through(caddy_bin: str, tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        echo = Echo()
+        port = await nursery.start(echo.serve)
+        with trio.socket.socket() as probe:  # a port with nobody listening
+            await probe.bind(("127.0.0.1", 0))
+            dead = probe.getsockname()[1]
+        services = [ServiceSpec(name="echo", upstream=f"http://127.0.0.1:{port}", plaintext=True),
+                    ServiceSpec(name="dead", upstream=f"http://127.0.0.1:{dead}",
+                                plaintext=True, policy={"try_duration_s": 0.5})]
+        async with running(caddy_bin, tmp_path, services) as (_, _, clients):
+            with trio.fail_after(30):
+                not_found = await clients["echo"].get("/status/404")
+                unavailable = await clients["echo"].get("/status/503")
+                down = await clients["dead"].get("/")
+        nursery.cancel_scope.cancel()
+    assert not_found.status_code == 404
+    assert unavailable.status_code == 503
+    assert down.status_code == 502  # not the 401 of the tagged-node path it went through
+    assert down.text == "502 Bad Gateway\n"
