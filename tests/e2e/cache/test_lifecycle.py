@@ -284,7 +284,9 @@ def test_connection_limit_queues_instead_of_failing(tmp_path: Path, nix_daemon_e
         assert httpx.get(f"{cache.url}/nix-cache-info", timeout=10).status_code == 200
 
 
-def test_idle_keepalive_connections_do_not_delay_shutdown(tmp_path: Path, nix_daemon_env: dict[str, str]) -> None:
+def test_idle_keepalive_connections_do_not_delay_shutdown(
+    tmp_path: Path, nix_daemon_env: dict[str, str]
+) -> None:
     with start_cache(tmp_path) as cache:
         host, port = cache.hostport.rsplit(":", 1)
         idle = socket.create_connection((host, int(port)), timeout=10)

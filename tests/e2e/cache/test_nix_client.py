@@ -134,3 +134,35 @@ def test_nar_bytes_equal_nix_store_dump(
             assert nar.status_code == 200
             assert nar.headers["content-type"] == "application/x-nix-nar"
             assert nar.content == dump(path, nix_daemon_env)
+
+
+def test_nix_consumes_the_compressed_copy(
+    tmp_path: Path, store_fixtures: Fixtures, client_root: Path, nix_daemon_env: dict[str, str]
+) -> None:
+    """Nix 2.8 sends no Accept-Encoding: it gets zstd through the narinfo's compressed copy."""
+    import time
+
+    from tests.support.cache_server import start_cache
+
+    with start_cache(tmp_path / "srv", zstd={"level": 3}) as cache:
+        hash_part = Path(store_fixtures.big).name[:32]
+        deadline = time.monotonic() + 120
+        while "Compression: zstd" not in httpx.get(f"{cache.url}/{hash_part}.narinfo", timeout=10).text:
+            assert time.monotonic() < deadline, "no compressed copy after 120 s"
+            time.sleep(0.3)
+        env = client_env(tmp_path, cache)
+        run(
+            ["nix", "copy", "--from", cache.url, "--to", str(client_root), store_fixtures.big],
+            env=env,
+            timeout=300,
+        )
+        assert (
+            path_info(store_fixtures.big, env, store=str(client_root))["narHash"]
+            == path_info(store_fixtures.big, nix_daemon_env)["narHash"]
+        )
+        metrics = httpx.get(f"{cache.url}/metrics", timeout=10).text
+        sent = next(
+            line for line in metrics.splitlines() if line.startswith('harmonia_bytes_sent_total{route="nar"}')
+        )
+        # the compressed copy went over the wire, not the 196 MB NAR
+        assert int(sent.split()[-1]) < 0.5 * 195_000_000
