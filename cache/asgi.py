@@ -17,7 +17,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
 
 from .http import Request, SegmentsBody, StreamBody
-from .nar import NarError, read_region
+from .nar import FileRegion, NarError, read_region
 
 if TYPE_CHECKING:
     from .app import App
@@ -78,8 +78,18 @@ class AsgiApp:
                     seg = await trio.to_thread.run_sync(next, it, _done)
                     if seg is _done:
                         break
-                    chunks = [seg] if isinstance(seg, bytes) else read_region(seg)  # type: ignore[arg-type]
-                    for chunk in chunks:
+                    if isinstance(seg, bytes):
+                        await send({"type": "http.response.body", "body": seg, "more_body": True})
+                        sent += len(seg)
+                        continue
+                    assert isinstance(seg, FileRegion)
+                    chunks = read_region(seg)
+                    while True:
+                        # file reads happen in a thread: a cold page cache must not stall the loop
+                        chunk = await trio.to_thread.run_sync(next, chunks, _done)
+                        if chunk is _done:
+                            break
+                        assert isinstance(chunk, bytes)
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                         sent += len(chunk)
             elif isinstance(body, StreamBody):

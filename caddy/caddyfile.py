@@ -41,6 +41,7 @@ from caddy.policy import (
     READ_METHODS,
     SMALL_TEXT_CONTENT_TYPES,
     SMALL_TEXT_PATTERN,
+    TOO_LARGE_BODY,
     UNHEALTHY_STATUSES,
     Policy,
     body_too_large_expression,
@@ -87,14 +88,20 @@ def reverse_proxy_block(
             f"{INDENT}lb_try_duration {caddy_duration(policy.try_duration_s)}",
             f"{INDENT}lb_try_interval {caddy_duration(policy.try_interval_s)}",
         ]
+    if policy.active_health_checks:
+        lines += [
+            f"{INDENT}health_uri {policy.health_path}",
+            f"{INDENT}health_interval {caddy_duration(policy.health_interval_s)}",
+            f"{INDENT}health_timeout {caddy_duration(policy.health_timeout_s)}",
+            f"{INDENT}health_status 200",
+        ]
+    if policy.passive_health_checks:
+        lines += [
+            f"{INDENT}fail_duration {caddy_duration(policy.fail_duration_s)}",
+            f"{INDENT}max_fails {policy.max_fails}",
+            f"{INDENT}unhealthy_status " + " ".join(str(s) for s in UNHEALTHY_STATUSES),
+        ]
     lines += [
-        f"{INDENT}health_uri {policy.health_path}",
-        f"{INDENT}health_interval {caddy_duration(policy.health_interval_s)}",
-        f"{INDENT}health_timeout {caddy_duration(policy.health_timeout_s)}",
-        f"{INDENT}health_status 200",
-        f"{INDENT}fail_duration {caddy_duration(policy.fail_duration_s)}",
-        f"{INDENT}max_fails {policy.max_fails}",
-        f"{INDENT}unhealthy_status " + " ".join(str(s) for s in UNHEALTHY_STATUSES),
         f"{INDENT}flush_interval -1",
         f"{INDENT}header_up Host {{upstream_hostport}}",
     ]
@@ -183,8 +190,7 @@ def render_snippet(site: GatewaySite) -> str:
         policy, groups[0], fallback_follows=len(groups) > 1
     )
     if too_large is not None:
-        body += ["handle @harmonia_too_large {", f'{INDENT}respond "413 request body too large" 413',
-                 "}"]
+        body += ["handle @harmonia_too_large {", f'{INDENT}respond "{TOO_LARGE_BODY}" 413', "}"]
     if public_conditions:
         body += ["handle @harmonia_public {", *_indent(proxy), "}"]
     else:

@@ -21,6 +21,9 @@ The policy, rule by rule (each rule names the Caddy setting it becomes):
    order), retried for ``try_duration_s`` every ``try_interval_s``; active health checks
    (``GET health_path`` every ``health_interval_s``, expecting 200) and passive ones (a dial
    failure or a 502/503/504 marks an upstream down for ``fail_duration_s`` after ``max_fails``).
+   ``active_health_checks`` / ``passive_health_checks`` switch either off: a frontend with a
+   single upstream (the sidecar's services) gains nothing from them but false 503s, and the
+   active check's ``health_path`` is the cache's, not any service's.
 5. **Request body limit.** ``max_request_body_bytes`` (``None`` = none): a request announcing a
    larger ``Content-Length`` is answered 413 before anything is proxied; ``request_body
    max_size`` cuts a chunked body that grows past it (that request then fails with 502).
@@ -47,7 +50,8 @@ API (what ``sidecar/`` builds on):
   (rejects unknown keys, lists every problem).
 - JSON fragments (dicts ready for ``json.dumps``; durations in nanoseconds, as Caddy emits them):
   :func:`reverse_proxy_handler`, :func:`request_header_strip_ops`, :func:`identity_strip_handler`,
-  :func:`request_body_handler`, :func:`body_too_large_matcher`, :func:`encode_handler`,
+  :func:`request_body_handler`, :func:`body_too_large_matcher`, :func:`body_too_large_route`,
+  :func:`encode_handler`,
   :func:`small_text_matcher`, :func:`path_matcher`, :func:`method_matcher`,
   :func:`public_matcher`, :func:`server_logs`, and :func:`server_routes` — the whole
   ``routes`` list of one Caddy HTTP server, with a slot for the sidecar's own handlers
@@ -73,9 +77,11 @@ __all__ = [
     "SMALL_TEXT_PATTERN",
     "Policy",
     "body_too_large_matcher",
+    "body_too_large_route",
     "caddy_duration",
     "encode_handler",
     "exposed_path_pattern",
+    "health_checks",
     "identity_strip_handler",
     "load_balancing",
     "method_matcher",
@@ -87,6 +93,7 @@ __all__ = [
     "server_logs",
     "server_routes",
     "small_text_matcher",
+    "too_large_handler",
 ]
 
 #: Regex alternatives (anchored by :func:`exposed_path_pattern`) of the binary-cache protocol.
@@ -158,6 +165,8 @@ class Policy:
     max_request_body_bytes: int | None = _MIB
     dial_timeout_s: float = 2.0
     response_header_timeout_s: float | None = 120.0
+    active_health_checks: bool = True
+    passive_health_checks: bool = True
     health_path: str = "/nix-cache-info"
     health_interval_s: float = 5.0
     health_timeout_s: float = 3.0
@@ -346,8 +355,25 @@ def body_too_large_matcher(policy: Policy) -> dict[str, Any] | None:
     return None if expression is None else {"expression": expression}
 
 
+TOO_LARGE_BODY = "413 request body too large"
+
+
 def too_large_handler() -> dict[str, Any]:
-    return {"handler": "static_response", "status_code": 413, "body": "413 request body too large"}
+    """The ``static_response`` answering a body over the limit (413)."""
+    return {"handler": "static_response", "status_code": 413, "body": TOO_LARGE_BODY}
+
+
+def body_too_large_route(policy: Policy) -> dict[str, Any] | None:
+    """The route answering 413 at once to a ``Content-Length`` over the limit, or ``None``.
+
+    ``{"match": [body_too_large_matcher], "handle": [too_large_handler], "terminal": True}``:
+    put it after :func:`request_body_handler` and before anything that proxies (the public
+    gateway's ``handle @harmonia_too_large``; the sidecar's proxy route).
+    """
+    matcher = body_too_large_matcher(policy)
+    if matcher is None:
+        return None
+    return {"match": [matcher], "handle": [too_large_handler()], "terminal": True}
 
 
 def request_body_handler(policy: Policy) -> dict[str, Any] | None:
@@ -427,27 +453,39 @@ def reverse_proxy_handler(
                                for u in upstreams)
         )
     raise_if(problems)
-    return {
+    handler: dict[str, Any] = {
         "handler": "reverse_proxy",
         "upstreams": [{"dial": u.dial} for u in upstreams],
         "load_balancing": load_balancing(policy, upstreams, fallback_follows=fallback_follows),
-        "health_checks": {
-            "active": {
-                "uri": policy.health_path,
-                "interval": _ns(policy.health_interval_s),
-                "timeout": _ns(policy.health_timeout_s),
-                "expect_status": 200,
-            },
-            "passive": {
-                "fail_duration": _ns(policy.fail_duration_s),
-                "max_fails": policy.max_fails,
-                "unhealthy_status": list(UNHEALTHY_STATUSES),
-            },
-        },
+    }
+    checks = health_checks(policy)
+    if checks:
+        handler["health_checks"] = checks
+    handler.update({
         "flush_interval": -1,
         "headers": {"request": {"set": {"Host": [UPSTREAM_HOST_PLACEHOLDER]}}},
         "transport": _transport(policy, upstreams),
-    }
+    })
+    return handler
+
+
+def health_checks(policy: Policy) -> dict[str, Any]:
+    """The ``health_checks`` value: ``active`` and/or ``passive`` as the policy says (may be empty)."""
+    checks: dict[str, Any] = {}
+    if policy.active_health_checks:
+        checks["active"] = {
+            "uri": policy.health_path,
+            "interval": _ns(policy.health_interval_s),
+            "timeout": _ns(policy.health_timeout_s),
+            "expect_status": 200,
+        }
+    if policy.passive_health_checks:
+        checks["passive"] = {
+            "fail_duration": _ns(policy.fail_duration_s),
+            "max_fails": policy.max_fails,
+            "unhealthy_status": list(UNHEALTHY_STATUSES),
+        }
+    return checks
 
 
 def not_found_handler() -> dict[str, Any]:
@@ -488,9 +526,9 @@ def server_routes(
     body = request_body_handler(policy)
     if body is not None:
         routes.append({"handle": [body]})
-    too_large = body_too_large_matcher(policy)
+    too_large = body_too_large_route(policy)
     if too_large is not None:
-        routes.append({"match": [too_large], "handle": [too_large_handler()], "terminal": True})
+        routes.append(too_large)
     proxy_routes: list[dict[str, Any]] = []
     encode = encode_handler(policy)
     if encode is not None:

@@ -11,7 +11,7 @@ tailnet's own certificates), with these routes:
    tagged nodes (and callers whose whois fails) make the provider fail with 401, which the error
    routes catch and serve through the same proxy with node identity (the tailnet address) only;
 3. the named route ``proxy``: prefix filter (404 outside the prefixes), optional strip, then the
-   shared policy's handlers (``caddy.policy``: body limit, small-text compression,
+   shared policy's handlers (``caddy.policy``: body limit and its 413 route, small-text compression,
    ``reverse_proxy`` streaming with ``flush_interval: -1``); its own errors answered in place.
 
 Each server's access log goes to a logger of its own (the engine counts requests from it), and
@@ -28,6 +28,7 @@ from typing import Any
 
 from caddy.model import Upstream as PolicyUpstream
 from caddy.policy import (
+    body_too_large_route,
     encode_handler,
     identity_strip_handler,
     public_matcher,
@@ -70,15 +71,13 @@ def _reverse_proxy(service: ValidService) -> JSON:
     """The shared policy's ``reverse_proxy`` (caddy.policy), fitted to this service's upstream.
 
     Kept from the policy: streaming (``flush_interval -1``), dial and response-header timeouts,
-    ``compression off``, ``first`` with retries, the Host rule. Changed: a unix-socket dial, the
-    upstream's TLS name, tsnsrv's extra request headers, and no health checks: a sidecar service
-    has one upstream, which health checks could only turn into false 503s (and the policy's health
-    path is the cache's, not any service's).
+    ``compression off``, ``first`` with retries, the Host rule, and the health checks as the
+    service's policy says (off by default, see ``SERVICE_POLICY``). Changed: a unix-socket dial,
+    the upstream's TLS name, tsnsrv's extra request headers.
     """
     up = service.upstream
     policy = service.policy
     handler = reverse_proxy_handler(policy, [PolicyUpstream(up.policy_url)])
-    handler.pop("health_checks", None)
     handler["upstreams"] = [{"dial": up.dial}]
     transport = handler["transport"]
     if up.scheme == "https":
@@ -107,6 +106,9 @@ def _proxy_route(service: ValidService) -> JSON:
     body = request_body_handler(policy)
     if body is not None:
         tail.append(body)
+    too_large = body_too_large_route(policy)
+    if too_large is not None:  # a Content-Length over the limit: 413 before anything is proxied
+        tail.append({"handler": "subroute", "routes": [too_large]})
     proxy_routes: list[JSON] = []
     encode = encode_handler(policy)
     if encode is not None:

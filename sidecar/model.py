@@ -27,6 +27,11 @@ HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 FORBIDDEN_UPSTREAM_HEADER_PREFIXES = ("x-tailscale-", "tailscale-user-")
 OAUTH_PREFIX = "tskey-client-"
 ENGINE_DIR_NAME = "_engine"  # "_" cannot start a hostname, so no service's default dir collides
+#: A service's policy before its ``policy`` overrides: the tailnet policy without health checks.
+#: Each service has one upstream, which health checks could only turn into false 503s, and the
+#: policy's health path is the cache's, not every service's (``policy = { active_health_checks =
+#: true, health_path = "/…" }`` turns them back on).
+SERVICE_POLICY = Policy.tailnet(active_health_checks=False, passive_health_checks=False)
 
 
 class Secret:
@@ -435,7 +440,7 @@ def _validate_service(spec: ServiceSpec, index: int, env: Mapping[str, str], sta
         if cparts.scheme not in ("http", "https") or not cparts.netloc:
             problems.append(Problem(f"{key}.control_url",
                                     f"must be an http(s) URL, not {control_url!r}"))
-    policy = Policy.tailnet()
+    policy = SERVICE_POLICY
     try:
         policy = Policy.from_mapping(spec.policy or {}, key=f"{key}.policy", base=policy)
     except PolicyError as exc:

@@ -63,6 +63,19 @@ GATEWAYS: dict[str, GatewaySite] = {
         policy=Policy.tailnet(access_log=False),
         tls=None,
     ),
+    # one upstream through the gateway's own tailnet node, without active health checks
+    "via-tailnet-single-upstream": GatewaySite(
+        site="harmonia.arsfeld.one",
+        upstreams=(Upstream("http://harmonia", "harmonia-gateway"),),
+        policy=Policy(active_health_checks=False),
+    ),
+    # no health checks at all (what the sidecar's services get)
+    "no-health-checks": GatewaySite(
+        site="http://:8081",
+        upstreams=(Upstream("http://127.0.0.1:5000"),),
+        policy=Policy(active_health_checks=False, passive_health_checks=False),
+        tls=None,
+    ),
     "get-only-all-paths": GatewaySite(
         site="localhost",
         upstreams=(Upstream("https://cache.example.org"),),

@@ -16,6 +16,7 @@ from caddy.policy import (
     SMALL_TEXT_PATTERN,
     Policy,
     body_too_large_matcher,
+    body_too_large_route,
     caddy_duration,
     encode_handler,
     exposed_path_pattern,
@@ -28,7 +29,9 @@ from caddy.policy import (
     reverse_proxy_handler,
     server_logs,
     server_routes,
+    too_large_handler,
 )
+from caddy.caddyfile import reverse_proxy_block
 
 HASH = "0" * 32
 
@@ -281,3 +284,38 @@ def test_from_mapping_either_builds_a_renderable_policy_or_raises_config_error(
     assert all(getattr(policy, k) == v for k, v in data.items())
     routes = server_routes(policy, [Upstream("127.0.0.1:5000")])
     assert routes[-1]["terminal"]
+
+
+@pytest.mark.parametrize(("active", "passive"), [(True, True), (False, True), (True, False),
+                                                 (False, False)])
+def test_health_checks_can_be_left_out(active: bool, passive: bool) -> None:
+    policy = Policy(active_health_checks=active, passive_health_checks=passive)
+    ups = [Upstream("http://127.0.0.1:5000")]
+    handler = reverse_proxy_handler(policy, ups)
+    checks = handler.get("health_checks", {})
+    assert ("active" in checks) is active
+    assert ("passive" in checks) is passive
+    assert ("health_checks" in handler) is (active or passive)  # no empty object
+    text = "\n".join(reverse_proxy_block(policy, ups))
+    assert ("health_uri" in text) is active
+    assert ("health_interval" in text) is active
+    assert ("fail_duration" in text) is passive
+    assert ("unhealthy_status" in text) is passive
+    assert handler["flush_interval"] == -1  # the rest is unchanged
+
+
+def test_health_switches_are_read_from_config() -> None:
+    policy = Policy.from_mapping({"active_health_checks": False}, base=Policy.tailnet())
+    assert not policy.active_health_checks and policy.passive_health_checks
+    with pytest.raises(ConfigError, match=r"policy\.passive_health_checks"):
+        Policy.from_mapping({"passive_health_checks": "no"})
+
+
+def test_body_too_large_route_is_the_matcher_and_the_413() -> None:
+    policy = Policy(max_request_body_bytes=10)
+    assert body_too_large_route(policy) == {
+        "match": [body_too_large_matcher(policy)], "handle": [too_large_handler()],
+        "terminal": True}
+    assert too_large_handler()["status_code"] == 413
+    assert body_too_large_route(Policy(max_request_body_bytes=None)) is None
+    assert body_too_large_route(policy) in server_routes(policy, [Upstream("127.0.0.1:1")])

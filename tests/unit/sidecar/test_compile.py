@@ -105,7 +105,7 @@ def test_proxy_streams_with_the_shared_policy() -> None:
     assert proxy["transport"]["compression"] is False
     assert "read_timeout" not in proxy["transport"]
     assert "write_timeout" not in proxy["transport"]
-    assert "health_checks" not in proxy
+    assert "health_checks" not in proxy  # one upstream: health checks only make false 503s
     assert proxy["headers"]["request"]["set"]["X-Extra"] == ["1"]
     assert "write_timeout" not in server
     assert "read_timeout" not in server
@@ -194,3 +194,30 @@ def test_real_caddy_rejects_a_broken_config(caddy_bin: str, tmp_path: Path) -> N
     config["apps"]["http"]["servers"]["h"]["routes"][0]["handle"][0]["handler"] = "nonexistent"
     result = caddy_validate(caddy_bin, config, tmp_path)
     assert result.returncode != 0
+
+
+def test_health_checks_only_when_the_service_policy_asks() -> None:
+    cfg = cfg_of(ServiceSpec(name="h", upstream=URL, policy={
+        "active_health_checks": True, "health_path": "/healthz"}))
+    server = compile_engine_config(cfg, FILES, {})["apps"]["http"]["servers"]["h"]
+    (proxy,) = [h for h in handlers(server) if h["handler"] == "reverse_proxy"]
+    assert proxy["health_checks"]["active"]["uri"] == "/healthz"
+    assert "passive" not in proxy["health_checks"]
+
+
+def test_body_limit_route_is_the_policy_fragment() -> None:
+    from caddy.policy import body_too_large_route
+
+    limited = cfg_of(ServiceSpec(name="h", upstream=URL, policy={"max_request_body_bytes": 10}))
+    server = compile_engine_config(limited, FILES, {})["apps"]["http"]["servers"]["h"]
+    proxy = server["named_routes"]["proxy"]
+    tail = proxy["handle"][0]["routes"][0]["handle"]
+    kinds = [h["handler"] for h in tail]
+    assert kinds[:2] == ["request_body", "subroute"]
+    assert tail[0]["max_size"] == 10
+    assert tail[1]["routes"] == [body_too_large_route(limited.services[0].policy)]
+    unlimited = cfg_of(ServiceSpec(name="h", upstream=URL,
+                                   policy={"max_request_body_bytes": None}))
+    server = compile_engine_config(unlimited, FILES, {})["apps"]["http"]["servers"]["h"]
+    assert not [h for h in handlers(server) if h["handler"] in ("request_body", "static_response")
+                and h.get("status_code") in (None, 413)]

@@ -180,9 +180,39 @@ async def test_upstream_errors_and_statuses_pass_through(caddy_bin: str, tmp_pat
             with trio.fail_after(30):
                 not_found = await clients["echo"].get("/status/404")
                 unavailable = await clients["echo"].get("/status/503")
+                # no health checks on a single upstream: its 503 does not mark it down
+                after = await clients["echo"].get("/after")
                 down = await clients["dead"].get("/")
         nursery.cancel_scope.cancel()
     assert not_found.status_code == 404
     assert unavailable.status_code == 503
+    assert after.status_code == 200
     assert down.status_code == 502  # not the 401 of the tagged-node path it went through
     assert down.text == "502 Bad Gateway\n"
+
+
+async def test_a_content_length_over_the_body_limit_is_413_before_proxying(
+        caddy_bin: str, tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        echo = Echo()
+        port = await nursery.start(echo.serve)
+        services = [ServiceSpec(name="small", upstream=f"http://127.0.0.1:{port}", plaintext=True,
+                                policy={"max_request_body_bytes": 1000}),
+                    ServiceSpec(name="prefixed", upstream=f"http://127.0.0.1:{port}",
+                                plaintext=True, prefixes=["/p"],
+                                policy={"max_request_body_bytes": 1000})]
+        async with running(caddy_bin, tmp_path, services) as (_, _, clients):
+            with trio.fail_after(30):
+                too_big = await clients["small"].put("/too-big", content=b"z" * 1001)
+                fits = await clients["small"].put("/fits", content=b"z" * 1000)
+                prefixed_too_big = await clients["prefixed"].put("/p/too-big", content=b"z" * 5000)
+                prefixed_fits = await clients["prefixed"].put("/p/fits", content=b"z" * 10)
+        nursery.cancel_scope.cancel()
+    assert too_big.status_code == 413
+    assert too_big.text == "413 request body too large"
+    assert prefixed_too_big.status_code == 413
+    assert fits.status_code == 200
+    assert fits.json()["body_bytes"] == 1000
+    assert prefixed_fits.status_code == 200
+    assert prefixed_fits.json()["path"] == "/fits"
+    assert [s["path"] for s in echo.seen] == ["/fits", "/fits"]  # the 413s never reached it
