@@ -6,6 +6,7 @@ ALPN `h2` over TLS) are passed to hypercorn's connection handler, with any bytes
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 _done = object()
+access_log = logging.getLogger("harmonia.access")
 
 
 class AsgiApp:
@@ -100,7 +102,18 @@ class AsgiApp:
             # the status is out: the only honest signal left is an aborted stream
             raise
         finally:
-            self.app.metrics.observe(resp.route, resp.status, time.monotonic() - started, sent)
+            elapsed = time.monotonic() - started
+            self.app.metrics.observe(resp.route, resp.status, elapsed, sent)
+            if access_log.isEnabledFor(logging.DEBUG):
+                access_log.debug(
+                    "%s %s %s %d %d %.1fms",
+                    request.client,
+                    request.method,
+                    request.raw_path,
+                    resp.status,
+                    sent,
+                    elapsed * 1000,
+                )
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

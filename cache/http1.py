@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .app import App
 
 log = logging.getLogger("harmonia.http")
+access_log = logging.getLogger("harmonia.access")
 
 HEADER_TIMEOUT = 30.0
 KEEPALIVE_TIMEOUT = 75.0
@@ -184,7 +185,12 @@ class H1Connection:
                 resp, head_only=head.method == "HEAD", keep_alive=keep_alive, http10=head.minor == 0
             )
         finally:
-            self.app.metrics.observe(resp.route, resp.status, time.monotonic() - started, sent)
+            elapsed = time.monotonic() - started
+            self.app.metrics.observe(resp.route, resp.status, elapsed, sent)
+            if access_log.isEnabledFor(logging.DEBUG):
+                access_log.debug(
+                    "%s %s %s %d %d %.1fms", self.client, head.method, path, resp.status, sent, elapsed * 1000
+                )
         # an HTTP/1.0 stream of unknown length ended by closing the connection
         return keep_alive and not (head.minor == 0 and resp.content_length is None)
 
