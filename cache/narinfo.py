@@ -7,7 +7,7 @@ NarHash, NarSize, References, Deriver, Sig…, CA.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .hashes import sha256_nix32
@@ -122,7 +122,3 @@ def parse_narinfo(text: str) -> dict[str, list[str]]:
 
 def cache_info(store_dir: str, priority: int, want_mass_query: bool = True) -> str:
     return f"StoreDir: {store_dir}\nWantMassQuery: {1 if want_mass_query else 0}\nPriority: {priority}\n"
-
-
-def references_sorted(refs: Sequence[str]) -> tuple[str, ...]:
-    return tuple(sorted(refs))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -39,7 +39,7 @@ class StreamedNar:
     """The NAR of a path as an async byte stream (from the daemon)."""
 
     size: int
-    open: object  # Callable[[], AsyncIterator[bytes]]; typed loosely to stay a frozen value
+    open: Callable[[], AsyncIterator[bytes]]
 
 
 class Store(Protocol):
@@ -155,8 +155,3 @@ class DbStore:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-
-
-async def aiter_bytes(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    async for chunk in chunks:
-        yield chunk

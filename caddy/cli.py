@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     gw.add_argument("--no-access-log", action="store_true", help="do not log requests")
     gw.add_argument("--no-compress", action="store_true",
                     help="do not compress narinfo / nix-cache-info / .ls responses")
+    gw.add_argument("--no-active-health-checks", action="store_true",
+                    help="no GET /nix-cache-info probes (with a single upstream a failed probe "
+                         "only keeps it marked down until the next one); passive checks stay")
 
     cl = sub.add_parser(
         "client", help="print nix.conf lines and a NixOS snippet for a client host"
@@ -142,6 +145,7 @@ def _gateway(args: argparse.Namespace) -> str:
         max_request_body_bytes=max_body,
         compress_small_text=not args.no_compress,
         access_log=not args.no_access_log,
+        active_health_checks=not args.no_active_health_checks,
     )
     # the site-level settings are checked even when the upstreams were bad (all problems at once)
     stand_in = upstreams or (Upstream("127.0.0.1:5000"),)

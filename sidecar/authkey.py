@@ -1,5 +1,8 @@
 """Auth keys for the nodes: read at start, minted from an OAuth client secret when needed.
 
+Sources, first found wins: ``--authkey-path`` / ``authkey_path``, ``$TS_AUTHKEY``, then systemd's
+credential ``$CREDENTIALS_DIRECTORY/authkey`` (``LoadCredential=authkey:/run/keys/…``).
+
 An auth key only matters for a node's first registration: once ``tailscaled.state`` exists in its
 state directory the node logs in with its own key, so no key is minted then (tsnsrv mints one on
 every start). A ``tskey-client-…`` secret mints a one-off, pre-tagged key through the Tailscale API
@@ -138,6 +141,21 @@ async def resolve_auth_keys(cfg: ValidConfig, services: list[ValidService] | Non
             key = Secret(text)
         elif s.auth.env_value is not None:
             key, source = s.auth.env_value, "TS_AUTHKEY"
+        elif s.auth.credential is not None:
+            try:
+                text = (await trio.Path(s.auth.credential).read_text(encoding="utf-8")).strip()
+            except FileNotFoundError:
+                text = None  # no credential of that name: no key, as when none is given
+            except OSError as exc:
+                problems.append(Problem(source, f"cannot read the credential "
+                                        f"{s.auth.credential!r}: {exc.strerror}"))
+                continue
+            if text == "":
+                problems.append(Problem(source, f"the credential {s.auth.credential!r} is empty"))
+                continue
+            if text is not None:
+                key, source = Secret(text), s.auth.credential
+                log.info("%s: auth key from the credential %s", s.name, s.auth.credential)
         if key is not None and key.is_oauth_client_secret:
             if node_registered(s.node_dir):
                 log.info("%s: already registered; not minting an auth key", s.name)

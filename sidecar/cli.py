@@ -162,7 +162,8 @@ def run(argv: Sequence[str]) -> int:
         return EXIT_ENGINE
     if print_config:
         engine = CaddyEngine(binary=binary, engine_dir=cfg.engine_dir)
-        keys = {s.name: Secret("unread") if s.auth.path or s.auth.env_value else None
+        keys = {s.name: Secret("unread")
+                if s.auth.path or s.auth.env_value or s.auth.credential else None
                 for s in cfg.services}
         print(json.dumps(engine.render(cfg, keys, redact=True), indent=2))
         return EXIT_OK

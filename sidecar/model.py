@@ -26,6 +26,7 @@ TAG_RE = re.compile(r"^tag:[A-Za-z0-9][A-Za-z0-9_-]*$")
 HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 FORBIDDEN_UPSTREAM_HEADER_PREFIXES = ("x-tailscale-", "tailscale-user-")
 OAUTH_PREFIX = "tskey-client-"
+CREDENTIAL_NAME = "authkey"  # $CREDENTIALS_DIRECTORY/authkey: systemd's LoadCredential=authkey:…
 ENGINE_DIR_NAME = "_engine"  # "_" cannot start a hostname, so no service's default dir collides
 #: A service's policy before its ``policy`` overrides: the tailnet policy without health checks.
 #: Each service has one upstream, which health checks could only turn into false 503s, and the
@@ -193,6 +194,9 @@ class AuthSource:
 
     path: str | None  # a file holding an auth key or a tskey-client- secret
     env_value: Secret | None  # TS_AUTHKEY when no path is given
+    #: ``$CREDENTIALS_DIRECTORY/authkey`` (systemd ``LoadCredential=authkey:…``) when neither a
+    #: path nor TS_AUTHKEY is given; read at start if it exists (absent: no key, like none given)
+    credential: str | None = None
 
 
 @dataclass(frozen=True)
@@ -451,6 +455,10 @@ def _validate_service(spec: ServiceSpec, index: int, env: Mapping[str, str], sta
             and not spec.tags:
         problems.append(Problem(f"{key}.tag", "an OAuth client secret (tskey-client-…) in "
                                 "TS_AUTHKEY can only mint keys for tagged nodes: give --tag"))
+    credentials_dir = env.get("CREDENTIALS_DIRECTORY") or None
+    credential = None
+    if spec.authkey_path is None and env_key is None and credentials_dir is not None:
+        credential = str(PurePosixPath(credentials_dir) / CREDENTIAL_NAME)
     if len(problems) > before or upstream is None or listen is None:
         return None
     node_dir = _abs(spec.state_dir, base_dir) if spec.state_dir is not None \
@@ -459,7 +467,8 @@ def _validate_service(spec: ServiceSpec, index: int, env: Mapping[str, str], sta
         name=spec.name, upstream=upstream, node_dir=node_dir, listen=listen,
         ephemeral=spec.ephemeral, tags=tuple(spec.tags),
         auth=AuthSource(path=_abs(spec.authkey_path, base_dir) if spec.authkey_path else None,
-                        env_value=Secret(env_key) if env_key else None),
+                        env_value=Secret(env_key) if env_key else None,
+                        credential=credential),
         control_url=control_url, prefixes=prefixes, strip_prefix=spec.strip_prefix,
         upstream_headers=headers, whois=not spec.suppress_whois,
         whois_timeout=spec.whois_timeout, read_header_timeout=spec.read_header_timeout,
@@ -476,8 +485,8 @@ def validate(spec: SidecarSpec, env: Mapping[str, str],
              base_dir: str | None = None) -> ValidConfig:
     """Check everything; return a ``ValidConfig`` or raise ``ConfigError`` listing every problem.
 
-    ``env`` supplies TS_URL, TS_AUTHKEY, TS_STATE_DIR, STATE_DIRECTORY (passed in, so this stays
-    pure); ``base_dir`` resolves relative paths (the config file's folder, or the working dir).
+    ``env`` supplies TS_URL, TS_AUTHKEY, CREDENTIALS_DIRECTORY, TS_STATE_DIR, STATE_DIRECTORY
+    (passed in, so this stays pure); ``base_dir`` resolves relative paths (the config file's folder, or the working dir).
     """
     problems = list(spec.parse_problems)
     state_root = _abs(spec.state_dir, base_dir) if spec.state_dir else default_state_root(env)

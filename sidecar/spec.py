@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                     "(tsnsrv's options; tsnet through caddy-tailscale as the engine).",
         epilog="Other commands: 'harmonia-sidecar status' prints each service's node. "
                "Environment: TS_URL (control URL), TS_AUTHKEY (auth key or tskey-client- "
-               "secret), TS_STATE_DIR / STATE_DIRECTORY (state root).",
+               "secret; else $CREDENTIALS_DIRECTORY/authkey, systemd's LoadCredential), "
+               "TS_STATE_DIR / STATE_DIRECTORY (state root).",
         allow_abbrev=False,
     )
     p.add_argument("upstream", nargs="?", help="upstream URL, http:// or https://")

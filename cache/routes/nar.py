@@ -9,7 +9,7 @@ seen as incomplete by the client.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING
 
 import trio
@@ -81,9 +81,9 @@ async def get_nar_zst(app: App, request: Request, match: re.Match[str]) -> Respo
     return _ranged(request, headers, lambda: _file_segments(region), copy.file_size)
 
 
-def _ranged(request: Request, headers: list[tuple[str, str]], segments: object, total: int) -> Response:
-    make = segments  # Callable[[], Iterator[Segment]]
-    assert callable(make)
+def _ranged(
+    request: Request, headers: list[tuple[str, str]], make: Callable[[], Iterator[Segment]], total: int
+) -> Response:
     try:
         rng = parse_range(request.header("range"), total)
     except Unsatisfiable:
@@ -135,7 +135,6 @@ def _streamed(request: Request, headers: list[tuple[str, str]], source: Streamed
     except Unsatisfiable:
         return error(416, "range not satisfiable", [("Content-Range", f"bytes */{total}")])
     opener = source.open
-    assert callable(opener)
 
     async def chunks(skip: int, length: int) -> AsyncIterator[bytes]:
         stream: AsyncIterator[bytes] = opener()
@@ -150,7 +149,9 @@ def _streamed(request: Request, headers: list[tuple[str, str]], source: Streamed
             yield piece
             if not left:
                 break
-        await stream.aclose()  # type: ignore[attr-defined]
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
     if rng is None:
         return Response(200, headers, StreamBody(lambda: chunks(0, total), total))

@@ -51,6 +51,17 @@ def test_gateway_via_tailnet(capsys: pytest.CaptureFixture[str]) -> None:
     assert "dial_timeout" not in out
 
 
+def test_gateway_without_active_health_checks(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["gateway", "--site", "harmonia.arsfeld.one", "--upstream", "http://harmonia",
+                 "--via-tailnet", "harmonia-gateway", "--no-active-health-checks"]) == 0
+    out = capsys.readouterr().out
+    assert out == render_gateway(GatewaySite(
+        "harmonia.arsfeld.one", (Upstream("http://harmonia", "harmonia-gateway"),),
+        policy=Policy(active_health_checks=False)))
+    assert "health_uri" not in out
+    assert "fail_duration" in out
+
+
 def test_gateway_reports_every_problem_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["gateway", "--site", "a b", "--upstream", "ftp://x", "--upstream", "http://h:0",
                  "--max-body", "12Q", "--via-tailnet", "bad node", "--tls", "maybe",

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from caddy.caddyfile import reverse_proxy_block
 from caddy.errors import ConfigError
 from caddy.model import Upstream
 from caddy.policy import (
@@ -31,7 +32,6 @@ from caddy.policy import (
     server_routes,
     too_large_handler,
 )
-from caddy.caddyfile import reverse_proxy_block
 
 HASH = "0" * 32
 
