@@ -179,7 +179,8 @@ def test_sidecar_unit_is_per_instance() -> None:
     assert render.values(u, "Service", "LoadCredential") == [
         "authkey:/etc/harmonia-sidecar/%i.authkey"
     ]
-    # the example configuration reads the key from where LoadCredential puts it
+    # the example configuration names no key file: the sidecar reads $CREDENTIALS_DIRECTORY/authkey,
+    # where LoadCredential=authkey:… puts it
     example = tomllib.loads((render.UNIT_DIR / "harmonia-sidecar.example.toml").read_text())
-    assert example["defaults"]["authkey_path"] == f"{credentials}/authkey"
+    assert "authkey_path" not in example["defaults"]
     assert list(example["services"]) == ["harmonia"]
