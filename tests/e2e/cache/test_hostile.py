@@ -152,3 +152,22 @@ def test_server_still_serves_after_abuse(server: CacheServer) -> None:
     assert status_of(raw) == 200
     assert server.proc.poll() is None
     assert "Traceback" not in server.log
+
+
+def test_pipelined_requests_are_answered_in_order(server: CacheServer) -> None:
+    raw = (
+        b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"HEAD /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    response = raw_request(server, raw)
+    assert response.count(b"HTTP/1.1 200 OK") == 3
+    assert response.index(b"harmonia-cache 0") < response.rindex(b"StoreDir: /nix/store")
+    assert response.count(b"StoreDir:") == 1  # the HEAD answer has no body
+
+
+def test_http10_without_keep_alive_closes(server: CacheServer) -> None:
+    response = raw_request(server, b"GET /nix-cache-info HTTP/1.0\r\n\r\n")
+    assert response.startswith(b"HTTP/1.1 200 OK")
+    assert b"Connection: close" in response
+    assert response.endswith(b"Priority: 30\n")
