@@ -10,6 +10,11 @@ tailnet's own certificates), with these routes:
 2. with whois: ``authentication`` by the tailscale provider, then the user's identity headers;
    tagged nodes (and callers whose whois fails) make the provider fail with 401, which the error
    routes catch and serve through the same proxy with node identity (the tailnet address) only;
+   with the whois directory (API credentials given), each path then asks the sidecar about the
+   caller (``GET /whois?addr=…`` on its unix socket, Caddy's forward_auth pattern) and copies
+   the ``X-Tailscale-Node*`` answer headers onto the request — after the strip, so they cannot
+   be forged; an unknown caller, an error answer or an unreachable sidecar add nothing and the
+   request goes on;
 3. the named route ``proxy``: prefix filter (404 outside the prefixes), optional strip, then the
    shared policy's handlers (``caddy.policy``: body limit and its 413 route, small-text compression,
    ``reverse_proxy`` streaming with ``flush_interval: -1``); its own errors answered in place.
@@ -38,12 +43,18 @@ from caddy.policy import (
 )
 
 from .model import Listen, Secret, TLSMode, ValidConfig, ValidService
+from .whois import NODE_HEADERS
 
 JSON = dict[str, Any]
 
 REDACTED = "REDACTED"
 TSNET_LOGGER = "tailscale"
 IDLE_TIMEOUT_NS = 300 * 10**9  # keep-alive between requests; never a limit on a body
+WHOIS_PATH = "/whois"
+WHOIS_DIAL_TIMEOUT_NS = 1 * 10**9
+#: the sidecar waits at most whois.MISS_WAIT (1.5 s) on a miss; past this the request goes on
+WHOIS_RESPONSE_TIMEOUT_NS = 3 * 10**9
+WHOIS_ANSWERED_VAR = "sidecar_whois_answered"
 
 
 @dataclass(frozen=True)
@@ -194,7 +205,52 @@ def _node_identity() -> list[JSON]:
             _headers("set", {"X-Tailscale-Node-Addr": "{http.request.remote.host}"})]
 
 
-def _server(service: ValidService, listen: str) -> JSON:
+def canonical_header(name: str) -> str:
+    """Go's canonical form of a header name (``X-Tailscale-Node-StableID`` →
+    ``X-Tailscale-Node-Stableid``), the key under which Caddy keeps response headers."""
+    return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
+
+
+def whois_lookup(socket_path: str) -> JSON:
+    """Ask the sidecar's whois directory about the caller and copy its node headers (Caddy's
+    ``forward_auth`` as ``caddy adapt`` expands it, fitted): a ``reverse_proxy`` to the sidecar's
+    unix socket, rewritten to ``GET /whois?addr={http.request.remote.host}``, sending none of
+    the client's headers; on 2xx each of ``whois.NODE_HEADERS`` is deleted from the request and
+    set from the answer when the answer has it; any other status adds nothing and goes on.
+
+    ``handle_response`` routes run the rest of the chain, so an error from the lookup itself
+    (the sidecar unreachable or too slow) is caught by this subroute's error route, which goes
+    on to the proxy without node headers; the marker variable keeps that route from serving a
+    request a second time for an error raised after the lookup answered.
+    """
+    answered: JSON = {"handler": "vars", WHOIS_ANSWERED_VAR: "yes"}
+    copy: list[JSON] = [{"handle": [answered]}]
+    for name in NODE_HEADERS:
+        # the placeholder holds the answer's headers by Go's canonical names
+        value = "{http.reverse_proxy.header." + canonical_header(name) + "}"
+        copy.append({"handle": [{"handler": "headers", "request": {"delete": [name]}}]})
+        copy.append({"match": [{"not": [{"vars": {value: [""]}}]}],
+                     "handle": [_headers("set", {name: value})]})
+    lookup: JSON = {
+        "handler": "reverse_proxy",
+        "upstreams": [{"dial": f"unix/{socket_path}"}],
+        "rewrite": {"method": "GET",
+                    "uri": WHOIS_PATH + "?addr={http.request.remote.host}"},
+        "headers": {"request": {"delete": ["*"]}},
+        "transport": {"protocol": "http", "dial_timeout": WHOIS_DIAL_TIMEOUT_NS,
+                      "response_header_timeout": WHOIS_RESPONSE_TIMEOUT_NS},
+        "handle_response": [
+            {"match": {"status_code": [2]}, "routes": copy},
+            {"routes": [{"handle": [answered]}]},
+        ],
+    }
+    not_answered = {"vars": {"{http.vars." + WHOIS_ANSWERED_VAR + "}": [""]}}
+    return {"handler": "subroute", "routes": [{"handle": [lookup]}],
+            "errors": {"routes": [{"match": [not_answered],
+                                   "handle": [{"handler": "invoke", "name": "proxy"}]}]}}
+
+
+def _server(service: ValidService, listen: str, whois_socket: str | None = None) -> JSON:
     # the strip always runs first, whatever the policy says: identity comes only from the engine
     routes: list[JSON] = [{"handle": [identity_strip_handler()]}]
     server: JSON = {
@@ -210,12 +266,14 @@ def _server(service: ValidService, listen: str) -> JSON:
     server["logs"] = {"default_logger_name": access_logger(service.name)}
     invoke = {"handler": "invoke", "name": "proxy"}
     if service.whois:
+        # with the whois directory: node identity from the sidecar, after every strip
+        lookup = [whois_lookup(whois_socket)] if whois_socket is not None else []
         routes.append({"handle": [
             {"handler": "authentication", "providers": {"tailscale": {}}},
-            _user_identity(), invoke]})
+            _user_identity(), *lookup, invoke]})
         server["errors"] = {"routes": [{
             "match": [{"expression": "{http.error.status_code} == 401"}],
-            "handle": [*_node_identity(), invoke]}]}
+            "handle": [*_node_identity(), *copy.deepcopy(lookup), invoke]}]}
     else:
         routes.append({"handle": [invoke]})
     server["routes"] = routes
@@ -265,7 +323,8 @@ def compile_engine_config(
     certificates: list[JSON] = []
     for s in cfg.services:
         listen = (listen_override or {}).get(s.name) or listen_address(s)
-        servers[s.name] = _server(s, listen)
+        servers[s.name] = _server(s, listen,
+                                  cfg.health_socket if cfg.whois_directory else None)
         if s.listen.tls is TLSMode.CUSTOM:
             certificates.append(_certificate(s.listen, s.name))
     apps: JSON = {

@@ -139,10 +139,11 @@ def _write_stderr(line: bytes) -> None:
 
 
 def engine_env(base: Mapping[str, str], engine_dir: str) -> dict[str, str]:
-    """Caddy's environment: its homes inside the engine directory; no auth keys from ours, and
-    no NOTIFY_SOCKET (Caddy would tell systemd it is ready before any node is)."""
+    """Caddy's environment: its homes inside the engine directory; no auth or API keys from
+    ours, and no NOTIFY_SOCKET (Caddy would tell systemd it is ready before any node is)."""
     env = {k: v for k, v in base.items()
-           if k not in ("TS_AUTHKEY", "NOTIFY_SOCKET") and not k.startswith("TS_AUTHKEY_")}
+           if k not in ("TS_AUTHKEY", "TS_API_KEY", "NOTIFY_SOCKET")
+           and not k.startswith("TS_AUTHKEY_")}
     env["HOME"] = engine_dir
     env["XDG_CONFIG_HOME"] = os.path.join(engine_dir, "config")
     env["XDG_DATA_HOME"] = os.path.join(engine_dir, "data")

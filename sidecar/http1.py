@@ -1,7 +1,8 @@
 """A small HTTP/1.1 client and server on trio streams (h11), for local control sockets only.
 
 The client talks to Caddy's admin API (a unix socket); the server answers
-``/health``, ``/status`` and ``/metrics`` on the sidecar's own socket or loopback address.
+``/health``, ``/status`` and ``/metrics`` on the sidecar's own socket or loopback address, and
+``/whois`` (the engine's per-request identity lookup) on the socket only.
 """
 
 from __future__ import annotations
@@ -82,7 +83,15 @@ async def _exchange(stream: trio.abc.Stream, method: str, target: str, body: byt
             return Response(status, b"".join(chunks), resp_headers)
 
 
-Handler = Callable[[str, str], Awaitable[tuple[int, str, bytes]]]
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    content_type: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+Handler = Callable[[str, str], Awaitable[Reply]]
 
 
 async def serve_connection(stream: trio.abc.Stream, handler: Handler) -> None:
@@ -102,14 +111,14 @@ async def serve_connection(stream: trio.abc.Stream, handler: Handler) -> None:
                     method = event.method.decode()
                     target = event.target.decode()
                     if method not in ("GET", "HEAD"):
-                        status, ctype, body = 405, "text/plain", b"method not allowed\n"
+                        reply = Reply(405, "text/plain", b"method not allowed\n")
                     else:
-                        status, ctype, body = await handler(method, target)
-                    headers = [("Content-Type", ctype), ("Content-Length", str(len(body))),
-                               ("Connection", "close")]
-                    out = conn.send(h11.Response(status_code=status, headers=headers))
+                        reply = await handler(method, target)
+                    headers = [*reply.headers, ("Content-Type", reply.content_type),
+                               ("Content-Length", str(len(reply.body))), ("Connection", "close")]
+                    out = conn.send(h11.Response(status_code=reply.status, headers=headers))
                     if method != "HEAD":
-                        out += conn.send(h11.Data(data=body))
+                        out += conn.send(h11.Data(data=reply.body))
                     out += conn.send(h11.EndOfMessage())
                     await stream.send_all(out)
                     return
@@ -121,10 +130,11 @@ async def serve_connection(stream: trio.abc.Stream, handler: Handler) -> None:
         await stream.aclose()
 
 
-async def serve_listeners(listeners: list[trio.SocketListener], handler: Handler,
+async def serve_listeners(listeners: list[tuple[trio.SocketListener, Handler]],
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve each listener with its own handler."""
     async with trio.open_nursery() as nursery:
-        for listener in listeners:
+        for listener, handler in listeners:
             nursery.start_soon(trio.serve_listeners,
-                               lambda s: serve_connection(s, handler), [listener])
+                               lambda s, h=handler: serve_connection(s, h), [listener])
         task_status.started()

@@ -26,6 +26,8 @@ TAG_RE = re.compile(r"^tag:[A-Za-z0-9][A-Za-z0-9_-]*$")
 HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 FORBIDDEN_UPSTREAM_HEADER_PREFIXES = ("x-tailscale-", "tailscale-user-")
 OAUTH_PREFIX = "tskey-client-"
+API_KEY_PREFIX = "tskey-api-"
+API_KEY_ENV = "TS_API_KEY"
 CREDENTIAL_NAME = "authkey"  # $CREDENTIALS_DIRECTORY/authkey: systemd's LoadCredential=authkey:…
 ENGINE_DIR_NAME = "_engine"  # "_" cannot start a hostname, so no service's default dir collides
 #: A service's policy before its ``policy`` overrides: the tailnet policy without health checks.
@@ -127,6 +129,9 @@ class SidecarSpec:
     prometheus_addr: str | None = None
     health_socket: str | None = None
     tsnet_verbose: bool = False
+    #: Tailscale API credentials (a tskey-api- key or a tskey-client- secret) for the whois
+    #: directory; else $TS_API_KEY; neither: no directory
+    api_key_path: str | None = None
     # problems found while reading flags or a file (unknown keys, wrong types): reported with the rest
     parse_problems: list[Problem] = field(default_factory=list)
 
@@ -200,6 +205,27 @@ class AuthSource:
 
 
 @dataclass(frozen=True)
+class ApiKeySource:
+    """Where the whois directory's API credentials come from. Read at start, never at validation."""
+
+    path: str | None  # a file holding a tskey-api- key or a tskey-client- OAuth client secret
+    env_value: Secret | None  # $TS_API_KEY when no path is given
+
+    @property
+    def option(self) -> str:
+        """The option to name in a problem about these credentials."""
+        return "api_key_path" if self.path is not None else f"{API_KEY_ENV} (environment)"
+
+
+def api_credentials_problem(value: str) -> str | None:
+    """Why ``value`` cannot be API credentials, without echoing it; None when it looks right."""
+    if not value.startswith((API_KEY_PREFIX, OAUTH_PREFIX)):
+        return (f"must hold a Tailscale API key ({API_KEY_PREFIX}…) or an OAuth client secret "
+                f"({OAUTH_PREFIX}…) allowed to read devices; it holds neither")
+    return None
+
+
+@dataclass(frozen=True)
 class ValidService:
     name: str
     upstream: Upstream
@@ -234,6 +260,13 @@ class ValidConfig:
     caddy: str | None
     prometheus_addr: tuple[str, int] | None
     tsnet_verbose: bool
+    #: API credentials for the whois directory (node names and tags); None: no directory
+    api_key: ApiKeySource | None = None
+
+    @property
+    def whois_directory(self) -> bool:
+        """Whether the engine asks the sidecar's whois directory about each caller."""
+        return self.api_key is not None
 
     def service(self, name: str) -> ValidService:
         for s in self.services:
@@ -528,8 +561,20 @@ def validate(spec: SidecarSpec, env: Mapping[str, str],
     if len((engine_dir + "/admin.sock").encode()) > 100:
         problems.append(Problem("state_dir", f"{state_root!r} is too long: the engine's admin "
                                 "socket must fit in a unix socket path (about 100 bytes)"))
+    api_key: ApiKeySource | None = None
+    if spec.api_key_path is not None:
+        if not spec.api_key_path:
+            problems.append(Problem("api_key_path", "an empty path"))
+        else:
+            api_key = ApiKeySource(path=_abs(spec.api_key_path, base_dir), env_value=None)
+    elif env.get(API_KEY_ENV):
+        why = api_credentials_problem(env[API_KEY_ENV].strip())
+        if why is not None:
+            problems.append(Problem(f"{API_KEY_ENV} (environment)", why))
+        else:
+            api_key = ApiKeySource(path=None, env_value=Secret(env[API_KEY_ENV].strip()))
     if problems:
         raise ConfigError(problems)
     return ValidConfig(services=tuple(valid), state_root=state_root, engine_dir=engine_dir,
                        health_socket=health, caddy=spec.caddy, prometheus_addr=prom,
-                       tsnet_verbose=spec.tsnet_verbose)
+                       tsnet_verbose=spec.tsnet_verbose, api_key=api_key)

@@ -58,7 +58,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Other commands: 'harmonia-sidecar status' prints each service's node. "
                "Environment: TS_URL (control URL), TS_AUTHKEY (auth key or tskey-client- "
                "secret; else $CREDENTIALS_DIRECTORY/authkey, systemd's LoadCredential), "
-               "TS_STATE_DIR / STATE_DIRECTORY (state root).",
+               "TS_STATE_DIR / STATE_DIRECTORY (state root), TS_API_KEY (whois directory "
+               "credentials, as --api-key-path).",
         allow_abbrev=False,
     )
     p.add_argument("upstream", nargs="?", help="upstream URL, http:// or https://")
@@ -81,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the sidecar's state root (default $TS_STATE_DIR, $STATE_DIRECTORY)")
     p.add_argument("--authkey-path", metavar="FILE",
                    help="file holding an auth key or a tskey-client- OAuth secret")
+    p.add_argument("--api-key-path", metavar="FILE",
+                   help="Tailscale API key (tskey-api-) or OAuth client secret (tskey-client-) "
+                        "file: turns on the whois directory (node names and tags for the "
+                        "upstream); default $TS_API_KEY")
     p.add_argument("--control-url", metavar="URL", help="default $TS_URL")
     p.add_argument("--tag", action="append", metavar="tag:NAME")
     p.add_argument("--insecure-https", action="store_true", default=None)
@@ -180,7 +185,7 @@ def spec_from_argv(argv: Sequence[str],
         spec = SidecarSpec(services=[svc], parse_problems=problems)
     if ns.state_root is not None:
         spec.state_dir = ns.state_root
-    for attr in ("caddy", "prometheus_addr", "health_socket"):
+    for attr in ("caddy", "prometheus_addr", "health_socket", "api_key_path"):
         if getattr(ns, attr) is not None:
             setattr(spec, attr, getattr(ns, attr))
     if ns.tsnet_verbose:
@@ -200,7 +205,7 @@ _TABLE_KEYS = {"policy"}
 _BOOL_KEYS = {"ephemeral", "plaintext", "funnel", "funnel_only", "strip_prefix",
               "insecure_https", "suppress_whois"}
 _TOP_KEYS = {"state_dir", "caddy", "prometheus_addr", "health_socket", "tsnet_verbose",
-             "services", "defaults"}
+             "api_key_path", "services", "defaults"}
 
 
 def _service_from_table(name: str, table: dict[str, Any], defaults: dict[str, Any],
@@ -262,7 +267,7 @@ def spec_from_toml(text: str, origin: str = "config") -> SidecarSpec:
     for key in doc:
         if key not in _TOP_KEYS:
             problems.append(Problem(key, f"unknown top-level key; known: {', '.join(sorted(_TOP_KEYS))}"))
-    for key in ("state_dir", "caddy", "prometheus_addr", "health_socket"):
+    for key in ("state_dir", "caddy", "prometheus_addr", "health_socket", "api_key_path"):
         if key in doc:
             if isinstance(doc[key], str):
                 setattr(spec, key, doc[key])

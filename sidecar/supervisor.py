@@ -9,6 +9,7 @@ untouched services keep their nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -24,8 +25,9 @@ import trio
 from . import metrics
 from .authkey import SessionFactory, resolve_auth_keys
 from .engine import CaddyEngine, EngineError, NodeState, NodeStatus
-from .http1 import serve_listeners
+from .http1 import Handler, Reply, serve_listeners
 from .model import ConfigError, Problem, Secret, ValidConfig
+from .whois import DeviceSource, Directory, node_headers, read_api_credentials, whois_address
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +137,7 @@ class Sidecar:
     metrics_address: tuple[str, int] | None = None  # bound prometheus_addr (port 0 resolved)
     _engine_ready: trio.Event = field(default_factory=trio.Event)
     _engine_down: trio.Event = field(default_factory=trio.Event)
+    directory: Directory | None = None  # the whois directory, with API credentials
 
     def __post_init__(self) -> None:
         self.engine.on_access = self._count
@@ -154,8 +157,11 @@ class Sidecar:
                             "looks callers up in-process, without a deadline of its own",
                             s.name, s.whois_timeout)
         try:
-            self._keys = await resolve_auth_keys(self.cfg, session_factory=self.session_factory)
+            api_secret = await self._prepare_keys()
             async with trio.open_nursery() as nursery:
+                if api_secret is not None:
+                    self.directory = Directory(DeviceSource(api_secret, self.session_factory))
+                    await nursery.start(self.directory.run)
                 await nursery.start(self._serve_health)
                 await nursery.start(self._supervise)
                 if self.handle_signals:
@@ -165,6 +171,24 @@ class Sidecar:
             for f in self._locks.values():
                 f.close()
             self._locks.clear()
+
+    async def _prepare_keys(self) -> Secret | None:
+        """Read the nodes' auth keys and the directory's API credentials; every problem of
+        both is reported in one ``ConfigError``."""
+        problems: list[Problem] = []
+        api_secret: Secret | None = None
+        if self.cfg.api_key is not None:
+            try:
+                api_secret = await read_api_credentials(self.cfg.api_key)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+        try:
+            self._keys = await resolve_auth_keys(self.cfg, session_factory=self.session_factory)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        if problems:
+            raise ConfigError(problems)
+        return api_secret
 
     async def _supervise(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                          ) -> None:
@@ -247,6 +271,10 @@ class Sidecar:
                         new = self.cfg
                     else:
                         new = self.reload()
+                if new.api_key != self.cfg.api_key:
+                    log.warning("reconfiguration: a change of api_key_path / TS_API_KEY takes "
+                                "effect at the next start; keeping the running whois directory")
+                    new = dataclasses.replace(new, api_key=self.cfg.api_key)
                 old_by_name = {s.name: s for s in self.cfg.services}
                 changed = [s for s in new.services if old_by_name.get(s.name) != s]
                 lock_node_dirs(new, self._locks)
@@ -272,35 +300,50 @@ class Sidecar:
 
     async def _serve_health(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                             ) -> None:
-        listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(
-            bind_unix(self.cfg.health_socket)))]
+        # /whois only on the unix socket (0600): device names and tags are not for the network
+        listeners: list[tuple[trio.SocketListener, Handler]] = [(trio.SocketListener(
+            trio.socket.from_stdlib_socket(bind_unix(self.cfg.health_socket))), self._answer_local)]
         if self.cfg.prometheus_addr is not None:
             host, port = self.cfg.prometheus_addr
             tcp = await trio.open_tcp_listeners(port, host=host)
             self.metrics_address = tcp[0].socket.getsockname()[:2]
             log.info("metrics and health on http://%s:%d/metrics", *self.metrics_address)
-            listeners += tcp
-        await serve_listeners(listeners, self._answer, task_status=task_status)
+            listeners += [(listener, self._answer) for listener in tcp]
+        await serve_listeners(listeners, task_status=task_status)
 
-    async def _answer(self, method: str, target: str) -> tuple[int, str, bytes]:
+    async def _answer_local(self, method: str, target: str) -> Reply:
+        if target.split("?", 1)[0] == "/whois":
+            return await self.whois(whois_address(target))
+        return await self._answer(method, target)
+
+    async def whois(self, addr: str) -> Reply:
+        """The engine's per-request question: the node at ``addr``. Always 200; no node headers
+        for an unknown address or without a directory (the request then goes on without)."""
+        device = await self.directory.lookup(addr) if self.directory is not None else None
+        return Reply(200, "text/plain", b"", tuple(node_headers(device)))
+
+    async def _answer(self, method: str, target: str) -> Reply:
         path = target.split("?", 1)[0]
         if path == "/health":
             statuses = await self.statuses()
             healthy = self.engine_up and all(st.state is NodeState.RUNNING for st in statuses)
             body = {"healthy": healthy, "engine_up": self.engine_up,
                     "nodes": [st.as_json() for st in statuses]}
-            return (200 if healthy else 503), "application/json", json.dumps(body).encode()
+            return Reply(200 if healthy else 503, "application/json", json.dumps(body).encode())
         if path == "/status":
             statuses = await self.statuses()
-            body = {"engine_up": self.engine_up, "engine_pid": self.engine.pid,
-                    "engine_restarts": self.restarts,
-                    "nodes": [{**st.as_json(), "state_dir": self.cfg.service(st.name).node_dir,
-                               "listen": self.cfg.service(st.name).listen.port}
-                              for st in statuses]}
-            return 200, "application/json", json.dumps(body).encode()
+            status: dict[str, object] = {
+                "engine_up": self.engine_up, "engine_pid": self.engine.pid,
+                "engine_restarts": self.restarts,
+                "nodes": [{**st.as_json(), "state_dir": self.cfg.service(st.name).node_dir,
+                           "listen": self.cfg.service(st.name).listen.port}
+                          for st in statuses]}
+            if self.directory is not None:
+                status["whois_directory"] = self.directory.state.as_json(trio.current_time())
+            return Reply(200, "application/json", json.dumps(status).encode())
         if path == "/metrics":
-            return 200, "text/plain; version=0.0.4", (await self.metrics_text()).encode()
-        return 404, "text/plain", b"not found\n"
+            return Reply(200, "text/plain; version=0.0.4", (await self.metrics_text()).encode())
+        return Reply(404, "text/plain", b"not found\n")
 
     async def metrics_text(self) -> str:
         statuses = await self.statuses()

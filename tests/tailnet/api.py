@@ -5,7 +5,11 @@
   (``tskey-client-<id>-<secret>``) is what authenticates; the client id is not checked.
 * ``POST /api/v2/tailnet/<tailnet or ->/keys`` (Bearer token or API key) → a new auth key.
   Keys minted with an OAuth token must carry tags, as on Tailscale.
-* ``GET /api/v2/tailnet/<tailnet or ->/devices`` → the nodes (handy for tests in another process).
+* ``GET /api/v2/tailnet/<tailnet or ->/devices`` (any ``?fields=``) → ``{"devices": [...]}`` in the
+  real API's shape: ``id`` (the numeric node ID, as text), ``nodeId`` (the stable ID), ``name``
+  (the MagicDNS FQDN, no trailing dot), ``hostname``, ``addresses`` (IPv4 then IPv6), ``tags``
+  (only for tagged nodes, as the real API leaves it out otherwise), ``user``, ``os``,
+  ``clientVersion``, key expiry, … — what a whois directory reads (sidecar/whois.py).
 
 Handlers are plain functions of (method, path, headers, body) → :class:`ApiResponse`.
 """
@@ -145,12 +149,25 @@ class Api:
 
     def _devices(self) -> ApiResponse:
         reg = self.registry
-        devices = [{
-            "id": str(n.id), "nodeId": f"n{n.id:x}CNTRL", "name": reg.fqdn(n).rstrip("."),
-            "hostname": n.hostinfo.get("Hostname", n.name), "addresses": [n.ipv4, n.ipv6],
-            "tags": list(n.tags), "user": reg.user_of(n).login, "isEphemeral": n.ephemeral,
-            "connectedToControl": n.online, "lastSeen": rfc3339(n.last_seen),
-            "created": rfc3339(n.created), "authorized": True,
-            "nodeKey": f"nodekey:{n.node_key.hex()}", "machineKey": f"mkey:{n.machine_key.hex()}",
-        } for n in sorted(reg.nodes.values(), key=lambda n: n.id) if not n.logged_out]
+        devices: list[dict[str, Any]] = []
+        for n in sorted(reg.nodes.values(), key=lambda n: n.id):
+            if n.logged_out:
+                continue
+            device: dict[str, Any] = {
+                "id": str(n.id), "nodeId": f"n{n.id:x}CNTRL", "name": reg.fqdn(n).rstrip("."),
+                "hostname": str(n.hostinfo.get("Hostname") or n.name),
+                "addresses": [n.ipv4, n.ipv6], "user": reg.user_of(n).login,
+                "os": str(n.hostinfo.get("OS") or ""),
+                "clientVersion": str(n.hostinfo.get("IPNVersion") or ""),
+                "isEphemeral": n.ephemeral, "isExternal": False,
+                "connectedToControl": n.online, "lastSeen": rfc3339(n.last_seen),
+                "created": rfc3339(n.created), "expires": "0001-01-01T00:00:00Z",
+                "keyExpiryDisabled": True, "authorized": True,
+                "blocksIncomingConnections": False, "updateAvailable": False,
+                "nodeKey": f"nodekey:{n.node_key.hex()}",
+                "machineKey": f"mkey:{n.machine_key.hex()}",
+            }
+            if n.tags:  # the real API leaves "tags" out for untagged devices
+                device["tags"] = list(n.tags)
+            devices.append(device)
         return ApiResponse(200, {"devices": devices})

@@ -361,3 +361,55 @@ async def startup_timeout(workdir: str, host: str) -> dict[str, Any]:
     return {"exit_code": done.returncode, "seconds": round(time.monotonic() - t0, 2),
             "error_lines": [line for line in stderr.splitlines()
                             if line.startswith("harmonia-sidecar: ERROR")]}
+
+
+async def whois_directory(workdir: str, host: str) -> dict[str, Any]:
+    """The whois directory: the sidecar given API credentials (the OAuth client secret, through
+    ``api_key_path``) tells the upstream the calling node's name, tags and ID — for a tagged
+    node and for a user's node — and a forged node header never arrives."""
+    work = Path(workdir)
+    seen: dict[str, Any] = {"timings": {}}
+    t0 = time.monotonic()
+
+    def mark(what: str) -> None:
+        seen["timings"][what] = round(time.monotonic() - t0, 2)
+        log.info("scenario: %s at %.1fs", what, time.monotonic() - t0)
+
+    async with trio.open_nursery() as nursery:
+        tailnet: Tailnet = await nursery.start(serve_tailnet, TailnetConfig(host=host))
+        echo = Echo()
+        port = await nursery.start(echo.serve)
+        (work / "authkey").write_text(tailnet.auth_key.key + "\n")
+        (work / "oauth").write_text(tailnet.oauth_client.secret + "\n")
+        config = (f'state_dir = "{work / "state"}"\n'
+                  f'api_key_path = "{work / "oauth"}"\n'
+                  f'[defaults]\nauthkey_path = "{work / "authkey"}"\n'
+                  + service_toml("echo", f"http://127.0.0.1:{port}"))
+        async with sidecar_process(work, config, tailnet) as side:
+            try:
+                with trio.fail_after(60):
+                    await side.wait(all_running({"echo"}))
+            except trio.TooSlowError:
+                log.error("sidecar log:\n%s", side.log_tail(120))
+                raise
+            mark("published")
+            for name, key in (("builder", tailnet.tagged_auth_key.key),
+                              ("laptop", tailnet.auth_key.key)):
+                async with mesh_node(work / name, name, control_url=tailnet.control_url,
+                                     auth_key=key) as node:
+                    with trio.fail_after(60):
+                        await http_get_retrying("http://echo/ready", proxy=node.proxy_url)
+                        answer = await http_get("http://echo/who", proxy=node.proxy_url,
+                                                headers=FORGED + FORGED_NODE)
+                    seen[name] = {"status": answer.status,
+                                  "headers": json.loads(answer.body)["headers"],
+                                  "addresses": list(node.addresses), "node": _node(tailnet, name)}
+                mark(f"{name} checked")
+            seen["status"] = await side.status()
+            seen["log_has_secret"] = tailnet.oauth_client.secret in side.log_tail(100000)
+        nursery.cancel_scope.cancel()
+    return seen
+
+
+FORGED_NODE = [("X-Tailscale-Node", "666"), ("X-Tailscale-Node-Tags", "tag:forged"),
+               ("X-Tailscale-Node-StableID", "nForgedCNTRL")]

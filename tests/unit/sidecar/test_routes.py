@@ -33,9 +33,11 @@ FORGED = {
 
 
 @asynccontextmanager
-async def running(caddy_bin: str, tmp: Path, services: list[ServiceSpec]
+async def running(caddy_bin: str, tmp: Path, services: list[ServiceSpec],
+                  api_key_path: str | None = None
                   ) -> AsyncIterator[tuple[ValidConfig, CaddyEngine, dict[str, httpx.AsyncClient]]]:
-    cfg = validate(SidecarSpec(services=services, state_dir=str(tmp / "state")), {})
+    cfg = validate(SidecarSpec(services=services, state_dir=str(tmp / "state"),
+                               api_key_path=api_key_path), {})
     sockets = {s.name: str(tmp / f"{s.name}.sock") for s in cfg.services}
     engine = CaddyEngine(binary=caddy_bin, engine_dir=cfg.engine_dir,
                          env={"PATH": os.environ.get("PATH", "")},
