@@ -8,9 +8,10 @@ protocol 1.34 (Nix 2.8) and accept any daemon from 1.21 on.
 from __future__ import annotations
 
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -38,10 +39,15 @@ STDERR_STOP_ACTIVITY = 0x53544F50
 STDERR_RESULT = 0x52534C54
 
 MAX_STRING = 64 * 1024 * 1024
+T = TypeVar("T")
 
 
 class DaemonError(StoreError):
     """The daemon refused an operation or broke the protocol."""
+
+
+class DaemonGone(DaemonError):
+    """The connection to the daemon closed or broke (a daemon restart, a killed worker)."""
 
 
 def u64(n: int) -> bytes:
@@ -66,7 +72,7 @@ class Connection:
         while len(self.buf) < n:
             data = await self.stream.receive_some(max(65536, n - len(self.buf)))
             if not data:
-                raise DaemonError("the daemon closed the connection")
+                raise DaemonGone("the daemon closed the connection")
             self.buf += data
 
     async def read_exact(self, n: int) -> bytes:
@@ -184,6 +190,9 @@ class DaemonStore:
         self.real_store_dir = real_store_dir
         self._idle: list[Connection] = []
         self._pool_size = pool_size
+        # the daemon forks a process per connection: a burst of requests must queue for a few
+        # connections, not open hundreds (the socket's backlog overflows and connects fail)
+        self._queries = trio.CapacityLimiter(pool_size)
 
     async def _connect(self) -> Connection:
         try:
@@ -196,6 +205,9 @@ class DaemonStore:
         try:
             with trio.fail_after(30):
                 await conn.handshake()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            await conn.aclose()
+            raise DaemonGone(f"the nix-daemon at {self.socket_path} dropped the connection: {exc}") from exc
         except BaseException:
             await conn.aclose()
             raise
@@ -208,6 +220,8 @@ class DaemonStore:
         try:
             yield conn
             ok = True
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise DaemonGone(f"the nix-daemon connection broke: {exc}") from exc
         finally:
             # a connection interrupted mid-operation is in an unknown state: drop it
             if ok and len(self._idle) < self._pool_size:
@@ -216,21 +230,39 @@ class DaemonStore:
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
 
+    async def _query(self, operation: Callable[[Connection], Awaitable[T]]) -> T:
+        """Run one query on a pooled connection; a pooled connection the daemon has since closed
+        (a daemon restart) is replaced once, transparently."""
+        async with self._queries:
+            for attempt in (1, 2):
+                reused = bool(self._idle)
+                try:
+                    async with self._connection() as conn:
+                        return await operation(conn)
+                except DaemonGone:
+                    if not (reused and attempt == 1):
+                        raise
+            raise AssertionError("unreachable")
+
     async def is_valid_path(self, path: str) -> bool:
-        async with self._connection() as conn:
+        async def op(conn: Connection) -> bool:
             await conn.send(u64(OP_IS_VALID_PATH) + wire_str(path))
             await conn.process_stderr()
             return bool(await conn.read_u64())
 
+        return await self._query(op)
+
     async def path_from_hash_part(self, hash_part: str) -> str | None:
-        async with self._connection() as conn:
+        async def op(conn: Connection) -> str | None:
             await conn.send(u64(OP_QUERY_PATH_FROM_HASH_PART) + wire_str(hash_part))
             await conn.process_stderr()
             path = await conn.read_str()
             return path or None
 
+        return await self._query(op)
+
     async def path_info(self, path: str) -> PathInfo | None:
-        async with self._connection() as conn:
+        async def op(conn: Connection) -> tuple[str, str, list[str], int, int, list[str], str] | None:
             await conn.send(u64(OP_QUERY_PATH_INFO) + wire_str(path))
             await conn.process_stderr()
             if conn.minor >= 17 and not await conn.read_u64():
@@ -246,6 +278,12 @@ class DaemonStore:
                 await conn.read_u64()  # ultimate
                 sigs = await conn.read_strings()
                 ca = await conn.read_str()
+            return deriver, nar_hash, references, registration_time, nar_size, sigs, ca
+
+        found = await self._query(op)
+        if found is None:
+            return None
+        deriver, nar_hash, references, registration_time, nar_size, sigs, ca = found
         try:
             digest = parse_sha256(nar_hash)
         except HashFormatError as exc:

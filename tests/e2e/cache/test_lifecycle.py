@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -302,3 +303,78 @@ def test_idle_keepalive_connections_do_not_delay_shutdown(
         finally:
             idle.close()
             silent.close()
+
+
+class DaemonSocketRelay:
+    """A unix-socket relay in front of the real nix-daemon that can drop every connection at once:
+    what the cache's pooled daemon connections see when the daemon restarts."""
+
+    def __init__(self, path: Path, target: str = "/nix/var/nix/daemon-socket/socket") -> None:
+        self.path = path
+        self.target = target
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(64)
+        self.accepted = 0
+        import threading
+
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            upstream.connect(self.target)
+            self.pairs.append((client, upstream))
+            self.accepted += 1
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def drop_all(self) -> None:
+        for a, b in self.pairs:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+        self.pairs.clear()
+
+    def close(self) -> None:
+        self.drop_all()
+        self.listener.close()
+
+
+def test_daemon_backend_survives_a_daemon_restart(tmp_path: Path, store_fixtures: Fixtures,
+                                                  nix_daemon_env: dict[str, str]) -> None:
+    relay = DaemonSocketRelay(tmp_path / "daemon.sock")
+    try:
+        with start_cache(tmp_path / "srv", store_backend="daemon", daemon_socket=str(relay.path)) as cache:
+            url = f"{cache.url}/{Path(store_fixtures.tree).name[:32]}.narinfo"
+            assert httpx.get(url, timeout=20).status_code == 200
+            before = relay.accepted
+            relay.drop_all()  # every pooled connection is now dead, as after a daemon restart
+            time.sleep(0.2)
+            for _ in range(5):
+                resp = httpx.get(url, timeout=20)
+                assert resp.status_code == 200, resp.text
+            assert relay.accepted > before  # new connections replaced the dead ones
+            assert "Traceback" not in cache.log
+    finally:
+        relay.close()
