@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", type=int, default=300, help="number of small paths")
     parser.add_argument("--workers", type=int, default=cpu_count())
     parser.add_argument(
+        "--backend", choices=("db", "daemon"), default="db", help="harmonia-cache's store_backend"
+    )
+    parser.add_argument(
         "--publish",
         action="store_true",
         help="also write the table and chart into docs/benchmarks.md and docs/benchmarks.png",
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work / "harmonia" / "nar-zstd", ignore_errors=True)
     with (
         caddy_file_server(export_dir, work) as caddy,
-        harmonia_cache(work / "harmonia", args.workers) as ours,
+        harmonia_cache(work / "harmonia", args.workers, args.backend) as ours,
     ):
         servers: dict[str, Server] = {"caddy": caddy, "harmonia": ours}
 
@@ -192,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": {"cores": cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
         "workers": args.workers,
+        "backend": args.backend,
         "seconds_per_phase": secs,
         "results": results,
         "targets": check_targets(results),

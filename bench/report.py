@@ -79,7 +79,7 @@ def render_table(report: dict[str, Any]) -> str:
         )
     lines = [
         f"Run {report['when']} on {report['machine']['cores']} cores, harmonia-cache with "
-        f"{report['workers']} workers, {report['seconds_per_phase']} s per load phase.",
+        f"{report['workers']} workers (store backend {report.get('backend', 'db')}), {report['seconds_per_phase']} s per load phase.",
         "",
         "| measure | Caddy file_server | harmonia-cache | ratio |",
         "|---|---:|---:|---:|",

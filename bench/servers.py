@@ -87,7 +87,7 @@ def caddy_file_server(root: Path, state: Path) -> Iterator[Server]:
 
 
 @contextmanager
-def harmonia_cache(state: Path, workers: int) -> Iterator[Server]:
+def harmonia_cache(state: Path, workers: int, backend: str = "db") -> Iterator[Server]:
     state.mkdir(parents=True, exist_ok=True)
     secret = state / "secret-key"
     if not secret.exists():
@@ -109,7 +109,7 @@ def harmonia_cache(state: Path, workers: int) -> Iterator[Server]:
         )
     config = state / "harmonia.toml"
     config.write_text(
-        f'bind = "127.0.0.1:0"\nworkers = {workers}\npriority = 60\n'
+        f'bind = "127.0.0.1:0"\nworkers = {workers}\npriority = 60\nstore_backend = "{backend}"\n'
         f'sign_key_paths = ["{secret}"]\nstate_directory = "{state}"\n[zstd]\nlevel = 3\n'
     )
     proc = subprocess.Popen(

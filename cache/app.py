@@ -64,7 +64,12 @@ def default_state_directory(config: Config) -> Path:
 
 def make_store(config: Config) -> Store:
     if config.store_backend == "daemon":
-        return DaemonStore(config.daemon_socket, config.virtual_nix_store, config.real_nix_store)
+        return DaemonStore(
+            config.daemon_socket,
+            config.virtual_nix_store,
+            config.real_nix_store,
+            prefer_files=config.nar_source == "auto",
+        )
     return DbStore(config.nix_db_path, config.virtual_nix_store, config.real_nix_store)
 
 
@@ -156,7 +161,11 @@ class App:
         return self.zstd.cached_lookup(info.nar_hash)
 
     def schedule_compression(self, info: PathInfo) -> None:
-        if self.zstd is None or self._nursery is None or isinstance(self.store, DaemonStore):
+        if self.zstd is None or self._nursery is None:
+            return
+        if isinstance(self.store, DaemonStore) and not (
+            self.store.prefer_files and self.store.files_readable(info.path)
+        ):
             return
         root = self.store.real_path(info.path)
         nar = FsNar(root, info.nar_size)

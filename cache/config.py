@@ -69,6 +69,7 @@ class Config:
     tls_key_path: Path | None = None
     nix_db_path: Path = Path("/nix/var/nix/db/db.sqlite")
     store_backend: str = "db"
+    nar_source: str = "auto"  # with the daemon backend: "auto" (files when readable) or "daemon"
     daemon_socket: Path = Path("/nix/var/nix/daemon-socket/socket")
     state_directory: Path | None = None
     compressed_cache_max_bytes: int = 20 * 1024**3
@@ -84,7 +85,7 @@ _KEYS = {
     "bind", "workers", "max_connection_rate", "max_connections", "priority",
     "virtual_nix_store", "real_nix_store", "enable_compression", "zstd", "sign_key_paths",
     "sign_key_path", "tls_cert_path", "tls_key_path", "nix_db_path", "store_backend",
-    "daemon_socket", "state_directory", "compressed_cache_max_bytes", "narinfo_cache_entries",
+    "daemon_socket", "nar_source", "state_directory", "compressed_cache_max_bytes", "narinfo_cache_entries",
     "log_level",
 }  # fmt: skip
 
@@ -165,6 +166,11 @@ def config_from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Confi
             problems.append(f'store_backend: expected "db" or "daemon", got {backend!r}')
         else:
             kw["store_backend"] = backend
+    if (source := _str(raw, "nar_source", problems)) is not None:
+        if source not in ("auto", "daemon"):
+            problems.append(f'nar_source: expected "auto" or "daemon", got {source!r}')
+        else:
+            kw["nar_source"] = source
     if (level_s := _str(raw, "log_level", problems)) is not None:
         if level_s.lower() not in ("debug", "info", "warning", "error"):
             problems.append(f"log_level: expected debug, info, warning or error, got {level_s!r}")

@@ -361,8 +361,9 @@ class DaemonSocketRelay:
         self.listener.close()
 
 
-def test_daemon_backend_survives_a_daemon_restart(tmp_path: Path, store_fixtures: Fixtures,
-                                                  nix_daemon_env: dict[str, str]) -> None:
+def test_daemon_backend_survives_a_daemon_restart(
+    tmp_path: Path, store_fixtures: Fixtures, nix_daemon_env: dict[str, str]
+) -> None:
     relay = DaemonSocketRelay(tmp_path / "daemon.sock")
     try:
         with start_cache(tmp_path / "srv", store_backend="daemon", daemon_socket=str(relay.path)) as cache:

@@ -37,6 +37,13 @@ def test_harmonia_keys() -> None:
     assert cfg.sign_key_paths == (Path("/k1"), Path("/k2"), Path("/k3"))
 
 
+def test_nar_source() -> None:
+    assert config_from_mapping({"store_backend": "daemon"}, {}).nar_source == "auto"
+    assert config_from_mapping({"nar_source": "daemon"}, {}).nar_source == "daemon"
+    with pytest.raises(ConfigError, match=r"nar_source"):
+        config_from_mapping({"nar_source": "files"}, {})
+
+
 def test_every_problem_reported_at_once() -> None:
     with pytest.raises(ConfigError) as info:
         config_from_mapping(

@@ -7,7 +7,13 @@ from cache.h1proto import BadRequest, find_head_end, parse_head, write_head
     ("raw", "method", "target", "keep_alive", "has_body"),
     [
         (b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n\r\n", "GET", "/nix-cache-info", True, False),
-        (b"HEAD /a.narinfo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "HEAD", "/a.narinfo", False, False),
+        (
+            b"HEAD /a.narinfo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            "HEAD",
+            "/a.narinfo",
+            False,
+            False,
+        ),
         (b"GET / HTTP/1.0\r\n\r\n", "GET", "/", False, False),
         (b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", "GET", "/", True, False),
         (b"\r\nGET /x?y=1 HTTP/1.1\nHost: x\n\n", "GET", "/x?y=1", True, False),
@@ -19,11 +25,18 @@ from cache.h1proto import BadRequest, find_head_end, parse_head, write_head
 )
 def test_valid_heads(raw: bytes, method: str, target: str, keep_alive: bool, has_body: bool) -> None:
     head = parse_head(raw)
-    assert (head.method, head.target, head.keep_alive, head.has_body) == (method, target, keep_alive, has_body)
+    assert (head.method, head.target, head.keep_alive, head.has_body) == (
+        method,
+        target,
+        keep_alive,
+        has_body,
+    )
 
 
 def test_headers_are_lower_case_and_joined() -> None:
-    head = parse_head(b"GET / HTTP/1.1\r\nHost: x\r\nAccept-Encoding: zstd\r\naccept-encoding:  gzip \r\n\r\n")
+    head = parse_head(
+        b"GET / HTTP/1.1\r\nHost: x\r\nAccept-Encoding: zstd\r\naccept-encoding:  gzip \r\n\r\n"
+    )
     assert head.headers["accept-encoding"] == "zstd, gzip"
 
 
