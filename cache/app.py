@@ -23,6 +23,7 @@ from .signing import PublicKey, Signer
 from .store import DbStore, FsNar, Store, StoreError
 
 log = logging.getLogger("harmonia.app")
+PATH_NAMES = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,7 @@ class App:
         parents = config.nix_db_path.parents
         self.log_dir = (parents[2] if len(parents) > 2 else Path("/nix/var")) / "log" / "nix" / "drvs"
         self._nursery: trio.Nursery | None = None
+        self._path_names: dict[str, str] = {}
 
     async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hosts background work (compression) for the lifetime of the worker."""
@@ -125,12 +127,20 @@ class App:
         if isinstance(self.store, DbStore):
             found = await self.store.info_from_hash_part(hash_part)
             return Resolved(hash_part, found) if found is not None else None
-        path = await self.store.path_from_hash_part(hash_part)
+        # a hash part names one store path for ever; only its validity changes (GC), and the
+        # path-info query checks that: remembering the name saves a daemon round trip
+        path = self._path_names.get(hash_part)
         if path is None:
-            return None
+            path = await self.store.path_from_hash_part(hash_part)
+            if path is None:
+                return None
         info = await self.store.path_info(path)
         if info is None:
+            self._path_names.pop(hash_part, None)
             return None
+        if len(self._path_names) >= PATH_NAMES:
+            self._path_names.clear()
+        self._path_names[hash_part] = path
         return Resolved(hash_part, info)
 
     def present_on_disk(self, info: PathInfo) -> bool:

@@ -41,6 +41,7 @@ STDERR_RESULT = 0x52534C54
 
 MAX_STRING = 64 * 1024 * 1024
 T = TypeVar("T")
+CONNECT_ATTEMPTS = 5
 
 
 class DaemonError(StoreError):
@@ -49,6 +50,10 @@ class DaemonError(StoreError):
 
 class DaemonGone(DaemonError):
     """The connection to the daemon closed or broke (a daemon restart, a killed worker)."""
+
+
+class ConnectFailed(DaemonGone):
+    """A new connection failed before its handshake ended (the daemon's backlog was full)."""
 
 
 def u64(n: int) -> bytes:
@@ -208,16 +213,18 @@ class DaemonStore:
         try:
             stream = await trio.open_unix_socket(str(self.socket_path))
         except OSError as exc:
-            raise DaemonError(
+            raise ConnectFailed(
                 f"cannot connect to the nix-daemon at {self.socket_path}: {exc.strerror}"
             ) from exc
         conn = Connection(stream)
         try:
             with trio.fail_after(30):
                 await conn.handshake()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, DaemonGone) as exc:
             await conn.aclose()
-            raise DaemonGone(f"the nix-daemon at {self.socket_path} dropped the connection: {exc}") from exc
+            raise ConnectFailed(
+                f"the nix-daemon at {self.socket_path} dropped the connection: {exc}"
+            ) from exc
         except BaseException:
             await conn.aclose()
             raise
@@ -244,11 +251,15 @@ class DaemonStore:
         """Run one query on a pooled connection; a pooled connection the daemon has since closed
         (a daemon restart) is replaced once, transparently."""
         async with self._queries:
-            for attempt in (1, 2):
+            for attempt in range(1, CONNECT_ATTEMPTS + 1):
                 reused = bool(self._idle)
                 try:
                     async with self._connection() as conn:
                         return await operation(conn)
+                except ConnectFailed:
+                    if attempt == CONNECT_ATTEMPTS:
+                        raise
+                    await trio.sleep(0.01 * 2**attempt)  # the daemon forks a worker per connection
                 except DaemonGone:
                     if not (reused and attempt == 1):
                         raise

@@ -379,3 +379,17 @@ def test_daemon_backend_survives_a_daemon_restart(
             assert "Traceback" not in cache.log
     finally:
         relay.close()
+
+
+def test_daemon_backend_forgets_collected_paths(tmp_path: Path, nix_daemon_env: dict[str, str]) -> None:
+    """The daemon backend remembers hash → path names; a collected path must still become a 404."""
+    from tests.support.fixtures import unique_path_expr
+    from tests.support.nix import build, run
+
+    path = build(unique_path_expr(f"gc-daemon-{time.time_ns()}"), nix_daemon_env)[0]
+    with start_cache(tmp_path, store_backend="daemon") as cache:
+        url = f"{cache.url}/{Path(path).name[:32]}.narinfo"
+        assert httpx.get(url, timeout=20).status_code == 200
+        assert httpx.get(url, timeout=20).status_code == 200
+        run(["nix-store", "--delete", path], env=nix_daemon_env)
+        assert httpx.get(url, timeout=20).status_code == 404
