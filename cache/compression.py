@@ -85,8 +85,11 @@ class ZstdCache:
         absent one for a second, since another worker may finish it meanwhile."""
         now = time.monotonic()
         hit = self._memo.get(nar_hash)
-        if hit is not None and (hit[1] is not None or now - hit[0] < NEGATIVE_TTL):
-            return hit[1]
+        if hit is not None:
+            if hit[1] is not None and os.path.exists(hit[1].path):
+                return hit[1]  # one stat: another worker may have evicted it
+            if hit[1] is None and now - hit[0] < NEGATIVE_TTL:
+                return None
         found = self.lookup(nar_hash)
         if len(self._memo) >= MEMO_ENTRIES:
             self._memo.clear()
@@ -150,10 +153,10 @@ class ZstdCache:
             return None
         finally:
             out.close()
-        self._evict()
+        self._evict(keep=data_path)
         return CompressedNar(data_path, digest.digest(), size)
 
-    def _evict(self) -> None:
+    def _evict(self, keep: Path) -> None:
         try:
             entries = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.dir.glob("*.nar.zst")]
         except OSError:
@@ -162,6 +165,8 @@ class ZstdCache:
         for _, size, path in sorted(entries):
             if total <= self.max_bytes:
                 break
+            if path == keep:
+                continue  # the copy just made is about to be advertised
             with contextlib.suppress(OSError):
                 path.with_suffix("").with_suffix(".meta").unlink()
                 path.unlink()

@@ -42,6 +42,7 @@ STDERR_RESULT = 0x52534C54
 MAX_STRING = 64 * 1024 * 1024
 T = TypeVar("T")
 CONNECT_ATTEMPTS = 5
+QUERY_TIMEOUT = 30.0
 
 
 class DaemonError(StoreError):
@@ -254,8 +255,11 @@ class DaemonStore:
             for attempt in range(1, CONNECT_ATTEMPTS + 1):
                 reused = bool(self._idle)
                 try:
-                    async with self._connection() as conn:
-                        return await operation(conn)
+                    with trio.fail_after(QUERY_TIMEOUT):
+                        async with self._connection() as conn:
+                            return await operation(conn)
+                except trio.TooSlowError as exc:
+                    raise DaemonError(f"the nix-daemon did not answer within {QUERY_TIMEOUT:.0f} s") from exc
                 except ConnectFailed:
                     if attempt == CONNECT_ATTEMPTS:
                         raise

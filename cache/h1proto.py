@@ -110,7 +110,8 @@ def parse_head(raw: bytes) -> RequestHead:
             raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
         has_body = True
     elif lengths:
-        if len(lengths) != 1 or not next(iter(lengths)).isdigit() or len(next(iter(lengths))) > 18:
+        length = next(iter(lengths))
+        if len(lengths) != 1 or not (length.isascii() and length.isdigit()) or len(length) > 18:
             raise BadRequest(400, "invalid Content-Length")
         has_body = int(next(iter(lengths))) > 0
     tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}

@@ -104,11 +104,20 @@ class H1Connection:
             return
         finally:
             with trio.CancelScope(shield=True):
-                await self.stream.aclose()
+                # a TLS close_notify to a peer that reads nothing would wait for ever
+                with trio.move_on_after(5) as closing:
+                    await self.stream.aclose()
+                if closing.cancelled_caught:
+                    await trio.aclose_forcefully(self.stream)
 
     async def _read_head(self, wait: float) -> bytes | None:
-        """The next request head, or None at end of stream or when the client stays silent."""
+        """The next request head, or None at end of stream or when the client stays silent.
+
+        Waiting for a first byte may take `wait` (keep-alive); once a head has begun, the whole
+        head must arrive within HEADER_TIMEOUT, however slowly its bytes trickle in.
+        """
         searched = 0
+        deadline = trio.current_time() + (HEADER_TIMEOUT if self.buf else wait)
         while True:
             end = find_head_end(self.buf, max(0, searched - 3))
             if end != -1:
@@ -121,7 +130,7 @@ class H1Connection:
             idle = not self.buf
             if idle and self.stopping.is_set():
                 return None
-            with trio.move_on_after(wait) as scope:
+            with trio.move_on_at(deadline) as scope:
                 if idle:
                     self.idle.add(scope)
                 try:
@@ -132,8 +141,9 @@ class H1Connection:
                     if self.buf.strip():
                         raise BadRequest(400, "incomplete request head")
                     return None
+                if idle:
+                    deadline = trio.current_time() + HEADER_TIMEOUT
                 self.buf += data
-                wait = HEADER_TIMEOUT
                 continue
             return None
 

@@ -25,6 +25,11 @@ class Unsatisfiable(Exception):
 _HUGE = 10**19  # beyond any file; also keeps int() away from very long digit strings
 
 
+def _digits(text: str) -> bool:
+    # str.isdigit() also accepts "²" and other digits int() refuses
+    return text.isascii() and text.isdigit()
+
+
 def _number(digits: str) -> int:
     return _HUGE if len(digits) > 19 else int(digits)
 
@@ -38,7 +43,7 @@ def parse_range(header: str | None, total: int) -> ByteRange | None:
         return None
     first, dash, last = spec.strip().partition("-")
     first, last = first.strip(), last.strip()
-    if not dash or not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+    if not dash or not (_digits(first) or first == "") or not (_digits(last) or last == ""):
         return None
     if first == "":
         if last == "":

@@ -25,12 +25,15 @@ def _read_log(log_dir: Path, base: str, decompress: bool) -> tuple[bytes, bool] 
     folder = log_dir / base[:2]
     plain = folder / base[2:]
     packed = folder / (base[2:] + ".bz2")
+    # bounded reads: a build log can be many GB, and bzip2 shrinks repetitive text enormously
     if plain.is_file():
-        return plain.read_bytes()[:MAX_LOG], False
+        with plain.open("rb") as f:
+            return f.read(MAX_LOG), False
     if packed.is_file():
-        data = packed.read_bytes()
+        with packed.open("rb") as f:
+            data = f.read(MAX_LOG)
         if decompress:
-            return bz2.decompress(data)[:MAX_LOG], False
+            return bz2.BZ2Decompressor().decompress(data, max_length=MAX_LOG), False
         return data, True
     return None
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..compression import compress_chunks, iter_nar_bytes
+from ..daemon import DaemonError
 from ..hashes import nix32_encode
 from ..http import Request, Response, SegmentsBody, StreamBody, error
 from ..nar import FileRegion, Segment, slice_segments
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 NAR_TYPE = "application/x-nix-nar"
 IMMUTABLE = "public, max-age=31536000, immutable"
+DAEMON_FIRST_BYTE_TIMEOUT = 30.0
 _NIX32_SHA256 = re.compile(r"[0123456789abcdfghijklmnpqrsvwxyz]{52}")
 
 
@@ -125,42 +127,68 @@ async def nar_response(app: App, request: Request, resolved: Resolved) -> Respon
     headers.append(("Accept-Ranges", "bytes"))
     if isinstance(source, FsNar):
         return _ranged(request, headers, source.segments, info.nar_size)
-    return _streamed(request, headers, source)
+    return await _streamed(request, headers, source)
 
 
-def _streamed(request: Request, headers: list[tuple[str, str]], source: StreamedNar) -> Response:
+async def _streamed(request: Request, headers: list[tuple[str, str]], source: StreamedNar) -> Response:
+    """A NAR from the daemon. The daemon is asked, and has started answering, before any header
+    goes out: a daemon that cannot serve the path gives a 503, not a 200 cut short."""
     total = source.size
     try:
         rng = parse_range(request.header("range"), total)
     except Unsatisfiable:
         return error(416, "range not satisfiable", [("Content-Range", f"bytes */{total}")])
-    opener = source.open
+    start, length = (0, total) if rng is None else (rng.start, rng.length)
+    status = 200 if rng is None else 206
+    if rng is not None:
+        headers = [*headers, ("Content-Range", rng.content_range(total))]
+    if request.method == "HEAD":
+        return Response(status, headers, StreamBody(_nothing, length))
+    stream = source.open()
+    try:
+        with trio.fail_after(DAEMON_FIRST_BYTE_TIMEOUT):
+            first = await anext(stream, b"")
+    except trio.TooSlowError as exc:
+        await _close(stream)
+        raise DaemonError("the nix-daemon did not start sending the NAR in time") from exc
+    except BaseException:
+        await _close(stream)
+        raise
 
-    async def chunks(skip: int, length: int) -> AsyncIterator[bytes]:
-        stream: AsyncIterator[bytes] = opener()
-        left = length
-        async for chunk in stream:
-            if skip >= len(chunk):
-                skip -= len(chunk)
-                continue
-            piece = chunk[skip : skip + left]
-            skip = 0
-            left -= len(piece)
-            yield piece
-            if not left:
-                break
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
+    async def chunks() -> AsyncIterator[bytes]:
+        skip, left = start, length
+        try:
+            chunk = first
+            while True:
+                if skip >= len(chunk):
+                    skip -= len(chunk)
+                elif left:
+                    piece = chunk[skip : skip + left]
+                    skip = 0
+                    left -= len(piece)
+                    yield piece
+                if not left and start + length < total:
+                    break  # a range that ends early: the connection is dropped, not drained
+                nxt = await anext(stream, None)
+                if nxt is None:
+                    break
+                chunk = nxt
+        finally:
+            await _close(stream)
+
+    return Response(status, headers, StreamBody(chunks, length))
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""  # pragma: no cover - makes this an async generator
+
+
+async def _close(stream: AsyncIterator[bytes]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with trio.CancelScope(shield=True):
             await aclose()
-
-    if rng is None:
-        return Response(200, headers, StreamBody(lambda: chunks(0, total), total))
-    start, length = rng.start, rng.length
-    return Response(
-        206,
-        [*headers, ("Content-Range", rng.content_range(total))],
-        StreamBody(lambda: chunks(start, length), length),
-    )
 
 
 async def _zstd_stream(source: FsNar, level: int) -> AsyncIterator[bytes]:

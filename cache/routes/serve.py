@@ -40,15 +40,30 @@ class Elsewhere:
     target: bytes  # an absolute path a link pointed to
 
 
-def resolve_inside(root: bytes, parts: list[bytes]) -> Found | Elsewhere | None:
-    """Walk `parts` under `root`, following links only while they stay under `root`."""
+def resolve_inside(root: bytes, parts: list[bytes], store_dir: bytes) -> Found | Elsewhere | None:
+    """Walk `parts` under `root`, following links only while they stay under `root`.
+
+    Nothing is ever followed by the kernel: every component, the store path itself included,
+    is looked at with lstat, so a store path that *is* a link (to /etc, say) is a link to
+    resolve, not a directory to read.
+    """
+    try:
+        top = os.lstat(root)
+    except OSError:
+        return None
+    rest = b"".join(b"/" + p for p in parts)
+    if stat.S_ISLNK(top.st_mode):
+        target = os.readlink(root)
+        if not target.startswith(b"/"):
+            target = store_dir + b"/" + target  # relative to the store directory
+        return Elsewhere(os.path.normpath(target) + rest)
     done: list[bytes] = []
     todo = list(parts)
     links = 0
     while True:
         if not todo:
             try:
-                st = os.stat(root + b"".join(b"/" + p for p in done)) if done else os.stat(root)
+                st = os.lstat(root + b"".join(b"/" + p for p in done)) if done else top
             except OSError:
                 return None
             return Found(tuple(done), st)
@@ -71,7 +86,7 @@ def resolve_inside(root: bytes, parts: list[bytes]) -> Found | Elsewhere | None:
                 return None
             target = os.readlink(here)
             if target.startswith(b"/"):
-                return Elsewhere(target + b"".join(b"/" + p for p in todo))
+                return Elsewhere(os.path.normpath(target) + b"".join(b"/" + p for p in todo))
             todo = target.split(b"/") + todo
             continue
         if todo and not stat.S_ISDIR(st.st_mode):
@@ -79,11 +94,16 @@ def resolve_inside(root: bytes, parts: list[bytes]) -> Found | Elsewhere | None:
         done.append(part)
 
 
-def _listing_page(title: str, base_url: str, entries: list[tuple[str, bool]]) -> bytes:
+def _shown(name: bytes) -> str:
+    """A file name for people: UTF-8 where it is, escapes where it is not."""
+    return name.decode("utf-8", "backslashreplace")
+
+
+def _listing_page(title: str, base_url: str, entries: list[tuple[bytes, bool]]) -> bytes:
     esc = html.escape
     items = "".join(
         f'<li><a href="{esc(base_url + quote(name) + ("/" if is_dir else ""))}">'
-        f"{esc(name)}{'/' if is_dir else ''}</a></li>"
+        f"{esc(_shown(name))}{'/' if is_dir else ''}</a></li>"
         for name, is_dir in entries
     )
     return (
@@ -109,7 +129,8 @@ async def get_serve(app: App, request: Request, match: re.Match[str]) -> Respons
         return error(404, "no such path")
     store_path = resolved.info.path
     root = app.store.real_path(store_path)
-    found = await trio.to_thread.run_sync(resolve_inside, root, parts)
+    store_dir = os.fsencode(app.config.virtual_nix_store)
+    found = await trio.to_thread.run_sync(resolve_inside, root, parts, store_dir)
     if isinstance(found, Elsewhere):
         store_prefix = os.fsencode(app.config.virtual_nix_store) + b"/"
         if found.target.startswith(store_prefix):
@@ -128,7 +149,7 @@ async def get_serve(app: App, request: Request, match: re.Match[str]) -> Respons
     if stat.S_ISDIR(st.st_mode):
         if not raw.endswith(b"/"):
             return Response(301, [("Location", quote(raw) + "/")], b"")
-        index = await trio.to_thread.run_sync(resolve_inside, root, [*found.parts, b"index.html"])
+        index = await trio.to_thread.run_sync(resolve_inside, root, [*found.parts, b"index.html"], store_dir)
         if isinstance(index, Found) and stat.S_ISREG(index.st.st_mode):
             return _file(
                 request, root + b"".join(b"/" + p for p in index.parts), index.st.st_size, "index.html"
@@ -140,14 +161,14 @@ async def get_serve(app: App, request: Request, match: re.Match[str]) -> Respons
                 is_dir = stat.S_ISDIR(os.stat(target + b"/" + name).st_mode)
             except OSError:
                 is_dir = False
-            entries.append((os.fsdecode(name), is_dir))
-        title = store_path + "/" + "/".join(os.fsdecode(p) for p in found.parts)
+            entries.append((name, is_dir))
+        title = store_path + "/" + "/".join(_shown(p) for p in found.parts)
         return Response(
             200, [("Content-Type", "text/html; charset=utf-8")], _listing_page(title, url_base, entries)
         )
     if not stat.S_ISREG(st.st_mode):
         return error(404, "not a regular file")
-    return _file(request, target, st.st_size, os.fsdecode(found.parts[-1]) if found.parts else "")
+    return _file(request, target, st.st_size, _shown(found.parts[-1]) if found.parts else "")
 
 
 def _file(request: Request, path: bytes, size: int, name: str) -> Response:

@@ -171,3 +171,42 @@ def test_http10_without_keep_alive_closes(server: CacheServer) -> None:
     assert response.startswith(b"HTTP/1.1 200 OK")
     assert b"Connection: close" in response
     assert response.endswith(b"Priority: 30\n")
+
+
+def test_store_path_that_is_a_link_outside_is_not_followed(
+    server: CacheServer, nix_daemon_env: dict[str, str]
+) -> None:
+    """A store path may itself be a symlink (anyone who can add a path can make one to /etc)."""
+    from tests.support.nix import build
+
+    evil = build(
+        'builtins.derivation { name = "hc-link-to-etc"; system = builtins.currentSystem; '
+        'builder = "/bin/sh"; args = [ "-c" "/bin/ln -s /etc $out" ]; }',
+        nix_daemon_env,
+    )[0]
+    h = Path(evil).name[:32]
+    for target in (f"/serve/{h}", f"/serve/{h}/", f"/serve/{h}/passwd", f"/serve/{h}/shadow"):
+        response = raw_request(
+            server, f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        )
+        assert status_of(response) == 404, (target, response[:300])
+        assert SECRET_MARK not in response
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n",
+        b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nContent-Length: \xd9\xa3\r\n\r\n",
+    ],
+)
+def test_non_ascii_digits_in_content_length(server: CacheServer, raw: bytes) -> None:
+    assert status_of(raw_request(server, raw)) == 400
+
+
+def test_non_ascii_digits_in_range(server: CacheServer, store_fixtures: Fixtures) -> None:
+    h = Path(store_fixtures.single).name[:32]
+    raw = raw_request(server, f"GET /{h}.narinfo HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    narhash = raw.split(b"NarHash: sha256:")[1][:52].decode()
+    req = f"GET /nar/{narhash}.nar?hash={h} HTTP/1.1\r\nHost: x\r\nRange: bytes=\xb2-\r\nConnection: close\r\n\r\n"
+    assert status_of(raw_request(server, req.encode("latin-1"))) == 200

@@ -234,3 +234,38 @@ def test_metrics_and_service_routes(client: httpx.Client) -> None:
     assert client.get("/version").text.startswith("harmonia-cache ")
     landing = client.get("/")
     assert "test-cache-1:" in landing.text and "trusted-public-keys" in landing.text
+
+
+def test_evicted_copies_are_never_advertised_or_served_empty(
+    tmp_path: Path, store_fixtures: Fixtures, nix_daemon_env: dict[str, str]
+) -> None:
+    """With a cap smaller than two copies, making one evicts the other: every answer stays whole."""
+    small, big = store_fixtures.tree, store_fixtures.big
+    with (
+        start_cache(tmp_path, compressed_cache_max_bytes=1_000_000) as srv,
+        httpx.Client(base_url=srv.url, timeout=60, headers={"Accept-Encoding": "identity"}) as client,
+    ):
+
+        def settle(path: str) -> None:
+            narinfo = f"/{Path(path).name[:32]}.narinfo"
+            deadline = time.monotonic() + 120
+            while "Compression: zstd" not in client.get(narinfo).text:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+
+        settle(small)
+        settle(big)  # its copy alone is over the cap: the small path's copy is evicted
+        for path in (small, big):
+            fields = dict(
+                line.split(": ", 1)
+                for line in client.get(f"/{Path(path).name[:32]}.narinfo").text.splitlines()
+            )
+            resp = client.get("/" + fields["URL"])
+            assert resp.status_code == 200
+            if fields["Compression"] == "zstd":
+                assert len(resp.content) == int(fields["FileSize"])
+            else:
+                assert len(resp.content) == int(fields["NarSize"])
+        # a client that accepts zstd gets the whole NAR whether or not a copy survived
+        encoded = _raw(client, nar_url(client, small))
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(encoded) == dump(small, nix_daemon_env)
