@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import socket
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from cache.keys import write_key_pair
+from cache.launch import running
 
 
 @dataclass
 class Server:
     name: str
     url: str
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[Any]
 
 
 def _free_port() -> int:
@@ -30,7 +31,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+def _wait_http(url: str, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
     import urllib.request
 
     deadline = time.monotonic() + timeout
@@ -48,7 +49,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> 
         time.sleep(0.1)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _stop(proc: subprocess.Popen[Any]) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -91,54 +92,12 @@ def harmonia_cache(state: Path, workers: int, backend: str = "db") -> Iterator[S
     state.mkdir(parents=True, exist_ok=True)
     secret = state / "secret-key"
     if not secret.exists():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "cache",
-                "key",
-                "generate",
-                "bench-1",
-                "--secret-file",
-                str(secret),
-                "--public-file",
-                str(state / "public-key"),
-            ],
-            check=True,
-            capture_output=True,
-        )
+        write_key_pair("bench-1", secret, state / "public-key")
     config = state / "harmonia.toml"
     config.write_text(
         f'bind = "127.0.0.1:0"\nworkers = {workers}\npriority = 60\nstore_backend = "{backend}"\n'
         f'sign_key_paths = ["{secret}"]\nstate_directory = "{state}"\n[zstd]\nlevel = 3\n'
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cache", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    found: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            line = raw.decode(errors="replace")
-            if not found and (m := re.search(r"listening on (\S+)", line)):
-                found.append(m.group(1))
-                ready.set()
-        ready.set()
-
-    thread = threading.Thread(target=pump, daemon=True)
-    thread.start()
-    try:
-        ready.wait(30)
-        if not found:
-            raise RuntimeError("harmonia-cache did not start")
-        _wait_http(found[0], proc)
-        yield Server("harmonia-cache", found[0], proc)
-    finally:
-        _stop(proc)
-        thread.join(5)
-        proc.stderr.close()
+    with running(config) as launched:
+        _wait_http(launched.url, launched.proc)
+        yield Server("harmonia-cache", launched.url, launched.proc)

@@ -20,10 +20,9 @@ from .http import Request, Response, error
 from .metrics import Metrics
 from .narinfo import NarInfo, NarLocation, PathInfo, signatures
 from .signing import PublicKey, Signer
-from .store import DbStore, FsNar, Store, StoreError
+from .store import DbStore, Store, StoreError
 
 log = logging.getLogger("harmonia.app")
-PATH_NAMES = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +100,6 @@ class App:
         parents = config.nix_db_path.parents
         self.log_dir = (parents[2] if len(parents) > 2 else Path("/nix/var")) / "log" / "nix" / "drvs"
         self._nursery: trio.Nursery | None = None
-        self._path_names: dict[str, str] = {}
 
     async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hosts background work (compression) for the lifetime of the worker."""
@@ -124,46 +122,11 @@ class App:
     # --- lookups shared by the routes -------------------------------------------------
 
     async def resolve(self, hash_part: str) -> Resolved | None:
-        if isinstance(self.store, DbStore):
-            found = await self.store.info_from_hash_part(hash_part)
-            return Resolved(hash_part, found) if found is not None else None
-        # a hash part names one store path for ever; only its validity changes (GC), and the
-        # path-info query checks that: remembering the name saves a daemon round trip
-        path = self._path_names.get(hash_part)
-        if path is None:
-            path = await self.store.path_from_hash_part(hash_part)
-            if path is None:
-                return None
-        info = await self.store.path_info(path)
-        if info is None:
-            self._path_names.pop(hash_part, None)
+        """A valid path whose NAR this process can produce, or None (a 404)."""
+        info = await self.store.info_from_hash_part(hash_part)
+        if info is None or not self.store.servable(info):
             return None
-        if len(self._path_names) >= PATH_NAMES:
-            self._path_names.clear()
-        self._path_names[hash_part] = path
         return Resolved(hash_part, info)
-
-    def present_on_disk(self, info: PathInfo) -> bool:
-        """The database may list a path whose files this process cannot see or read."""
-        if isinstance(self.store, DaemonStore):
-            return True
-        real = self.store.real_path(info.path)
-        try:
-            os.lstat(real)
-        except FileNotFoundError:
-            log.warning("%s is valid in the database but missing on disk", info.path)
-            return False
-        except PermissionError:
-            log.warning(
-                "%s is not readable by this process (uid %d): check the service's permissions on the store",
-                info.path,
-                os.getuid(),
-            )
-            return False
-        if not os.access(real, os.R_OK):
-            log.warning("%s is not readable by this process (uid %d)", info.path, os.getuid())
-            return False
-        return True
 
     def compressed_copy(self, info: PathInfo) -> CompressedNar | None:
         if self.zstd is None:
@@ -173,13 +136,9 @@ class App:
     def schedule_compression(self, info: PathInfo) -> None:
         if self.zstd is None or self._nursery is None:
             return
-        if isinstance(self.store, DaemonStore) and not (
-            self.store.prefer_files and self.store.files_readable(info.path)
-        ):
-            return
-        root = self.store.real_path(info.path)
-        nar = FsNar(root, info.nar_size)
-        self.zstd.schedule(self._nursery, info.nar_hash, info.nar_size, nar.segments)
+        nar = self.store.fs_nar(info)
+        if nar is not None:
+            self.zstd.schedule(self._nursery, info.nar_hash, info.nar_size, nar.segments)
 
     def narinfo(self, resolved: Resolved) -> NarInfo:
         info = resolved.info

@@ -43,6 +43,7 @@ MAX_STRING = 64 * 1024 * 1024
 T = TypeVar("T")
 CONNECT_ATTEMPTS = 5
 QUERY_TIMEOUT = 30.0
+PATH_NAMES = 200_000
 
 
 class DaemonError(StoreError):
@@ -209,6 +210,7 @@ class DaemonStore:
         # connections, not open hundreds (the socket's backlog overflows and connects fail)
         self._queries = trio.CapacityLimiter(pool_size)
         self.prefer_files = prefer_files
+        self._path_names: dict[str, str] = {}
 
     async def _connect(self) -> Connection:
         try:
@@ -345,16 +347,41 @@ class DaemonStore:
     def real_path(self, path: str) -> bytes:
         return real_path(path, self.store_dir, self.real_store_dir)
 
-    def files_readable(self, path: str) -> bool:
+    async def info_from_hash_part(self, hash_part: str) -> PathInfo | None:
+        # a hash part names one store path for ever; only its validity changes (GC), and the
+        # path-info query checks that: remembering the name saves a daemon round trip
+        path = self._path_names.get(hash_part)
+        if path is None:
+            path = await self.path_from_hash_part(hash_part)
+            if path is None:
+                return None
+        info = await self.path_info(path)
+        if info is None:
+            self._path_names.pop(hash_part, None)
+            return None
+        if len(self._path_names) >= PATH_NAMES:
+            self._path_names.clear()
+        self._path_names[hash_part] = path
+        return info
+
+    def servable(self, info: PathInfo) -> bool:
+        return True  # the daemon can always dump a path it lists as valid
+
+    def fs_nar(self, info: PathInfo) -> FsNar | None:
         """Store files are world-readable as Nix makes them; when this process can read the path,
         the NAR is made from the files (sendfile, compressed copies) and the daemon only answers
         metadata. The client checks the NAR hash either way."""
-        real = self.real_path(path)
-        return os.path.lexists(real) and os.access(real, os.R_OK)
+        if not self.prefer_files:
+            return None
+        real = self.real_path(info.path)
+        if not (os.path.lexists(real) and os.access(real, os.R_OK)):
+            return None
+        return FsNar(real, info.nar_size)
 
     async def nar(self, info: PathInfo) -> FsNar | StreamedNar:
-        if self.prefer_files and self.files_readable(info.path):
-            return FsNar(self.real_path(info.path), info.nar_size)
+        found = self.fs_nar(info)
+        if found is not None:
+            return found
         return StreamedNar(info.nar_size, lambda: self.nar_stream(info.path, info.nar_size))
 
     async def aclose(self) -> None:

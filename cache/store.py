@@ -7,6 +7,7 @@ the filesystem under `real_nix_store`, which may differ from the logical `virtua
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,6 +18,8 @@ from typing import Protocol
 from .hashes import HashFormatError, parse_sha256
 from .nar import Segment, nar_segments
 from .narinfo import PathInfo
+
+log = logging.getLogger("harmonia.store")
 
 
 class StoreError(Exception):
@@ -48,6 +51,18 @@ class Store(Protocol):
     async def path_from_hash_part(self, hash_part: str) -> str | None: ...
 
     async def path_info(self, path: str) -> PathInfo | None: ...
+
+    async def info_from_hash_part(self, hash_part: str) -> PathInfo | None:
+        """The hot path: a client's hash part to the path's metadata, None when not valid."""
+        ...
+
+    def servable(self, info: PathInfo) -> bool:
+        """Whether this process can produce the NAR of a path the store lists as valid."""
+        ...
+
+    def fs_nar(self, info: PathInfo) -> FsNar | None:
+        """The NAR made from the files, when this process can read them (sendfile, copies)."""
+        ...
 
     def real_path(self, path: str) -> bytes: ...
 
@@ -148,8 +163,31 @@ class DbStore:
     def real_path(self, path: str) -> bytes:
         return real_path(path, self.store_dir, self.real_store_dir)
 
-    async def nar(self, info: PathInfo) -> FsNar:
+    def servable(self, info: PathInfo) -> bool:
+        """The database may list a path whose files this process cannot see or read."""
+        real = self.real_path(info.path)
+        try:
+            os.lstat(real)
+        except FileNotFoundError:
+            log.warning("%s is valid in the database but missing on disk", info.path)
+            return False
+        except PermissionError:
+            log.warning(
+                "%s is not readable by this process (uid %d): check the service's permissions on the store",
+                info.path,
+                os.getuid(),
+            )
+            return False
+        if not os.access(real, os.R_OK):
+            log.warning("%s is not readable by this process (uid %d)", info.path, os.getuid())
+            return False
+        return True
+
+    def fs_nar(self, info: PathInfo) -> FsNar:
         return FsNar(self.real_path(info.path), info.nar_size)
+
+    async def nar(self, info: PathInfo) -> FsNar:
+        return self.fs_nar(info)
 
     async def aclose(self) -> None:
         if self._conn is not None:

@@ -21,7 +21,7 @@ async def get_listing(app: App, request: Request, match: re.Match[str]) -> Respo
     if not is_hash_part(hash_part):
         return error(400, "a listing name is the 32-character hash of a store path")
     resolved = await app.resolve(hash_part)
-    if resolved is None or not app.present_on_disk(resolved.info):
+    if resolved is None:
         return error(404, "no such path")
     root = app.store.real_path(resolved.info.path)
     try:

@@ -46,10 +46,10 @@ async def get_log(app: App, request: Request, match: re.Match[str]) -> Response:
         return error(400, "a log is asked for by a derivation's (or output's) store path base name")
     base = path.base_name
     if not base.endswith(".drv"):
-        resolved = await app.resolve(path.hash_part)
-        if resolved is None or resolved.info.deriver is None:
+        info = await app.store.info_from_hash_part(path.hash_part)
+        if info is None or info.deriver is None:
             return error(404, "no build log for this path")
-        base = resolved.info.deriver.rsplit("/", 1)[1]
+        base = info.deriver.rsplit("/", 1)[1]
     wants_bz2 = request.accepts_encoding("bzip2")
     try:
         found = await trio.to_thread.run_sync(_read_log, app.log_dir, base, not wants_bz2)

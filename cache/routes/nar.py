@@ -40,7 +40,7 @@ async def _lookup(app: App, hash_part: str | None, narhash: str) -> Resolved | R
     if not is_hash_part(hash_part):
         return error(400, "hash= must be the 32-character hash of a store path")
     resolved = await app.resolve(hash_part)
-    if resolved is None or not app.present_on_disk(resolved.info):
+    if resolved is None:
         return error(404, "no such path")
     if nix32_encode(resolved.info.nar_hash) != narhash:
         return error(404, "this store path's NAR has another hash now")

@@ -19,7 +19,7 @@ async def get_narinfo(app: App, request: Request, match: re.Match[str]) -> Respo
     if not is_hash_part(hash_part):
         return error(400, "a narinfo name is the 32-character hash of a store path")
     resolved = await app.resolve(hash_part)
-    if resolved is None or not app.present_on_disk(resolved.info):
+    if resolved is None:
         return error(404, "no such path")
     narinfo = app.narinfo(resolved)
     if request.query and "json" in request.query_params():

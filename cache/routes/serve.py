@@ -125,7 +125,7 @@ async def get_serve(app: App, request: Request, match: re.Match[str]) -> Respons
     if b".." in parts:
         return error(400, "'..' is not allowed in /serve/ paths")
     resolved = await app.resolve(hash_part)
-    if resolved is None or not app.present_on_disk(resolved.info):
+    if resolved is None:
         return error(404, "no such path")
     store_path = resolved.info.path
     root = app.store.real_path(store_path)

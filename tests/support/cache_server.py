@@ -13,19 +13,15 @@ URL comes from its `listening on …` log line.
 
 from __future__ import annotations
 
-import os
-import re
 import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-READY = re.compile(r"listening on (\S+)")
+from cache.keys import write_key_pair
+from cache.launch import running
 
 
 def toml_value(value: Any) -> str:
@@ -72,23 +68,7 @@ def generate_key(directory: Path, name: str = "test-cache-1") -> tuple[Path, str
     secret = directory / f"{name}.secret"
     public = directory / f"{name}.public"
     if not secret.exists():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "cache",
-                "key",
-                "generate",
-                name,
-                "--secret-file",
-                str(secret),
-                "--public-file",
-                str(public),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+        write_key_pair(name, secret, public)
     return secret, public.read_text().strip()
 
 
@@ -113,49 +93,5 @@ def start_cache(
     settings.update(config)
     config_file = tmp_path / "harmonia.toml"
     config_file.write_text(render_toml(settings))
-    proc_env = dict(os.environ if env is None else env)
-    proc_env.pop("CONFIG_FILE", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cache", "--config", str(config_file)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=proc_env,
-        cwd=Path(__file__).resolve().parents[2],
-    )
-    lines: list[str] = []
-    found: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if not found and (m := READY.search(line)):
-                found.append(m.group(1))
-                ready.set()
-        ready.set()
-
-    pumping = threading.Thread(target=pump, daemon=True)
-    pumping.start()
-    try:
-        deadline = time.monotonic() + timeout
-        while not found:
-            if proc.poll() is not None:
-                time.sleep(0.2)
-                raise RuntimeError(f"harmonia-cache exited {proc.returncode}:\n{''.join(lines)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"harmonia-cache not ready after {timeout}s:\n{''.join(lines)}")
-            ready.wait(0.1)
-        yield CacheServer(found[0], public, secret, config_file, proc, lines)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        pumping.join(5)
-        if proc.stderr is not None:
-            proc.stderr.close()
+    with running(config_file, env=env, timeout=timeout, cwd=Path(__file__).resolve().parents[2]) as server:
+        yield CacheServer(server.url, public, secret, config_file, server.proc, server.lines)
