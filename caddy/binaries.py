@@ -87,7 +87,11 @@ def _env(home: Path) -> dict[str, str]:
 
 
 def _run(
-    binary: Path, args: list[str], caddyfile: str, timeout: float, isolate_network: bool,
+    binary: Path,
+    args: list[str],
+    caddyfile: str,
+    timeout: float,
+    isolate_network: bool,
     config_flags: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     with tempfile.TemporaryDirectory(prefix="harmonia-caddy-") as tmp:
@@ -99,8 +103,13 @@ def _run(
         if isolate_network:
             argv = ["unshare", "--net", "--", *argv]
         return subprocess.run(
-            argv, cwd=tmp, env=_env(home), capture_output=True, text=True,
-            timeout=timeout, check=False,
+            argv,
+            cwd=tmp,
+            env=_env(home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
 
 
@@ -128,9 +137,7 @@ def fmt(binary: Path, caddyfile: str, timeout: float = 30) -> str:
     return proc.stdout
 
 
-def validate(
-    binary: Path, caddyfile: str, timeout: float = 60, isolate_network: bool = True
-) -> str:
+def validate(binary: Path, caddyfile: str, timeout: float = 60, isolate_network: bool = True) -> str:
     """``caddy validate``; returns Caddy's output, raises CaddyError if refused.
 
     A config dialling upstreams through a tailnet node (``transport tailscale``) is refused

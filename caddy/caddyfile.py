@@ -112,8 +112,7 @@ def reverse_proxy_block(
         lines.append(f"{INDENT * 2}dial_timeout {caddy_duration(policy.dial_timeout_s)}")
         if policy.response_header_timeout_s is not None:
             lines.append(
-                f"{INDENT * 2}response_header_timeout "
-                f"{caddy_duration(policy.response_header_timeout_s)}"
+                f"{INDENT * 2}response_header_timeout {caddy_duration(policy.response_header_timeout_s)}"
             )
         lines.append(f"{INDENT * 2}compression off")
         if first.tls:
@@ -186,9 +185,7 @@ def render_snippet(site: GatewaySite) -> str:
     if policy.compress_small_text:
         body += _matcher("harmonia_text", [f"path_regexp harmonia_text {SMALL_TEXT_PATTERN}"])
 
-    proxy = _encode_block(policy) + reverse_proxy_block(
-        policy, groups[0], fallback_follows=len(groups) > 1
-    )
+    proxy = _encode_block(policy) + reverse_proxy_block(policy, groups[0], fallback_follows=len(groups) > 1)
     if too_large is not None:
         body += ["handle @harmonia_too_large {", f'{INDENT}respond "{TOO_LARGE_BODY}" 413', "}"]
     if public_conditions:
@@ -200,9 +197,7 @@ def render_snippet(site: GatewaySite) -> str:
             body.append("handle @harmonia_public_path {")
         elif public_conditions:
             body.append("handle {")
-        body += _indent(
-            [f'header Allow "{", ".join(READ_METHODS)}"', 'respond "405 method not allowed" 405']
-        )
+        body += _indent([f'header Allow "{", ".join(READ_METHODS)}"', 'respond "405 method not allowed" 405'])
         body.append("}")
     if path_conditions:
         body += ["handle {", f'{INDENT}respond "404 not found" 404', "}"]
@@ -239,9 +234,7 @@ def render_snippet(site: GatewaySite) -> str:
             *(f"#   {line}" for line in render_tailscale_options(site).splitlines()),
         ]
     if len(groups) > 1:
-        header.append(
-            "# Failover across transports uses this site's handle_errors: keep it the only one."
-        )
+        header.append("# Failover across transports uses this site's handle_errors: keep it the only one.")
     return "\n".join([*header, f"({site.snippet_name}) {{", *_indent(body), "}"]) + "\n"
 
 

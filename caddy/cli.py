@@ -63,54 +63,102 @@ def _parser() -> argparse.ArgumentParser:
     )
     gw.add_argument("--site", required=True, help="site address, e.g. harmonia.arsfeld.one")
     gw.add_argument(
-        "--upstream", action="append", required=True, metavar="URL",
+        "--upstream",
+        action="append",
+        required=True,
+        metavar="URL",
         help="cache address, in order of preference (repeat); http://HOST:PORT or https://HOST",
     )
     gw.add_argument(
-        "--via-tailnet", metavar="NODE",
+        "--via-tailnet",
+        metavar="NODE",
         help="dial the upstreams through this caddy-tailscale node (transport tailscale NODE)",
     )
     gw.add_argument(
-        "--expose", action="append", default=[], choices=_EXPOSABLE,
+        "--expose",
+        action="append",
+        default=[],
+        choices=_EXPOSABLE,
         help="also expose /serve/…, /log/… or /metrics publicly (repeat); default: none",
     )
     gw.add_argument(
-        "--max-body", default="1MiB", metavar="SIZE",
+        "--max-body",
+        default="1MiB",
+        metavar="SIZE",
         help="request body limit (default 1MiB; 'none' for no limit)",
     )
-    gw.add_argument("--allow-upload", action="store_true",
-                    help="allow methods other than GET and HEAD (default: refused with 405)")
-    gw.add_argument("--tls", metavar="internal|EMAIL", help="the site's tls directive")
-    gw.add_argument("--bind", action="append", default=[], metavar="ADDR",
-                    help="interface address the site listens on (repeat)")
-    gw.add_argument("--snippet-name", default="harmonia_gateway", metavar="NAME")
-    gw.add_argument("--log-output", metavar="stdout|stderr|PATH",
-                    help="access log output (default: Caddy's default logger)")
-    gw.add_argument("--no-access-log", action="store_true", help="do not log requests")
-    gw.add_argument("--no-compress", action="store_true",
-                    help="do not compress narinfo / nix-cache-info / .ls responses")
-    gw.add_argument("--no-active-health-checks", action="store_true",
-                    help="no GET /nix-cache-info probes (with a single upstream a failed probe "
-                         "only keeps it marked down until the next one); passive checks stay")
-
-    cl = sub.add_parser(
-        "client", help="print nix.conf lines and a NixOS snippet for a client host"
+    gw.add_argument(
+        "--allow-upload",
+        action="store_true",
+        help="allow methods other than GET and HEAD (default: refused with 405)",
     )
-    cl.add_argument("--tailnet", metavar="NAME",
-                    help="tailnet name: adds the fleet's defaults https://harmonia.arsfeld.one "
-                         "and https://harmonia.NAME.ts.net")
-    cl.add_argument("--substituter", action="append", default=[], metavar="URL",
-                    help="a frontend of the cache (repeat; replaces the fleet's defaults)")
-    cl.add_argument("--public-key", action="append", default=[], metavar="NAME:BASE64",
-                    help="trusted public key of the cache (repeat)")
-    cl.add_argument("--public-key-file", action="append", default=[], metavar="FILE",
-                    help="file holding a public key, e.g. from harmonia-cache key generate")
-    cl.add_argument("--key-name", default=DEFAULT_KEY_NAME,
-                    help=f"name for a bare base64 key (default {DEFAULT_KEY_NAME})")
-    cl.add_argument("--priority", type=int, default=DEFAULT_PRIORITY,
-                    help=f"substituter priority, lower is preferred (default {DEFAULT_PRIORITY})")
-    cl.add_argument("--no-cache-nixos-org", action="store_true",
-                    help="do not add cache.nixos.org after our frontends")
+    gw.add_argument("--tls", metavar="internal|EMAIL", help="the site's tls directive")
+    gw.add_argument(
+        "--bind",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="interface address the site listens on (repeat)",
+    )
+    gw.add_argument("--snippet-name", default="harmonia_gateway", metavar="NAME")
+    gw.add_argument(
+        "--log-output",
+        metavar="stdout|stderr|PATH",
+        help="access log output (default: Caddy's default logger)",
+    )
+    gw.add_argument("--no-access-log", action="store_true", help="do not log requests")
+    gw.add_argument(
+        "--no-compress", action="store_true", help="do not compress narinfo / nix-cache-info / .ls responses"
+    )
+    gw.add_argument(
+        "--no-active-health-checks",
+        action="store_true",
+        help="no GET /nix-cache-info probes (with a single upstream a failed probe "
+        "only keeps it marked down until the next one); passive checks stay",
+    )
+
+    cl = sub.add_parser("client", help="print nix.conf lines and a NixOS snippet for a client host")
+    cl.add_argument(
+        "--tailnet",
+        metavar="NAME",
+        help="tailnet name: adds the fleet's defaults https://harmonia.arsfeld.one "
+        "and https://harmonia.NAME.ts.net",
+    )
+    cl.add_argument(
+        "--substituter",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a frontend of the cache (repeat; replaces the fleet's defaults)",
+    )
+    cl.add_argument(
+        "--public-key",
+        action="append",
+        default=[],
+        metavar="NAME:BASE64",
+        help="trusted public key of the cache (repeat)",
+    )
+    cl.add_argument(
+        "--public-key-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="file holding a public key, e.g. from harmonia-cache key generate",
+    )
+    cl.add_argument(
+        "--key-name",
+        default=DEFAULT_KEY_NAME,
+        help=f"name for a bare base64 key (default {DEFAULT_KEY_NAME})",
+    )
+    cl.add_argument(
+        "--priority",
+        type=int,
+        default=DEFAULT_PRIORITY,
+        help=f"substituter priority, lower is preferred (default {DEFAULT_PRIORITY})",
+    )
+    cl.add_argument(
+        "--no-cache-nixos-org", action="store_true", help="do not add cache.nixos.org after our frontends"
+    )
     cl.add_argument("--format", choices=("both", "nix.conf", "nixos"), default="both")
     return parser
 
@@ -123,8 +171,7 @@ def _gateway(args: argparse.Namespace) -> str:
             Upstream("127.0.0.1:5000", node)
         except ConfigError:
             problems.append(
-                f"--via-tailnet: {node!r} is not a node name (letters, digits and '-', "
-                "at most 63 characters)"
+                f"--via-tailnet: {node!r} is not a node name (letters, digits and '-', at most 63 characters)"
             )
             node = None
     upstreams: tuple[Upstream, ...] = ()
@@ -169,14 +216,17 @@ def _gateway(args: argparse.Namespace) -> str:
 
 def _flag_names(problems: Sequence[str]) -> list[str]:
     renames = {
-        "site:": "--site:", "upstreams:": "--upstream:", "snippet_name:": "--snippet-name:",
-        "tls:": "--tls:", "log_output:": "--log-output:",
+        "site:": "--site:",
+        "upstreams:": "--upstream:",
+        "snippet_name:": "--snippet-name:",
+        "tls:": "--tls:",
+        "log_output:": "--log-output:",
     }
     out = []
     for problem in problems:
         for old, new in renames.items():
             if problem.startswith(old):
-                problem = new + problem[len(old):]
+                problem = new + problem[len(old) :]
                 break
         problem = re.sub(r"^bind\[(\d+)\]:", r"--bind #\1:", problem)
         out.append(problem)
@@ -230,8 +280,10 @@ def _client(args: argparse.Namespace) -> str:
     if args.format == "nixos":
         return render_nixos(settings)
     return (
-        "# nix.conf (or NIX_CONFIG)\n" + render_nix_conf(settings)
-        + "\n# NixOS (configuration.nix)\n" + render_nixos(settings)
+        "# nix.conf (or NIX_CONFIG)\n"
+        + render_nix_conf(settings)
+        + "\n# NixOS (configuration.nix)\n"
+        + render_nixos(settings)
     )
 
 

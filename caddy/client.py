@@ -66,9 +66,7 @@ def normalize_public_key(text: str, key_name: str = DEFAULT_KEY_NAME, where: str
     if len(raw) != 32:
         # a secret key is 64 bytes: say so without echoing it
         hint = " (this looks like a SECRET key: use the public one)" if len(raw) == 64 else ""
-        problems.append(
-            f"{where}: not a public key (expected name:base64 of 32 bytes){hint}"
-        )
+        problems.append(f"{where}: not a public key (expected name:base64 of 32 bytes){hint}")
     raise_if(problems)
     return f"{name}:{b64}"
 
@@ -108,7 +106,8 @@ class ClientSettings:
             except ValueError as exc:
                 problems.extend(getattr(exc, "problems", (str(exc),)))
         if self.priority is not None and (
-            isinstance(self.priority, bool) or not isinstance(self.priority, int)
+            isinstance(self.priority, bool)
+            or not isinstance(self.priority, int)
             or not 0 <= self.priority <= 1000
         ):
             problems.append(f"priority: {self.priority!r} must be an integer in 0..1000")

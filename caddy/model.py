@@ -93,13 +93,9 @@ def _upstream_problems(url: str, tailnet_node: str | None) -> list[str]:
     host_problem = _host_problem(host)
     if host_problem:
         problems.append(f"url: {url!r} {host_problem}")
-    if (port_text or hostport.endswith(":")) and (
-        not port_text.isdigit() or not 0 < int(port_text) < 65536
-    ):
+    if (port_text or hostport.endswith(":")) and (not port_text.isdigit() or not 0 < int(port_text) < 65536):
         problems.append(f"url: port {port_text!r} of {url!r} is not in 1..65535")
-    if tailnet_node is not None and (
-        not isinstance(tailnet_node, str) or not _NODE_NAME.match(tailnet_node)
-    ):
+    if tailnet_node is not None and (not isinstance(tailnet_node, str) or not _NODE_NAME.match(tailnet_node)):
         problems.append(
             f"tailnet_node: {tailnet_node!r} is not a node name (letters, digits and '-', "
             "at most 63 characters)"
@@ -212,12 +208,9 @@ class GatewaySite:
         problems: list[str] = []
         if not isinstance(self.site, str) or not self.site or _SITE_FORBIDDEN.search(self.site):
             problems.append(
-                f"site: {self.site!r} is not a Caddy site address "
-                "(no spaces, braces, quotes, '#' or ';')"
+                f"site: {self.site!r} is not a Caddy site address (no spaces, braces, quotes, '#' or ';')"
             )
-        if not isinstance(self.upstreams, tuple) or not all(
-            isinstance(u, Upstream) for u in self.upstreams
-        ):
+        if not isinstance(self.upstreams, tuple) or not all(isinstance(u, Upstream) for u in self.upstreams):
             problems.append("upstreams: must be a tuple of Upstream")
         elif not self.upstreams:
             problems.append("upstreams: at least one upstream is required")
@@ -225,8 +218,7 @@ class GatewaySite:
             groups = transport_groups(self.upstreams)
             if len(groups) > MAX_TRANSPORT_GROUPS:
                 described = " then ".join(
-                    f"{g[0].scheme}{' via ' + g[0].tailnet_node if g[0].tailnet_node else ''}"
-                    for g in groups
+                    f"{g[0].scheme}{' via ' + g[0].tailnet_node if g[0].tailnet_node else ''}" for g in groups
                 )
                 problems.append(
                     f"upstreams: {len(groups)} transport groups ({described}); a gateway fails "
@@ -236,11 +228,11 @@ class GatewaySite:
         if not isinstance(self.policy, Policy):
             problems.append("policy: must be a caddy.policy.Policy")
         if not isinstance(self.snippet_name, str) or not _SNIPPET_NAME.match(self.snippet_name):
-            problems.append(
-                f"snippet_name: {self.snippet_name!r} must be 1-64 letters, digits, '_' or '-'"
-            )
-        if self.tls is not None and self.tls != "internal" and not (
-            isinstance(self.tls, str) and _EMAIL.match(self.tls)
+            problems.append(f"snippet_name: {self.snippet_name!r} must be 1-64 letters, digits, '_' or '-'")
+        if (
+            self.tls is not None
+            and self.tls != "internal"
+            and not (isinstance(self.tls, str) and _EMAIL.match(self.tls))
         ):
             problems.append(f"tls: {self.tls!r} must be 'internal' or an ACME e-mail address")
         if not isinstance(self.bind, tuple):

@@ -240,9 +240,7 @@ class Policy:
         return replace(base, **overrides) if overrides else base
 
     @classmethod
-    def from_mapping(
-        cls, data: Mapping[str, Any], key: str = "policy", base: Policy | None = None
-    ) -> Policy:
+    def from_mapping(cls, data: Mapping[str, Any], key: str = "policy", base: Policy | None = None) -> Policy:
         """Read a policy from config (e.g. TOML), over ``base`` (default: the public policy).
 
         Unknown keys and bad values are all reported at once, each with its key.
@@ -449,8 +447,8 @@ def reverse_proxy_handler(
     elif len({u.transport_key for u in upstreams}) > 1:
         problems.append(
             "upstreams: all upstreams of one reverse_proxy need the same scheme and tailnet node; "
-            "got " + ", ".join(f"{u.url}{' via ' + u.tailnet_node if u.tailnet_node else ''}"
-                               for u in upstreams)
+            "got "
+            + ", ".join(f"{u.url}{' via ' + u.tailnet_node if u.tailnet_node else ''}" for u in upstreams)
         )
     raise_if(problems)
     handler: dict[str, Any] = {
@@ -461,11 +459,13 @@ def reverse_proxy_handler(
     checks = health_checks(policy)
     if checks:
         handler["health_checks"] = checks
-    handler.update({
-        "flush_interval": -1,
-        "headers": {"request": {"set": {"Host": [UPSTREAM_HOST_PLACEHOLDER]}}},
-        "transport": _transport(policy, upstreams),
-    })
+    handler.update(
+        {
+            "flush_interval": -1,
+            "headers": {"request": {"set": {"Host": [UPSTREAM_HOST_PLACEHOLDER]}}},
+            "transport": _transport(policy, upstreams),
+        }
+    )
     return handler
 
 

@@ -49,12 +49,21 @@ def api_session_factory(addr: str, ca_file: str | None = None) -> SessionFactory
     port = int(port_text)
 
     class Fixed(AbstractResolver):
-        async def resolve(self, name: str, port_: int = 0,
-                          family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        async def resolve(
+            self, name: str, port_: int = 0, family: socket.AddressFamily = socket.AF_INET
+        ) -> list[ResolveResult]:
             if name != API_HOST:
                 raise OSError(f"only {API_HOST} is reachable through {API_ADDR_ENV}")
-            return [ResolveResult(hostname=name, host=host, port=port, family=socket.AF_INET,
-                                  proto=0, flags=socket.AI_NUMERICHOST)]
+            return [
+                ResolveResult(
+                    hostname=name,
+                    host=host,
+                    port=port,
+                    family=socket.AF_INET,
+                    proto=0,
+                    flags=socket.AI_NUMERICHOST,
+                )
+            ]
 
         async def close(self) -> None:
             return None
@@ -73,14 +82,15 @@ def node_registered(node_dir: str) -> bool:
 def split_client_secret(secret: str) -> tuple[str, str, dict[str, str]]:
     """``tskey-client-<id>-<rest>[?opts]`` → (client id, secret without options, options)."""
     value, _, query = secret.partition("?")
-    body = value[len(OAUTH_PREFIX):]
+    body = value[len(OAUTH_PREFIX) :]
     client_id = body.split("-", 1)[0] if "-" in body else body
     opts = {k: v[-1] for k, v in parse_qs(query).items()}
     return client_id, value, opts
 
 
-async def _mint_async(secret: str, tags: list[str], ephemeral: bool, description: str,
-                      session_factory: SessionFactory | None) -> str:
+async def _mint_async(
+    secret: str, tags: list[str], ephemeral: bool, description: str, session_factory: SessionFactory | None
+) -> str:
     from tailscale import Tailscale, TailscaleError
 
     client_id, value, opts = split_client_secret(secret)
@@ -89,12 +99,18 @@ async def _mint_async(secret: str, tags: list[str], ephemeral: bool, description
     session = session_factory() if session_factory is not None else None
     client = Tailscale(oauth_client_id=client_id, oauth_client_secret=value, session=session)
     try:
-        key = await client.create_key(description=description, reusable=False,
-                                      ephemeral=ephemeral, preauthorized=preauthorized,
-                                      tags=tags, expiry_seconds=3600)
+        key = await client.create_key(
+            description=description,
+            reusable=False,
+            ephemeral=ephemeral,
+            preauthorized=preauthorized,
+            tags=tags,
+            expiry_seconds=3600,
+        )
     except TailscaleError as exc:
-        raise MintError(f"the Tailscale API refused to mint an auth key for tags {tags}: "
-                        f"{type(exc).__name__}: {exc}") from None
+        raise MintError(
+            f"the Tailscale API refused to mint an auth key for tags {tags}: {type(exc).__name__}: {exc}"
+        ) from None
     finally:
         if session is not None:
             await session.close()
@@ -104,22 +120,28 @@ async def _mint_async(secret: str, tags: list[str], ephemeral: bool, description
     return str(key.key)
 
 
-async def mint_auth_key(secret: Secret, tags: list[str], ephemeral: bool, description: str,
-                        session_factory: SessionFactory | None = None) -> Secret:
+async def mint_auth_key(
+    secret: Secret,
+    tags: list[str],
+    ephemeral: bool,
+    description: str,
+    session_factory: SessionFactory | None = None,
+) -> Secret:
     """Mint a single-use auth key for ``tags``; runs the asyncio client in a worker thread."""
     if not tags:
         raise MintError("an OAuth client secret can only mint keys for tagged nodes: give tags")
 
     def run() -> str:
-        return asyncio.run(_mint_async(secret.reveal(), tags, ephemeral, description,
-                                       session_factory))
+        return asyncio.run(_mint_async(secret.reveal(), tags, ephemeral, description, session_factory))
 
     return Secret(await trio.to_thread.run_sync(run, abandon_on_cancel=True))
 
 
-async def resolve_auth_keys(cfg: ValidConfig, services: list[ValidService] | None = None,
-                            session_factory: SessionFactory | None = None
-                            ) -> dict[str, Secret | None]:
+async def resolve_auth_keys(
+    cfg: ValidConfig,
+    services: list[ValidService] | None = None,
+    session_factory: SessionFactory | None = None,
+) -> dict[str, Secret | None]:
     """Each service's auth key (None when none is given or none is needed).
 
     Every unreadable file or failed mint is collected and raised as one ``ConfigError``.
@@ -147,8 +169,9 @@ async def resolve_auth_keys(cfg: ValidConfig, services: list[ValidService] | Non
             except FileNotFoundError:
                 text = None  # no credential of that name: no key, as when none is given
             except OSError as exc:
-                problems.append(Problem(source, f"cannot read the credential "
-                                        f"{s.auth.credential!r}: {exc.strerror}"))
+                problems.append(
+                    Problem(source, f"cannot read the credential {s.auth.credential!r}: {exc.strerror}")
+                )
                 continue
             if text == "":
                 problems.append(Problem(source, f"the credential {s.auth.credential!r} is empty"))
@@ -161,13 +184,18 @@ async def resolve_auth_keys(cfg: ValidConfig, services: list[ValidService] | Non
                 log.info("%s: already registered; not minting an auth key", s.name)
                 key = None
             elif not s.tags:
-                problems.append(Problem(f"{s.name}.tag", f"{source} holds an OAuth client "
-                                        "secret, which can only mint keys for tagged nodes"))
+                problems.append(
+                    Problem(
+                        f"{s.name}.tag",
+                        f"{source} holds an OAuth client secret, which can only mint keys for tagged nodes",
+                    )
+                )
                 continue
             else:
                 try:
-                    key = await mint_auth_key(key, list(s.tags), s.ephemeral,
-                                              f"harmonia-sidecar {s.name}", session_factory)
+                    key = await mint_auth_key(
+                        key, list(s.tags), s.ephemeral, f"harmonia-sidecar {s.name}", session_factory
+                    )
                     log.info("%s: minted a single-use auth key for %s", s.name, ",".join(s.tags))
                 except MintError as exc:
                     problems.append(Problem(source, str(exc)))

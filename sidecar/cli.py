@@ -40,16 +40,16 @@ def read_config_file(path: str) -> tuple[str, SidecarSpec]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        return path, SidecarSpec(parse_problems=[Problem("--config",
-                                                         f"cannot read {path!r}: {exc.strerror}")])
+        return path, SidecarSpec(
+            parse_problems=[Problem("--config", f"cannot read {path!r}: {exc.strerror}")]
+        )
     return path, spec_from_toml(text, origin=path)
 
 
 def load(argv: Sequence[str], env: Mapping[str, str]) -> tuple[ValidConfig, bool]:
     """argv (and the config file it names) → a valid config; raises ConfigError."""
     result = spec_from_argv(argv, read_config=read_config_file)
-    base = os.path.dirname(os.path.abspath(result.config_file)) if result.config_file \
-        else os.getcwd()
+    base = os.path.dirname(os.path.abspath(result.config_file)) if result.config_file else os.getcwd()
     try:
         return validate(result.spec, env, base_dir=base), result.print_config
     except ConfigError as exc:
@@ -72,14 +72,14 @@ def flag_problem(problem: Problem, service_names: set[str]) -> Problem:
 
 
 def _status(argv: Sequence[str], env: Mapping[str, str]) -> int:
-    p = argparse.ArgumentParser(prog="harmonia-sidecar status",
-                                description="Print each service's node, tailnet IPs and state.")
+    p = argparse.ArgumentParser(
+        prog="harmonia-sidecar status", description="Print each service's node, tailnet IPs and state."
+    )
     p.add_argument("--state-root", metavar="DIR")
     p.add_argument("--health-socket", metavar="PATH")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     ns = p.parse_args(list(argv))
-    sock = ns.health_socket or os.path.join(ns.state_root or default_state_root(env),
-                                            "sidecar.sock")
+    sock = ns.health_socket or os.path.join(ns.state_root or default_state_root(env), "sidecar.sock")
 
     async def fetch() -> bytes:
         with trio.fail_after(10):
@@ -95,11 +95,12 @@ def _status(argv: Sequence[str], env: Mapping[str, str]) -> int:
     if ns.json:
         print(json.dumps(data, indent=2))
     else:
-        print(f"engine: {'up' if data['engine_up'] else 'DOWN'} (pid {data['engine_pid']}, "
-              f"{data['engine_restarts']} restart(s))")
+        print(
+            f"engine: {'up' if data['engine_up'] else 'DOWN'} (pid {data['engine_pid']}, "
+            f"{data['engine_restarts']} restart(s))"
+        )
         rows = [("NODE", "STATE", "TAILNET IPS", "DETAIL")]
-        rows += [(n["name"], n["state"], " ".join(n["addresses"]) or "-", n["detail"])
-                 for n in data["nodes"]]
+        rows += [(n["name"], n["state"], " ".join(n["addresses"]) or "-", n["detail"]) for n in data["nodes"]]
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)), r[3])
@@ -113,12 +114,16 @@ async def _run(cfg: ValidConfig, argv: Sequence[str], binary: str) -> int:
         return load(argv, os.environ)[0]
 
     api_addr = os.environ.get(API_ADDR_ENV)
-    sidecar = Sidecar(cfg=cfg, engine=engine, reload=reload,
-                      session_factory=api_session_factory(api_addr, os.environ.get("SSL_CERT_FILE"))
-                      if api_addr else None)
+    sidecar = Sidecar(
+        cfg=cfg,
+        engine=engine,
+        reload=reload,
+        session_factory=api_session_factory(api_addr, os.environ.get("SSL_CERT_FILE")) if api_addr else None,
+    )
     code = EXIT_OK
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as stop_signals:
         async with trio.open_nursery() as nursery:
+
             async def watch_signals() -> None:
                 async for signum in stop_signals:
                     log.info("%s: stopping", signal.Signals(signum).name)
@@ -136,8 +141,7 @@ async def _run(cfg: ValidConfig, argv: Sequence[str], binary: str) -> int:
                 return code
             for st in statuses:
                 log.info("%s: running on the tailnet at %s", st.name, ", ".join(st.addresses))
-            sd_notify("READY=1\nSTATUS=" + ", ".join(f"{st.name} {st.addresses[0]}"
-                                                     for st in statuses))
+            sd_notify("READY=1\nSTATUS=" + ", ".join(f"{st.name} {st.addresses[0]}" for st in statuses))
     return code
 
 
@@ -146,8 +150,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run(argv: Sequence[str]) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="harmonia-sidecar: %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="harmonia-sidecar: %(levelname)s %(message)s"
+    )
     if argv and argv[0] == "status":
         return _status(argv[1:], os.environ)
     try:
@@ -162,9 +167,10 @@ def run(argv: Sequence[str]) -> int:
         return EXIT_ENGINE
     if print_config:
         engine = CaddyEngine(binary=binary, engine_dir=cfg.engine_dir)
-        keys = {s.name: Secret("unread")
-                if s.auth.path or s.auth.env_value or s.auth.credential else None
-                for s in cfg.services}
+        keys = {
+            s.name: Secret("unread") if s.auth.path or s.auth.env_value or s.auth.credential else None
+            for s in cfg.services
+        }
         print(json.dumps(engine.render(cfg, keys, redact=True), indent=2))
         return EXIT_OK
     try:

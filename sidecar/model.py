@@ -220,8 +220,10 @@ class ApiKeySource:
 def api_credentials_problem(value: str) -> str | None:
     """Why ``value`` cannot be API credentials, without echoing it; None when it looks right."""
     if not value.startswith((API_KEY_PREFIX, OAUTH_PREFIX)):
-        return (f"must hold a Tailscale API key ({API_KEY_PREFIX}…) or an OAuth client secret "
-                f"({OAUTH_PREFIX}…) allowed to read devices; it holds neither")
+        return (
+            f"must hold a Tailscale API key ({API_KEY_PREFIX}…) or an OAuth client secret "
+            f"({OAUTH_PREFIX}…) allowed to read devices; it holds neither"
+        )
     return None
 
 
@@ -314,8 +316,9 @@ def _validate_upstream(spec: ServiceSpec, key: str, problems: list[Problem]) -> 
     url = spec.upstream
     if url is None:
         if spec.upstream_unix_addr is None:
-            problems.append(Problem(f"{key}.upstream", "an upstream URL is required "
-                                    "(e.g. http://127.0.0.1:5000)"))
+            problems.append(
+                Problem(f"{key}.upstream", "an upstream URL is required (e.g. http://127.0.0.1:5000)")
+            )
             return None
         url = "http://localhost"
     try:
@@ -326,10 +329,14 @@ def _validate_upstream(spec: ServiceSpec, key: str, problems: list[Problem]) -> 
         return None
     ok = True
     if parts.scheme not in ("http", "https"):
-        problems.append(Problem(f"{key}.upstream",
-                                f"scheme must be http or https, not {parts.scheme or 'missing'!r} "
-                                f"(in {url!r}); for a unix socket give upstream_unix_addr "
-                                "(--upstream-unix-addr)"))
+        problems.append(
+            Problem(
+                f"{key}.upstream",
+                f"scheme must be http or https, not {parts.scheme or 'missing'!r} "
+                f"(in {url!r}); for a unix socket give upstream_unix_addr "
+                "(--upstream-unix-addr)",
+            )
+        )
         ok = False
     if not parts.hostname:
         problems.append(Problem(f"{key}.upstream", f"URL {url!r} has no host"))
@@ -338,15 +345,18 @@ def _validate_upstream(spec: ServiceSpec, key: str, problems: list[Problem]) -> 
         problems.append(Problem(f"{key}.upstream", f"URL {url!r} must not carry a query or fragment"))
         ok = False
     if parts.username or parts.password:
-        problems.append(Problem(f"{key}.upstream", "URL must not carry credentials; "
-                                "use upstream_headers"))
+        problems.append(Problem(f"{key}.upstream", "URL must not carry credentials; use upstream_headers"))
         ok = False
     if spec.insecure_https and parts.scheme != "https":
         problems.append(Problem(f"{key}.insecure_https", "only meaningful with an https upstream"))
         ok = False
     if spec.upstream_unix_addr is not None and not spec.upstream_unix_addr.startswith("/"):
-        problems.append(Problem(f"{key}.upstream_unix_addr",
-                                f"must be an absolute socket path, not {spec.upstream_unix_addr!r}"))
+        problems.append(
+            Problem(
+                f"{key}.upstream_unix_addr",
+                f"must be an absolute socket path, not {spec.upstream_unix_addr!r}",
+            )
+        )
         ok = False
     if not ok:
         return None
@@ -357,42 +367,57 @@ def _validate_upstream(spec: ServiceSpec, key: str, problems: list[Problem]) -> 
         default_port = 443 if parts.scheme == "https" else 80
         shown = f"[{host}]" if ":" in host else host
         dial = f"{shown}:{port if port is not None else default_port}"
-    return Upstream(url=url, scheme=parts.scheme, dial=dial, server_name=host,
-                    base_path=parts.path.rstrip("/"), insecure_tls=spec.insecure_https,
-                    host_header=parts.netloc)
+    return Upstream(
+        url=url,
+        scheme=parts.scheme,
+        dial=dial,
+        server_name=host,
+        base_path=parts.path.rstrip("/"),
+        insecure_tls=spec.insecure_https,
+        host_header=parts.netloc,
+    )
 
 
 def _validate_listen(spec: ServiceSpec, key: str, problems: list[Problem]) -> Listen | None:
     ok = True
     custom = spec.certificate_file is not None or spec.key_file is not None
     if custom and (spec.certificate_file is None or spec.key_file is None):
-        problems.append(Problem(f"{key}.certificate_file",
-                                "a custom certificate needs both certificate_file and key_file"))
+        problems.append(
+            Problem(
+                f"{key}.certificate_file", "a custom certificate needs both certificate_file and key_file"
+            )
+        )
         ok = False
     if custom and spec.plaintext:
-        problems.append(Problem(f"{key}.plaintext",
-                                "cannot serve plaintext with a custom certificate and key"))
+        problems.append(
+            Problem(f"{key}.plaintext", "cannot serve plaintext with a custom certificate and key")
+        )
         ok = False
     default = ":80" if spec.plaintext else ":443"
     addr = spec.listen_addr if spec.listen_addr is not None else default
     host, sep, port_s = addr.rpartition(":")
     port = int(port_s) if sep and port_s.isdigit() else -1
     if not 1 <= port <= 65535:
-        problems.append(Problem(f"{key}.listen_addr",
-                                f"must be ':PORT' with a port from 1 to 65535, not {addr!r}"))
+        problems.append(
+            Problem(f"{key}.listen_addr", f"must be ':PORT' with a port from 1 to 65535, not {addr!r}")
+        )
         ok = False
     elif host:
-        problems.append(Problem(f"{key}.listen_addr",
-                                f"the node listens on its own tailnet addresses: give ':{port}', "
-                                f"not {addr!r}"))
+        problems.append(
+            Problem(
+                f"{key}.listen_addr",
+                f"the node listens on its own tailnet addresses: give ':{port}', not {addr!r}",
+            )
+        )
         ok = False
     if not ok:
         return None
     if spec.plaintext:
         return Listen(port=port, tls=TLSMode.PLAINTEXT)
     if custom:
-        return Listen(port=port, tls=TLSMode.CUSTOM, certificate_file=spec.certificate_file,
-                      key_file=spec.key_file)
+        return Listen(
+            port=port, tls=TLSMode.CUSTOM, certificate_file=spec.certificate_file, key_file=spec.key_file
+        )
     return Listen(port=port, tls=TLSMode.TAILSCALE)
 
 
@@ -403,59 +428,88 @@ def _validate_prefixes(spec: ServiceSpec, key: str, problems: list[Problem]) -> 
         path = raw
         for candidate in (PrefixScope.TAILNET, PrefixScope.FUNNEL):
             if raw.startswith(candidate.value):
-                scope, path = candidate, raw[len(candidate.value):]
+                scope, path = candidate, raw[len(candidate.value) :]
         if not path.startswith("/"):
-            problems.append(Problem(f"{key}.prefix", f"{raw!r}: a prefix is a URL path "
-                                    "starting with '/' (optionally after 'tailnet:' or 'funnel:')"))
+            problems.append(
+                Problem(
+                    f"{key}.prefix",
+                    f"{raw!r}: a prefix is a URL path "
+                    "starting with '/' (optionally after 'tailnet:' or 'funnel:')",
+                )
+            )
             continue
         if any(c in path for c in "?#") or any(ord(c) < 0x21 for c in path):
-            problems.append(Problem(f"{key}.prefix", f"{raw!r}: no query, fragment, spaces "
-                                    "or control characters in a prefix"))
+            problems.append(
+                Problem(
+                    f"{key}.prefix", f"{raw!r}: no query, fragment, spaces or control characters in a prefix"
+                )
+            )
             continue
         out.append(Prefix(path=path, scope=scope))
     if out and not any(p.applies_on_tailnet() for p in out) and not spec.funnel:
-        problems.append(Problem(f"{key}.prefix", "only funnel: prefixes were given, so nothing "
-                                "would be served on the tailnet"))
+        problems.append(
+            Problem(
+                f"{key}.prefix", "only funnel: prefixes were given, so nothing would be served on the tailnet"
+            )
+        )
     return tuple(out)
 
 
-def _validate_headers(spec: ServiceSpec, key: str,
-                      problems: list[Problem]) -> tuple[tuple[str, str], ...]:
+def _validate_headers(spec: ServiceSpec, key: str, problems: list[Problem]) -> tuple[tuple[str, str], ...]:
     out: list[tuple[str, str]] = []
     for raw in spec.upstream_headers:
         name, sep, value = raw.partition(": ")
         if not sep or not HEADER_NAME_RE.match(name):
-            problems.append(Problem(f"{key}.upstream_header",
-                                    f"{raw!r}: the format is 'Header-Name: value'"))
+            problems.append(Problem(f"{key}.upstream_header", f"{raw!r}: the format is 'Header-Name: value'"))
             continue
         if name.lower().startswith(FORBIDDEN_UPSTREAM_HEADER_PREFIXES):
-            problems.append(Problem(f"{key}.upstream_header", f"{name!r}: identity headers are "
-                                    "set by the sidecar from the caller's tailnet identity only"))
+            problems.append(
+                Problem(
+                    f"{key}.upstream_header",
+                    f"{name!r}: identity headers are "
+                    "set by the sidecar from the caller's tailnet identity only",
+                )
+            )
             continue
         if any(ord(c) < 0x20 and c != "\t" for c in value):
-            problems.append(Problem(f"{key}.upstream_header", f"{name!r}: control characters "
-                                    "in the value"))
+            problems.append(Problem(f"{key}.upstream_header", f"{name!r}: control characters in the value"))
             continue
         out.append((name, value))
     return tuple(out)
 
 
-def _validate_service(spec: ServiceSpec, index: int, env: Mapping[str, str], state_root: str,
-                      problems: list[Problem], base_dir: str | None) -> ValidService | None:
+def _validate_service(
+    spec: ServiceSpec,
+    index: int,
+    env: Mapping[str, str],
+    state_root: str,
+    problems: list[Problem],
+    base_dir: str | None,
+) -> ValidService | None:
     key = spec.name or f"service[{index}]"
     before = len(problems)
     if not spec.name:
         problems.append(Problem(f"{key}.name", "every service needs a name (its node's hostname)"))
     elif not HOSTNAME_RE.match(spec.name):
-        problems.append(Problem(f"{key}.name", f"{spec.name!r} is not a valid node hostname "
-                                "(lowercase letters, digits and '-', at most 63, no leading '-')"))
+        problems.append(
+            Problem(
+                f"{key}.name",
+                f"{spec.name!r} is not a valid node hostname "
+                "(lowercase letters, digits and '-', at most 63, no leading '-')",
+            )
+        )
     upstream = _validate_upstream(spec, key, problems)
     listen = _validate_listen(spec, key, problems)
     if spec.funnel or spec.funnel_only:
         flag = "funnel_only" if spec.funnel_only else "funnel"
-        problems.append(Problem(f"{key}.{flag}", "Tailscale Funnel is not available with the "
-                                "caddy-tailscale engine (it cannot open a funnel listener); "
-                                "publish on the tailnet only, or use tsnsrv for funnel services"))
+        problems.append(
+            Problem(
+                f"{key}.{flag}",
+                "Tailscale Funnel is not available with the "
+                "caddy-tailscale engine (it cannot open a funnel listener); "
+                "publish on the tailnet only, or use tsnsrv for funnel services",
+            )
+        )
     if spec.funnel_only and not spec.funnel:
         problems.append(Problem(f"{key}.funnel_only", "requires funnel"))
     bad_tags = [t for t in spec.tags if not TAG_RE.match(t)]
@@ -469,43 +523,65 @@ def _validate_service(spec: ServiceSpec, index: int, env: Mapping[str, str], sta
         if not val > 0:
             problems.append(Problem(f"{key}.{opt}", f"must be a positive duration, not {val!r}"))
     if spec.read_header_timeout is not None and spec.read_header_timeout < 0:
-        problems.append(Problem(f"{key}.read_header_timeout",
-                                f"must not be negative, not {spec.read_header_timeout!r}"))
+        problems.append(
+            Problem(f"{key}.read_header_timeout", f"must not be negative, not {spec.read_header_timeout!r}")
+        )
     control_url = spec.control_url if spec.control_url is not None else (env.get("TS_URL") or None)
     if control_url is not None:
         cparts = urlsplit(control_url)
         if cparts.scheme not in ("http", "https") or not cparts.netloc:
-            problems.append(Problem(f"{key}.control_url",
-                                    f"must be an http(s) URL, not {control_url!r}"))
+            problems.append(Problem(f"{key}.control_url", f"must be an http(s) URL, not {control_url!r}"))
     policy = SERVICE_POLICY
     try:
         policy = Policy.from_mapping(spec.policy or {}, key=f"{key}.policy", base=policy)
     except PolicyError as exc:
-        problems.extend(Problem(p.split(":", 1)[0], p.split(":", 1)[1].strip())
-                        for p in exc.problems)
+        problems.extend(Problem(p.split(":", 1)[0], p.split(":", 1)[1].strip()) for p in exc.problems)
     env_key = env.get("TS_AUTHKEY") or None
-    if spec.authkey_path is None and env_key is not None and env_key.startswith(OAUTH_PREFIX) \
-            and not spec.tags:
-        problems.append(Problem(f"{key}.tag", "an OAuth client secret (tskey-client-…) in "
-                                "TS_AUTHKEY can only mint keys for tagged nodes: give --tag"))
+    if (
+        spec.authkey_path is None
+        and env_key is not None
+        and env_key.startswith(OAUTH_PREFIX)
+        and not spec.tags
+    ):
+        problems.append(
+            Problem(
+                f"{key}.tag",
+                "an OAuth client secret (tskey-client-…) in "
+                "TS_AUTHKEY can only mint keys for tagged nodes: give --tag",
+            )
+        )
     credentials_dir = env.get("CREDENTIALS_DIRECTORY") or None
     credential = None
     if spec.authkey_path is None and env_key is None and credentials_dir is not None:
         credential = str(PurePosixPath(credentials_dir) / CREDENTIAL_NAME)
     if len(problems) > before or upstream is None or listen is None:
         return None
-    node_dir = _abs(spec.state_dir, base_dir) if spec.state_dir is not None \
+    node_dir = (
+        _abs(spec.state_dir, base_dir)
+        if spec.state_dir is not None
         else str(PurePosixPath(state_root) / spec.name)
+    )
     return ValidService(
-        name=spec.name, upstream=upstream, node_dir=node_dir, listen=listen,
-        ephemeral=spec.ephemeral, tags=tuple(spec.tags),
-        auth=AuthSource(path=_abs(spec.authkey_path, base_dir) if spec.authkey_path else None,
-                        env_value=Secret(env_key) if env_key else None,
-                        credential=credential),
-        control_url=control_url, prefixes=prefixes, strip_prefix=spec.strip_prefix,
-        upstream_headers=headers, whois=not spec.suppress_whois,
-        whois_timeout=spec.whois_timeout, read_header_timeout=spec.read_header_timeout,
-        startup_timeout=spec.timeout, policy=policy,
+        name=spec.name,
+        upstream=upstream,
+        node_dir=node_dir,
+        listen=listen,
+        ephemeral=spec.ephemeral,
+        tags=tuple(spec.tags),
+        auth=AuthSource(
+            path=_abs(spec.authkey_path, base_dir) if spec.authkey_path else None,
+            env_value=Secret(env_key) if env_key else None,
+            credential=credential,
+        ),
+        control_url=control_url,
+        prefixes=prefixes,
+        strip_prefix=spec.strip_prefix,
+        upstream_headers=headers,
+        whois=not spec.suppress_whois,
+        whois_timeout=spec.whois_timeout,
+        read_header_timeout=spec.read_header_timeout,
+        startup_timeout=spec.timeout,
+        policy=policy,
     )
 
 
@@ -514,8 +590,7 @@ def _overlaps(a: str, b: str) -> bool:
     return pa == pb or pa in pb.parents or pb in pa.parents
 
 
-def validate(spec: SidecarSpec, env: Mapping[str, str],
-             base_dir: str | None = None) -> ValidConfig:
+def validate(spec: SidecarSpec, env: Mapping[str, str], base_dir: str | None = None) -> ValidConfig:
     """Check everything; return a ``ValidConfig`` or raise ``ConfigError`` listing every problem.
 
     ``env`` supplies TS_URL, TS_AUTHKEY, CREDENTIALS_DIRECTORY, TS_STATE_DIR, STATE_DIRECTORY
@@ -541,26 +616,42 @@ def validate(spec: SidecarSpec, env: Mapping[str, str],
             problems.append(Problem(f"{name}.name", f"{count} services share the name {name!r}"))
     for i, a in enumerate(valid):
         if _overlaps(a.node_dir, engine_dir):
-            problems.append(Problem(f"{a.name}.state_dir", f"{a.node_dir!r} overlaps the engine's "
-                                    f"directory {engine_dir!r}"))
-        for b in valid[i + 1:]:
+            problems.append(
+                Problem(
+                    f"{a.name}.state_dir", f"{a.node_dir!r} overlaps the engine's directory {engine_dir!r}"
+                )
+            )
+        for b in valid[i + 1 :]:
             if _overlaps(a.node_dir, b.node_dir):
-                problems.append(Problem(f"{b.name}.state_dir",
-                                        f"{b.node_dir!r} overlaps {a.name}'s {a.node_dir!r}: "
-                                        "services sharing state would share a node key"))
+                problems.append(
+                    Problem(
+                        f"{b.name}.state_dir",
+                        f"{b.node_dir!r} overlaps {a.name}'s {a.node_dir!r}: "
+                        "services sharing state would share a node key",
+                    )
+                )
     prom: tuple[str, int] | None = None
     if spec.prometheus_addr:
         prom = parse_host_port(spec.prometheus_addr)
         if prom is None:
-            problems.append(Problem("prometheus_addr",
-                                    f"must be HOST:PORT or :PORT, not {spec.prometheus_addr!r}"))
-    health = _abs(spec.health_socket, base_dir) if spec.health_socket \
+            problems.append(
+                Problem("prometheus_addr", f"must be HOST:PORT or :PORT, not {spec.prometheus_addr!r}")
+            )
+    health = (
+        _abs(spec.health_socket, base_dir)
+        if spec.health_socket
         else str(PurePosixPath(state_root) / "sidecar.sock")
+    )
     if len(health.encode()) > 100:
         problems.append(Problem("health_socket", f"{health!r} is too long for a unix socket path"))
     if len((engine_dir + "/admin.sock").encode()) > 100:
-        problems.append(Problem("state_dir", f"{state_root!r} is too long: the engine's admin "
-                                "socket must fit in a unix socket path (about 100 bytes)"))
+        problems.append(
+            Problem(
+                "state_dir",
+                f"{state_root!r} is too long: the engine's admin "
+                "socket must fit in a unix socket path (about 100 bytes)",
+            )
+        )
     api_key: ApiKeySource | None = None
     if spec.api_key_path is not None:
         if not spec.api_key_path:
@@ -575,6 +666,13 @@ def validate(spec: SidecarSpec, env: Mapping[str, str],
             api_key = ApiKeySource(path=None, env_value=Secret(env[API_KEY_ENV].strip()))
     if problems:
         raise ConfigError(problems)
-    return ValidConfig(services=tuple(valid), state_root=state_root, engine_dir=engine_dir,
-                       health_socket=health, caddy=spec.caddy, prometheus_addr=prom,
-                       tsnet_verbose=spec.tsnet_verbose, api_key=api_key)
+    return ValidConfig(
+        services=tuple(valid),
+        state_root=state_root,
+        engine_dir=engine_dir,
+        health_socket=health,
+        caddy=spec.caddy,
+        prometheus_addr=prom,
+        tsnet_verbose=spec.tsnet_verbose,
+        api_key=api_key,
+    )

@@ -54,19 +54,20 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="harmonia-sidecar",
         description="Publish local HTTP services on a tailnet, each as its own node "
-                    "(tsnsrv's options; tsnet through caddy-tailscale as the engine).",
+        "(tsnsrv's options; tsnet through caddy-tailscale as the engine).",
         epilog="Other commands: 'harmonia-sidecar status' prints each service's node. "
-               "Environment: TS_URL (control URL), TS_AUTHKEY (auth key or tskey-client- "
-               "secret; else $CREDENTIALS_DIRECTORY/authkey, systemd's LoadCredential), "
-               "TS_STATE_DIR / STATE_DIRECTORY (state root), TS_API_KEY (whois directory "
-               "credentials, as --api-key-path).",
+        "Environment: TS_URL (control URL), TS_AUTHKEY (auth key or tskey-client- "
+        "secret; else $CREDENTIALS_DIRECTORY/authkey, systemd's LoadCredential), "
+        "TS_STATE_DIR / STATE_DIRECTORY (state root), TS_API_KEY (whois directory "
+        "credentials, as --api-key-path).",
         allow_abbrev=False,
     )
     p.add_argument("upstream", nargs="?", help="upstream URL, http:// or https://")
     p.add_argument("--config", metavar="FILE", help="TOML file describing many services")
     p.add_argument("--name", help="the node's hostname on the tailnet")
-    p.add_argument("--upstream-unix-addr", metavar="PATH",
-                   help="dial this unix socket instead of the URL's host")
+    p.add_argument(
+        "--upstream-unix-addr", metavar="PATH", help="dial this unix socket instead of the URL's host"
+    )
     p.add_argument("--ephemeral", action="store_true", default=None)
     p.add_argument("--funnel", action="store_true", default=None)
     p.add_argument("--funnel-only", action="store_true", default=None)
@@ -76,16 +77,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", metavar="FILE")
     p.add_argument("--prefix", action="append", metavar="[tailnet:|funnel:]PATH")
     p.add_argument("--strip-prefix", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--state-dir", metavar="DIR",
-                   help="the node's own state directory (default <state root>/<name>)")
-    p.add_argument("--state-root", metavar="DIR",
-                   help="the sidecar's state root (default $TS_STATE_DIR, $STATE_DIRECTORY)")
-    p.add_argument("--authkey-path", metavar="FILE",
-                   help="file holding an auth key or a tskey-client- OAuth secret")
-    p.add_argument("--api-key-path", metavar="FILE",
-                   help="Tailscale API key (tskey-api-) or OAuth client secret (tskey-client-) "
-                        "file: turns on the whois directory (node names and tags for the "
-                        "upstream); default $TS_API_KEY")
+    p.add_argument(
+        "--state-dir", metavar="DIR", help="the node's own state directory (default <state root>/<name>)"
+    )
+    p.add_argument(
+        "--state-root",
+        metavar="DIR",
+        help="the sidecar's state root (default $TS_STATE_DIR, $STATE_DIRECTORY)",
+    )
+    p.add_argument(
+        "--authkey-path", metavar="FILE", help="file holding an auth key or a tskey-client- OAuth secret"
+    )
+    p.add_argument(
+        "--api-key-path",
+        metavar="FILE",
+        help="Tailscale API key (tskey-api-) or OAuth client secret (tskey-client-) "
+        "file: turns on the whois directory (node names and tags for the "
+        "upstream); default $TS_API_KEY",
+    )
     p.add_argument("--control-url", metavar="URL", help="default $TS_URL")
     p.add_argument("--tag", action="append", metavar="tag:NAME")
     p.add_argument("--insecure-https", action="store_true", default=None)
@@ -94,26 +103,53 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--read-header-timeout", metavar="DURATION")
     p.add_argument("--timeout", metavar="DURATION", help="start-up timeout (default 1m)")
     p.add_argument("--upstream-header", action="append", metavar="'Name: value'")
-    p.add_argument("--prometheus-addr", metavar="HOST:PORT",
-                   help="serve /metrics and /health here (':PORT' means loopback)")
-    p.add_argument("--health-socket", metavar="PATH",
-                   help="unix socket for status, health and metrics (default <root>/sidecar.sock)")
+    p.add_argument(
+        "--prometheus-addr",
+        metavar="HOST:PORT",
+        help="serve /metrics and /health here (':PORT' means loopback)",
+    )
+    p.add_argument(
+        "--health-socket",
+        metavar="PATH",
+        help="unix socket for status, health and metrics (default <root>/sidecar.sock)",
+    )
     p.add_argument("--caddy", metavar="PATH", help="the Caddy binary with caddy-tailscale")
     p.add_argument("--tsnet-verbose", action="store_true", default=None)
-    p.add_argument("--print-engine-config", action="store_true",
-                   help="validate, print the engine's JSON config (secrets redacted) and exit")
+    p.add_argument(
+        "--print-engine-config",
+        action="store_true",
+        help="validate, print the engine's JSON config (secrets redacted) and exit",
+    )
     return p
 
 
-SERVICE_FLAGS = ("name", "upstream", "upstream_unix_addr", "ephemeral", "funnel", "funnel_only",
-                 "listen_addr", "plaintext", "certificate_file", "key_file", "prefix",
-                 "strip_prefix", "state_dir", "authkey_path", "control_url", "tag",
-                 "insecure_https", "whois_timeout", "suppress_whois", "read_header_timeout",
-                 "timeout", "upstream_header")
+SERVICE_FLAGS = (
+    "name",
+    "upstream",
+    "upstream_unix_addr",
+    "ephemeral",
+    "funnel",
+    "funnel_only",
+    "listen_addr",
+    "plaintext",
+    "certificate_file",
+    "key_file",
+    "prefix",
+    "strip_prefix",
+    "state_dir",
+    "authkey_path",
+    "control_url",
+    "tag",
+    "insecure_https",
+    "whois_timeout",
+    "suppress_whois",
+    "read_header_timeout",
+    "timeout",
+    "upstream_header",
+)
 
 
-def _set_duration(target: Any, attr: str, text: str | None, key: str,
-                  problems: list[Problem]) -> None:
+def _set_duration(target: Any, attr: str, text: str | None, key: str, problems: list[Problem]) -> None:
     if text is None:
         return
     try:
@@ -133,9 +169,9 @@ class ArgvResult:
         self.print_config = print_config
 
 
-def spec_from_argv(argv: Sequence[str],
-                   read_config: Callable[[str], tuple[str, SidecarSpec]] | None = None
-                   ) -> ArgvResult:
+def spec_from_argv(
+    argv: Sequence[str], read_config: Callable[[str], tuple[str, SidecarSpec]] | None = None
+) -> ArgvResult:
     """Flags → spec. Unknown flags and unparsable values become problems, not early exits.
 
     With ``--config FILE``, ``read_config(FILE)`` supplies the services (the caller does the I/O);
@@ -146,41 +182,58 @@ def spec_from_argv(argv: Sequence[str],
         ns, unknown = parser.parse_known_args(list(argv))
     except ArgvError as exc:
         flag = re.match(r"argument (\S+?)(?:/\S+)?:", str(exc))
-        return ArgvResult(SidecarSpec(parse_problems=[
-            Problem(flag.group(1) if flag else "command line", str(exc))]), None, False)
+        return ArgvResult(
+            SidecarSpec(parse_problems=[Problem(flag.group(1) if flag else "command line", str(exc))]),
+            None,
+            False,
+        )
     problems: list[Problem] = []
     for u in unknown:
-        problems.append(Problem(u.split("=", 1)[0] if u.startswith("-") else "upstream URL",
-                                f"unknown option {u!r}" if u.startswith("-")
-                                else f"unexpected argument {u!r}"))
+        problems.append(
+            Problem(
+                u.split("=", 1)[0] if u.startswith("-") else "upstream URL",
+                f"unknown option {u!r}" if u.startswith("-") else f"unexpected argument {u!r}",
+            )
+        )
     if ns.config is not None:
         given = [f for f in SERVICE_FLAGS if getattr(ns, f) is not None]
         for f in given:
-            problems.append(Problem("--" + f.replace("_", "-"),
-                                    "service options go in the --config file, not on the "
-                                    "command line"))
+            problems.append(
+                Problem(
+                    "--" + f.replace("_", "-"),
+                    "service options go in the --config file, not on the command line",
+                )
+            )
         spec = SidecarSpec()
         if read_config is not None:
             _, spec = read_config(ns.config)
         spec.parse_problems[:0] = problems
     else:
-        svc = ServiceSpec(name=ns.name or "", upstream=ns.upstream,
-                          upstream_unix_addr=ns.upstream_unix_addr,
-                          ephemeral=bool(ns.ephemeral), funnel=bool(ns.funnel),
-                          funnel_only=bool(ns.funnel_only), listen_addr=ns.listen_addr,
-                          plaintext=bool(ns.plaintext), certificate_file=ns.certificate_file,
-                          key_file=ns.key_file, prefixes=list(ns.prefix or []),
-                          strip_prefix=ns.strip_prefix if ns.strip_prefix is not None else True,
-                          state_dir=ns.state_dir, authkey_path=ns.authkey_path,
-                          control_url=ns.control_url, tags=list(ns.tag or []),
-                          insecure_https=bool(ns.insecure_https),
-                          suppress_whois=bool(ns.suppress_whois),
-                          upstream_headers=list(ns.upstream_header or []))
+        svc = ServiceSpec(
+            name=ns.name or "",
+            upstream=ns.upstream,
+            upstream_unix_addr=ns.upstream_unix_addr,
+            ephemeral=bool(ns.ephemeral),
+            funnel=bool(ns.funnel),
+            funnel_only=bool(ns.funnel_only),
+            listen_addr=ns.listen_addr,
+            plaintext=bool(ns.plaintext),
+            certificate_file=ns.certificate_file,
+            key_file=ns.key_file,
+            prefixes=list(ns.prefix or []),
+            strip_prefix=ns.strip_prefix if ns.strip_prefix is not None else True,
+            state_dir=ns.state_dir,
+            authkey_path=ns.authkey_path,
+            control_url=ns.control_url,
+            tags=list(ns.tag or []),
+            insecure_https=bool(ns.insecure_https),
+            suppress_whois=bool(ns.suppress_whois),
+            upstream_headers=list(ns.upstream_header or []),
+        )
         if not ns.name:
             problems.append(Problem("--name", "required: the node's hostname on the tailnet"))
         _set_duration(svc, "whois_timeout", ns.whois_timeout, "--whois-timeout", problems)
-        _set_duration(svc, "read_header_timeout", ns.read_header_timeout,
-                      "--read-header-timeout", problems)
+        _set_duration(svc, "read_header_timeout", ns.read_header_timeout, "--read-header-timeout", problems)
         _set_duration(svc, "timeout", ns.timeout, "--timeout", problems)
         spec = SidecarSpec(services=[svc], parse_problems=problems)
     if ns.state_root is not None:
@@ -202,14 +255,30 @@ _SERVICE_KEYS.pop("name")
 _DURATION_KEYS = {"whois_timeout", "read_header_timeout", "timeout"}
 _LIST_KEYS = {"prefixes", "tags", "upstream_headers"}
 _TABLE_KEYS = {"policy"}
-_BOOL_KEYS = {"ephemeral", "plaintext", "funnel", "funnel_only", "strip_prefix",
-              "insecure_https", "suppress_whois"}
-_TOP_KEYS = {"state_dir", "caddy", "prometheus_addr", "health_socket", "tsnet_verbose",
-             "api_key_path", "services", "defaults"}
+_BOOL_KEYS = {
+    "ephemeral",
+    "plaintext",
+    "funnel",
+    "funnel_only",
+    "strip_prefix",
+    "insecure_https",
+    "suppress_whois",
+}
+_TOP_KEYS = {
+    "state_dir",
+    "caddy",
+    "prometheus_addr",
+    "health_socket",
+    "tsnet_verbose",
+    "api_key_path",
+    "services",
+    "defaults",
+}
 
 
-def _service_from_table(name: str, table: dict[str, Any], defaults: dict[str, Any],
-                        problems: list[Problem]) -> ServiceSpec:
+def _service_from_table(
+    name: str, table: dict[str, Any], defaults: dict[str, Any], problems: list[Problem]
+) -> ServiceSpec:
     svc = ServiceSpec(name=name)
     for raw_key, value in {**defaults, **table}.items():
         key = f"{name}.{raw_key}"
@@ -251,12 +320,12 @@ def _service_from_table(name: str, table: dict[str, Any], defaults: dict[str, An
 def spec_from_toml(text: str, origin: str = "config") -> SidecarSpec:
     """A TOML document → spec. Layout::
 
-        state_dir = "/var/lib/harmonia-sidecar"   # optional; the state root
-        [defaults]                                 # optional; any service key, for every service
-        tags = ["tag:cache"]
-        [services.harmonia]                        # the table's name is the node's hostname
-        upstream = "http://127.0.0.1:5000"
-        plaintext = true
+    state_dir = "/var/lib/harmonia-sidecar"   # optional; the state root
+    [defaults]                                 # optional; any service key, for every service
+    tags = ["tag:cache"]
+    [services.harmonia]                        # the table's name is the node's hostname
+    upstream = "http://127.0.0.1:5000"
+    plaintext = true
     """
     problems: list[Problem] = []
     try:

@@ -51,18 +51,24 @@ def lock_node_dirs(cfg: ValidConfig, held: dict[str, IO[str]]) -> None:
         try:
             os.makedirs(s.node_dir, mode=0o700, exist_ok=True)
             # held open (and locked) for as long as the service runs
-            f = open(os.path.join(s.node_dir, ".harmonia-sidecar.lock"), "a+",  # noqa: SIM115
-                     encoding="utf-8")
+            f = open(
+                os.path.join(s.node_dir, ".harmonia-sidecar.lock"),
+                "a+",  # noqa: SIM115
+                encoding="utf-8",
+            )
         except OSError as exc:
-            problems.append(Problem(f"{s.name}.state_dir",
-                                    f"cannot use {s.node_dir!r}: {exc.strerror}"))
+            problems.append(Problem(f"{s.name}.state_dir", f"cannot use {s.node_dir!r}: {exc.strerror}"))
             continue
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.close()
-            problems.append(Problem(f"{s.name}.state_dir", f"{s.node_dir!r} is in use by "
-                                    "another harmonia-sidecar; each node needs its own state"))
+            problems.append(
+                Problem(
+                    f"{s.name}.state_dir",
+                    f"{s.node_dir!r} is in use by another harmonia-sidecar; each node needs its own state",
+                )
+            )
             continue
         held[s.node_dir] = f
     if problems:
@@ -153,9 +159,12 @@ class Sidecar:
         lock_node_dirs(self.cfg, self._locks)
         for s in self.cfg.services:
             if s.whois and s.whois_timeout != DEFAULT_WHOIS_TIMEOUT:
-                log.warning("%s: whois_timeout %gs is not enforced: the caddy-tailscale engine "
-                            "looks callers up in-process, without a deadline of its own",
-                            s.name, s.whois_timeout)
+                log.warning(
+                    "%s: whois_timeout %gs is not enforced: the caddy-tailscale engine "
+                    "looks callers up in-process, without a deadline of its own",
+                    s.name,
+                    s.whois_timeout,
+                )
         try:
             api_secret = await self._prepare_keys()
             async with trio.open_nursery() as nursery:
@@ -190,8 +199,7 @@ class Sidecar:
             raise ConfigError(problems)
         return api_secret
 
-    async def _supervise(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                         ) -> None:
+    async def _supervise(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         backoff = BACKOFF_START
         first = True
         while True:
@@ -204,8 +212,7 @@ class Sidecar:
                     self.engine_up = True
                     self._engine_down = trio.Event()
                     self._engine_ready.set()
-                    log.info("engine: config applied (%s)",
-                             ", ".join(s.name for s in self.cfg.services))
+                    log.info("engine: config applied (%s)", ", ".join(s.name for s in self.cfg.services))
                     if first:
                         first = False
                         task_status.started()
@@ -247,8 +254,11 @@ class Sidecar:
                     self.ready = True
                     return statuses
                 await trio.sleep(0.25)
-        waiting = [f"{st.name} ({st.state.value}: {st.detail})" for st in statuses
-                   if st.state is not NodeState.RUNNING]
+        waiting = [
+            f"{st.name} ({st.state.value}: {st.detail})"
+            for st in statuses
+            if st.state is not NodeState.RUNNING
+        ]
         raise StartupTimeout(f"not on the tailnet after {limit:g}s: {', '.join(waiting)}")
 
     async def statuses(self) -> list[NodeStatus]:
@@ -272,15 +282,18 @@ class Sidecar:
                     else:
                         new = self.reload()
                 if new.api_key != self.cfg.api_key:
-                    log.warning("reconfiguration: a change of api_key_path / TS_API_KEY takes "
-                                "effect at the next start; keeping the running whois directory")
+                    log.warning(
+                        "reconfiguration: a change of api_key_path / TS_API_KEY takes "
+                        "effect at the next start; keeping the running whois directory"
+                    )
                     new = dataclasses.replace(new, api_key=self.cfg.api_key)
                 old_by_name = {s.name: s for s in self.cfg.services}
                 changed = [s for s in new.services if old_by_name.get(s.name) != s]
                 lock_node_dirs(new, self._locks)
                 keys = {s.name: self._keys.get(s.name) for s in new.services}
-                keys.update(await resolve_auth_keys(new, services=changed,
-                                                    session_factory=self.session_factory))
+                keys.update(
+                    await resolve_auth_keys(new, services=changed, session_factory=self.session_factory)
+                )
                 await self.engine.apply(new, keys)
             except (ConfigError, EngineError, OSError) as exc:
                 log.error("reconfiguration refused, keeping the running config: %s", exc)
@@ -291,18 +304,24 @@ class Sidecar:
             removed = sorted(set(old_by_name) - {s.name for s in new.services})
             self.cfg, self._keys = new, keys
             release_unused(new, self._locks)
-            log.info("reconfigured: added %s, removed %s, changed %s", added or "none",
-                     removed or "none", sorted(s.name for s in changed
-                                               if s.name in old_by_name) or "none")
+            log.info(
+                "reconfigured: added %s, removed %s, changed %s",
+                added or "none",
+                removed or "none",
+                sorted(s.name for s in changed if s.name in old_by_name) or "none",
+            )
             return True
 
     # ------------------------------------------------------------------ health and metrics
 
-    async def _serve_health(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                            ) -> None:
+    async def _serve_health(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # /whois only on the unix socket (0600): device names and tags are not for the network
-        listeners: list[tuple[trio.SocketListener, Handler]] = [(trio.SocketListener(
-            trio.socket.from_stdlib_socket(bind_unix(self.cfg.health_socket))), self._answer_local)]
+        listeners: list[tuple[trio.SocketListener, Handler]] = [
+            (
+                trio.SocketListener(trio.socket.from_stdlib_socket(bind_unix(self.cfg.health_socket))),
+                self._answer_local,
+            )
+        ]
         if self.cfg.prometheus_addr is not None:
             host, port = self.cfg.prometheus_addr
             tcp = await trio.open_tcp_listeners(port, host=host)
@@ -327,17 +346,27 @@ class Sidecar:
         if path == "/health":
             statuses = await self.statuses()
             healthy = self.engine_up and all(st.state is NodeState.RUNNING for st in statuses)
-            body = {"healthy": healthy, "engine_up": self.engine_up,
-                    "nodes": [st.as_json() for st in statuses]}
+            body = {
+                "healthy": healthy,
+                "engine_up": self.engine_up,
+                "nodes": [st.as_json() for st in statuses],
+            }
             return Reply(200 if healthy else 503, "application/json", json.dumps(body).encode())
         if path == "/status":
             statuses = await self.statuses()
             status: dict[str, object] = {
-                "engine_up": self.engine_up, "engine_pid": self.engine.pid,
+                "engine_up": self.engine_up,
+                "engine_pid": self.engine.pid,
                 "engine_restarts": self.restarts,
-                "nodes": [{**st.as_json(), "state_dir": self.cfg.service(st.name).node_dir,
-                           "listen": self.cfg.service(st.name).listen.port}
-                          for st in statuses]}
+                "nodes": [
+                    {
+                        **st.as_json(),
+                        "state_dir": self.cfg.service(st.name).node_dir,
+                        "listen": self.cfg.service(st.name).listen.port,
+                    }
+                    for st in statuses
+                ],
+            }
             if self.directory is not None:
                 status["whois_directory"] = self.directory.state.as_json(trio.current_time())
             return Reply(200, "application/json", json.dumps(status).encode())
@@ -347,8 +376,10 @@ class Sidecar:
 
     async def metrics_text(self) -> str:
         statuses = await self.statuses()
-        traffic = {s.name: self.traffic.get(s.name) or metrics.ServiceTraffic()
-                   for s in self.cfg.services}
-        return metrics.render(engine_up=self.engine_up, engine_restarts=self.restarts,
-                              node_states={st.name: st.state.value for st in statuses},
-                              traffic=traffic)
+        traffic = {s.name: self.traffic.get(s.name) or metrics.ServiceTraffic() for s in self.cfg.services}
+        return metrics.render(
+            engine_up=self.engine_up,
+            engine_restarts=self.restarts,
+            node_states={st.name: st.state.value for st in statuses},
+            traffic=traffic,
+        )

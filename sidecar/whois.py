@@ -41,8 +41,12 @@ MISS_WAIT = 1.5  # how long a lookup of an unknown address waits for that refres
 API_TIMEOUT = 20.0  # one device-list request, end to end
 
 #: The headers the directory answers with, in this order; the engine copies exactly these.
-NODE_HEADERS = ("X-Tailscale-Node", "X-Tailscale-Node-Name", "X-Tailscale-Node-Tags",
-                "X-Tailscale-Node-StableID")
+NODE_HEADERS = (
+    "X-Tailscale-Node",
+    "X-Tailscale-Node-Name",
+    "X-Tailscale-Node-Tags",
+    "X-Tailscale-Node-StableID",
+)
 
 T = TypeVar("T")
 
@@ -75,10 +79,16 @@ class Device:
 
 def device_from_api(d: Any) -> Device:
     """A ``tailscale.models.Device`` (the PyPI client's parse of one list entry) → ``Device``."""
-    return Device(id=str(d.device_id), stable_id=str(d.node_id or ""), name=str(d.name or ""),
-                  hostname=str(d.hostname or ""), addresses=tuple(str(a) for a in d.addresses),
-                  tags=tuple(str(t) for t in d.tags), user=str(d.user or ""),
-                  external=bool(d.is_external))
+    return Device(
+        id=str(d.device_id),
+        stable_id=str(d.node_id or ""),
+        name=str(d.name or ""),
+        hostname=str(d.hostname or ""),
+        addresses=tuple(str(a) for a in d.addresses),
+        tags=tuple(str(t) for t in d.tags),
+        user=str(d.user or ""),
+        external=bool(d.is_external),
+    )
 
 
 def devices_from_json(text: str | bytes) -> list[Device]:
@@ -171,8 +181,7 @@ class _AsyncioThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="whois-api",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.loop.run_forever, name="whois-api", daemon=True)
         self.thread.start()
 
     async def call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -208,8 +217,7 @@ class DeviceSource:
     """The tailnet's device list through the ``tailscale`` package, with an API key or an OAuth
     client secret. The secret stays inside (``Secret``); errors never carry it."""
 
-    def __init__(self, credentials: Secret, session_factory: SessionFactory | None = None
-                 ) -> None:
+    def __init__(self, credentials: Secret, session_factory: SessionFactory | None = None) -> None:
         self._credentials = credentials
         self._session_factory = session_factory
         self._runner: _AsyncioThread | None = None
@@ -227,8 +235,9 @@ class DeviceSource:
             secret = self._credentials.reveal()
             if self._credentials.is_oauth_client_secret:
                 client_id, value, _ = split_client_secret(secret)
-                self._client = Tailscale(oauth_client_id=client_id, oauth_client_secret=value,
-                                         session=self._session)
+                self._client = Tailscale(
+                    oauth_client_id=client_id, oauth_client_secret=value, session=self._session
+                )
             else:
                 self._client = Tailscale(api_key=secret, session=self._session)
         try:
@@ -277,17 +286,28 @@ class DirectoryState:
 
     def as_json(self, now: float) -> dict[str, object]:
         age = None if self.last_refresh is None else round(now - self.last_refresh, 1)
-        return {"devices": self.devices, "refreshes": self.refreshes, "failures": self.failures,
-                "last_error": self.last_error, "seconds_since_refresh": age,
-                "lookups": {"hit": self.hits, "miss": self.misses}}
+        return {
+            "devices": self.devices,
+            "refreshes": self.refreshes,
+            "failures": self.failures,
+            "last_error": self.last_error,
+            "seconds_since_refresh": age,
+            "lookups": {"hit": self.hits, "miss": self.misses},
+        }
 
 
 class Directory:
     """Tailnet address → device, kept fresh in the background (``run``), asked by ``lookup``."""
 
-    def __init__(self, source: DeviceSource, *, interval: float = REFRESH_INTERVAL,
-                 miss_interval: float = MISS_REFRESH_INTERVAL, miss_wait: float = MISS_WAIT,
-                 address_retry: float = ADDRESS_RETRY) -> None:
+    def __init__(
+        self,
+        source: DeviceSource,
+        *,
+        interval: float = REFRESH_INTERVAL,
+        miss_interval: float = MISS_REFRESH_INTERVAL,
+        miss_wait: float = MISS_WAIT,
+        address_retry: float = ADDRESS_RETRY,
+    ) -> None:
         self.source = source
         self.interval = interval
         self.miss_interval = miss_interval
@@ -335,8 +355,7 @@ class Directory:
                 self.state.last_error = str(exc)
             else:  # an unexpected error of the client: its type only, never its text
                 self.state.last_error = f"{type(exc).__name__} from the Tailscale API client"
-            log.warning("whois directory: cannot list the tailnet's devices: %s",
-                        self.state.last_error)
+            log.warning("whois directory: cannot list the tailnet's devices: %s", self.state.last_error)
             return
         self._map = address_map(devices)
         first = self.state.last_refresh is None
@@ -378,8 +397,7 @@ class Directory:
         if asked is not None and now - asked < self.address_retry:
             return None  # this address asked recently: no refresh, no wait
         if len(self._asked) > 4096:  # old entries only matter for their retry time
-            self._asked = {a: t for a, t in self._asked.items()
-                           if now - t < self.address_retry}
+            self._asked = {a: t for a, t in self._asked.items() if now - t < self.address_retry}
         self._asked[key] = now
         # wait for a refresh that starts after now (the one in flight may predate the device)
         target = self._started + 1
@@ -399,8 +417,7 @@ async def read_api_credentials(source: ApiKeySource) -> Secret:
     try:
         text = (await trio.Path(source.path).read_text(encoding="utf-8")).strip()
     except OSError as exc:
-        raise ConfigError([Problem("api_key_path", f"cannot read {source.path!r}: "
-                                   f"{exc.strerror}")]) from None
+        raise ConfigError([Problem("api_key_path", f"cannot read {source.path!r}: {exc.strerror}")]) from None
     if not text:
         raise ConfigError([Problem("api_key_path", f"{source.path!r} is empty")])
     why = api_credentials_problem(text)

@@ -26,10 +26,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--derp-port", type=int, default=0)
     p.add_argument("--domain", default="tailnet.test", help="tailnet domain for MagicDNS names")
     p.add_argument("--user", default="tester@example.com", help="login of the default user")
-    p.add_argument("--ephemeral-grace", type=float, default=5.0,
-                   help="seconds an ephemeral node may be offline before it is removed")
-    p.add_argument("--state-dir", type=Path, default=None,
-                   help="keep nodes (state.json) and the CA certificate (ca.pem) here")
+    p.add_argument(
+        "--ephemeral-grace",
+        type=float,
+        default=5.0,
+        help="seconds an ephemeral node may be offline before it is removed",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="keep nodes (state.json) and the CA certificate (ca.pem) here",
+    )
     p.add_argument("--debug", action="store_true", help="log every request")
     return p.parse_args(argv)
 
@@ -39,9 +47,14 @@ async def amain(args: argparse.Namespace) -> None:
         state_dir = args.state_dir or Path(tmp)
         state_dir.mkdir(parents=True, exist_ok=True)
         config = TailnetConfig(
-            host=args.host, control_port=args.control_port, derp_port=args.derp_port,
-            domain=args.domain, user_login=args.user, ephemeral_grace=args.ephemeral_grace,
-            state_path=state_dir / "state.json" if args.state_dir else None)
+            host=args.host,
+            control_port=args.control_port,
+            derp_port=args.derp_port,
+            domain=args.domain,
+            user_login=args.user,
+            ephemeral_grace=args.ephemeral_grace,
+            state_path=state_dir / "state.json" if args.state_dir else None,
+        )
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 tailnet = await nursery.start(serve_tailnet, config)
@@ -50,16 +63,18 @@ async def amain(args: argparse.Namespace) -> None:
                 sys.stdout.write(json.dumps(tailnet.info(str(ca_path))) + "\n")
                 sys.stdout.flush()
                 async for signum in signals:
-                    logging.getLogger("tailnet").info("got %s, stopping",
-                                                      signal.Signals(signum).name)
+                    logging.getLogger("tailnet").info("got %s, stopping", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
                     break
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     trio.run(amain, args)
     return 0
 

@@ -103,8 +103,15 @@ class Api:
             raise Refused("invalid OAuth client credentials", 401)
         token = "tskey-oauth-" + secrets.token_hex(16)
         self._tokens[token] = _Token("oauth", time.time() + TOKEN_LIFETIME)
-        return ApiResponse(200, {"access_token": token, "token_type": "Bearer",
-                                 "expires_in": TOKEN_LIFETIME, "scope": "auth_keys devices:core"})
+        return ApiResponse(
+            200,
+            {
+                "access_token": token,
+                "token_type": "Bearer",
+                "expires_in": TOKEN_LIFETIME,
+                "scope": "auth_keys devices:core",
+            },
+        )
 
     def _authorize(self, headers: dict[str, str]) -> _Token:
         auth = headers.get("authorization", "")
@@ -136,16 +143,36 @@ class Api:
         if not isinstance(expiry, int | float) or expiry <= 0:
             raise Refused("expirySeconds must be a positive number", 400)
         key = self.registry.mint_key(
-            reusable=bool(create.get("reusable")), ephemeral=bool(create.get("ephemeral")),
-            tags=tags, expiry_seconds=float(expiry), description=str(request.get("description", "")))
-        return ApiResponse(200, {
-            "id": key.id, "key": key.key, "keyType": "auth", "description": key.description,
-            "created": rfc3339(key.created), "expires": rfc3339(key.expires or key.created),
-            "expirySeconds": int(expiry), "invalid": False, "tags": list(key.tags),
-            "capabilities": {"devices": {"create": {
-                "reusable": key.reusable, "ephemeral": key.ephemeral, "preauthorized": True,
-                "tags": list(key.tags)}}},
-        })
+            reusable=bool(create.get("reusable")),
+            ephemeral=bool(create.get("ephemeral")),
+            tags=tags,
+            expiry_seconds=float(expiry),
+            description=str(request.get("description", "")),
+        )
+        return ApiResponse(
+            200,
+            {
+                "id": key.id,
+                "key": key.key,
+                "keyType": "auth",
+                "description": key.description,
+                "created": rfc3339(key.created),
+                "expires": rfc3339(key.expires or key.created),
+                "expirySeconds": int(expiry),
+                "invalid": False,
+                "tags": list(key.tags),
+                "capabilities": {
+                    "devices": {
+                        "create": {
+                            "reusable": key.reusable,
+                            "ephemeral": key.ephemeral,
+                            "preauthorized": True,
+                            "tags": list(key.tags),
+                        }
+                    }
+                },
+            },
+        )
 
     def _devices(self) -> ApiResponse:
         reg = self.registry
@@ -154,16 +181,24 @@ class Api:
             if n.logged_out:
                 continue
             device: dict[str, Any] = {
-                "id": str(n.id), "nodeId": f"n{n.id:x}CNTRL", "name": reg.fqdn(n).rstrip("."),
+                "id": str(n.id),
+                "nodeId": f"n{n.id:x}CNTRL",
+                "name": reg.fqdn(n).rstrip("."),
                 "hostname": str(n.hostinfo.get("Hostname") or n.name),
-                "addresses": [n.ipv4, n.ipv6], "user": reg.user_of(n).login,
+                "addresses": [n.ipv4, n.ipv6],
+                "user": reg.user_of(n).login,
                 "os": str(n.hostinfo.get("OS") or ""),
                 "clientVersion": str(n.hostinfo.get("IPNVersion") or ""),
-                "isEphemeral": n.ephemeral, "isExternal": False,
-                "connectedToControl": n.online, "lastSeen": rfc3339(n.last_seen),
-                "created": rfc3339(n.created), "expires": "0001-01-01T00:00:00Z",
-                "keyExpiryDisabled": True, "authorized": True,
-                "blocksIncomingConnections": False, "updateAvailable": False,
+                "isEphemeral": n.ephemeral,
+                "isExternal": False,
+                "connectedToControl": n.online,
+                "lastSeen": rfc3339(n.last_seen),
+                "created": rfc3339(n.created),
+                "expires": "0001-01-01T00:00:00Z",
+                "keyExpiryDisabled": True,
+                "authorized": True,
+                "blocksIncomingConnections": False,
+                "updateAvailable": False,
                 "nodeKey": f"nodekey:{n.node_key.hex()}",
                 "machineKey": f"mkey:{n.machine_key.hex()}",
             }

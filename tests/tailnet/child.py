@@ -22,8 +22,9 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2 or ":" not in argv[0]:
         print("usage: python -m tests.tailnet.child module:function '<json kwargs>'", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     module_name, _, func_name = argv[0].partition(":")
     func = getattr(importlib.import_module(module_name), func_name)
     kwargs: dict[str, Any] = json.loads(argv[1])

@@ -49,9 +49,14 @@ class HttpError(Exception):
         self.body = body
 
 
-async def _h11_request(stream: trio.abc.Stream, method: str, target: str, host: str,
-                       headers: list[tuple[str, str]], body: bytes = b"",
-                       ) -> tuple[h11.Response | h11.InformationalResponse, bytes, h11.Connection]:
+async def _h11_request(
+    stream: trio.abc.Stream,
+    method: str,
+    target: str,
+    host: str,
+    headers: list[tuple[str, str]],
+    body: bytes = b"",
+) -> tuple[h11.Response | h11.InformationalResponse, bytes, h11.Connection]:
     conn = h11.Connection(h11.CLIENT)
     hdrs = [("Host", host), *headers]
     if body or method == "POST":
@@ -118,8 +123,9 @@ class ControlClient:
                 for event in self._conn.receive_data(data):
                     sid = getattr(event, "stream_id", None)
                     if isinstance(event, h2.events.DataReceived) and event.stream_id is not None:
-                        self._conn.acknowledge_received_data(event.flow_controlled_length or 0,
-                                                             event.stream_id)
+                        self._conn.acknowledge_received_data(
+                            event.flow_controlled_length or 0, event.stream_id
+                        )
                     if sid in self._responses:
                         self._responses[sid].send_nowait(event)
                 await self._flush()
@@ -136,9 +142,16 @@ class ControlClient:
         sid = self._conn.get_next_available_stream_id()
         send, receive = trio.open_memory_channel[h2.events.Event](1000)
         self._responses[sid] = send
-        self._conn.send_headers(sid, [(":method", "POST"), (":path", path), (":scheme", "http"),
-                                      (":authority", "control"),
-                                      ("content-type", "application/json")])
+        self._conn.send_headers(
+            sid,
+            [
+                (":method", "POST"),
+                (":path", path),
+                (":scheme", "http"),
+                (":authority", "control"),
+                ("content-type", "application/json"),
+            ],
+        )
         self._conn.send_data(sid, json.dumps(body).encode(), end_stream=True)
         await self._flush()
         return receive
@@ -156,19 +169,36 @@ class ControlClient:
                 break
         return status, bytes(out)
 
-    async def register(self, node_key: PrivateKey, auth_key: str | None, hostname: str,
-                       **extra: Any) -> tuple[int, dict[str, Any]]:
-        status, body = await self.post("/machine/register", {
-            "Version": CAPVER, "NodeKey": keys.format_public(node_key.public, keys.NODE),
-            "Auth": {"AuthKey": auth_key or ""}, "Hostinfo": {"Hostname": hostname}, **extra})
+    async def register(
+        self, node_key: PrivateKey, auth_key: str | None, hostname: str, **extra: Any
+    ) -> tuple[int, dict[str, Any]]:
+        status, body = await self.post(
+            "/machine/register",
+            {
+                "Version": CAPVER,
+                "NodeKey": keys.format_public(node_key.public, keys.NODE),
+                "Auth": {"AuthKey": auth_key or ""},
+                "Hostinfo": {"Hostname": hostname},
+                **extra,
+            },
+        )
         return status, json.loads(body) if body else {}
 
-    async def map_stream(self, node_key: PrivateKey, *, compress: bool = True,
-                         **extra: Any) -> AsyncGenerator[dict[str, Any], None]:
+    async def map_stream(
+        self, node_key: PrivateKey, *, compress: bool = True, **extra: Any
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Yield MapResponses of a streaming poll (the first raises :class:`HttpError` if refused)."""
-        receive = await self._start("/machine/map", {
-            "Version": CAPVER, "NodeKey": keys.format_public(node_key.public, keys.NODE),
-            "Stream": True, "KeepAlive": True, "Compress": "zstd" if compress else "", **extra})
+        receive = await self._start(
+            "/machine/map",
+            {
+                "Version": CAPVER,
+                "NodeKey": keys.format_public(node_key.public, keys.NODE),
+                "Stream": True,
+                "KeepAlive": True,
+                "Compress": "zstd" if compress else "",
+                **extra,
+            },
+        )
         decoder = MapFrameDecoder(compressed=compress)
         status = 0
         async for event in receive:
@@ -186,17 +216,28 @@ class ControlClient:
 
 
 @asynccontextmanager
-async def control_session(host: str, port: int, machine: PrivateKey | None = None,
-                          ) -> AsyncIterator[ControlClient]:
+async def control_session(
+    host: str,
+    port: int,
+    machine: PrivateKey | None = None,
+) -> AsyncIterator[ControlClient]:
     """``/key``, ``POST /ts2021`` with the handshake, the early payload, then HTTP/2."""
     server_key = await fetch_server_key(host, port)
     machine = machine or PrivateKey.generate()
     init = noise.initiate(machine, server_key, CAPVER)
     stream = await trio.open_tcp_stream(host, port)
     async with stream:
-        resp, body, conn = await _h11_request(stream, "POST", "/ts2021", f"{host}:{port}", [
-            ("Upgrade", "tailscale-control-protocol"), ("Connection", "upgrade"),
-            ("X-Tailscale-Handshake", base64.b64encode(init.message).decode())])
+        resp, body, conn = await _h11_request(
+            stream,
+            "POST",
+            "/ts2021",
+            f"{host}:{port}",
+            [
+                ("Upgrade", "tailscale-control-protocol"),
+                ("Connection", "upgrade"),
+                ("X-Tailscale-Handshake", base64.b64encode(init.message).decode()),
+            ],
+        )
         if resp.status_code != 101:
             raise HttpError(resp.status_code, body)
         reader = Reader(stream, conn.trailing_data[0])
@@ -239,19 +280,23 @@ class DerpClient:
 
     async def receive(self) -> tuple[int, bytes]:
         """The next frame: (type, payload)."""
-        header = parse_derp_header(await self.reader.read_exactly(DERP_HEADER_LEN),
-                                   max_len=1 << 20)
+        header = parse_derp_header(await self.reader.read_exactly(DERP_HEADER_LEN), max_len=1 << 20)
         return header.frame_type, await self.reader.read_exactly(header.length)
 
 
 @asynccontextmanager
-async def derp_session(host: str, port: int, node: PrivateKey, ssl_context: Any,
-                       ) -> AsyncIterator[DerpClient]:
+async def derp_session(
+    host: str,
+    port: int,
+    node: PrivateKey,
+    ssl_context: Any,
+) -> AsyncIterator[DerpClient]:
     raw = await trio.open_tcp_stream(host, port)
     stream = trio.SSLStream(raw, ssl_context, server_hostname=host, https_compatible=True)
     async with stream:
-        resp, body, conn = await _h11_request(stream, "GET", "/derp", f"{host}:{port}", [
-            ("Upgrade", "DERP"), ("Connection", "Upgrade")])
+        resp, body, conn = await _h11_request(
+            stream, "GET", "/derp", f"{host}:{port}", [("Upgrade", "DERP"), ("Connection", "Upgrade")]
+        )
         if resp.status_code != 101:
             raise HttpError(resp.status_code, body)
         reader = Reader(stream, conn.trailing_data[0])
@@ -259,7 +304,7 @@ async def derp_session(host: str, port: int, node: PrivateKey, ssl_context: Any,
         kind, payload = await client.receive()
         if kind != DerpFrame.SERVER_KEY or not payload.startswith(DERP_MAGIC):
             raise FrameError("expected the server key frame")
-        client.server_key = payload[len(DERP_MAGIC):]
+        client.server_key = payload[len(DERP_MAGIC) :]
         box = Box(NaclPrivateKey(node.raw), NaclPublicKey(client.server_key))
         sealed = box.encrypt(json.dumps({"version": 2}).encode(), secrets.token_bytes(NONCE_LEN))
         await stream.send_all(derp_frame(DerpFrame.CLIENT_INFO, node.public + bytes(sealed)))

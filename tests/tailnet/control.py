@@ -75,7 +75,8 @@ class ControlConnection:
         self._peer = peer
         self._machine = noise.peer_static
         self._conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        )
         self._requests: dict[int, _Request] = {}
         self._window_open = trio.Event()
 
@@ -141,17 +142,20 @@ class ControlConnection:
 
     # -- responses -------------------------------------------------------------------------
 
-    async def _send_headers(self, req: _Request, status: int, *, end: bool = False,
-                            content_type: str = "application/json") -> None:
-        self._conn.send_headers(req.stream_id, [(":status", str(status)),
-                                                ("content-type", content_type)], end_stream=end)
+    async def _send_headers(
+        self, req: _Request, status: int, *, end: bool = False, content_type: str = "application/json"
+    ) -> None:
+        self._conn.send_headers(
+            req.stream_id, [(":status", str(status)), ("content-type", content_type)], end_stream=end
+        )
         await self._flush()
 
     async def _send_data(self, req: _Request, data: bytes, *, end: bool = False) -> None:
         view = memoryview(data)
         while view:
-            window = min(self._conn.local_flow_control_window(req.stream_id),
-                         self._conn.max_outbound_frame_size)
+            window = min(
+                self._conn.local_flow_control_window(req.stream_id), self._conn.max_outbound_frame_size
+            )
             if window <= 0:
                 await self._window_open.wait()
                 continue
@@ -208,14 +212,18 @@ class ControlConnection:
         old_node_key = _optional_key(body.get("OldNodeKey"), keys.NODE)
         try:
             node = reg.register(
-                machine_key=self._machine, node_key=node_key, old_node_key=old_node_key,
-                auth_key=auth.get("AuthKey") or auth.get("authKey"), hostinfo=hostinfo,
-                expiry=_parse_time(body.get("Expiry")), capver=int(body.get("Version") or 0))
+                machine_key=self._machine,
+                node_key=node_key,
+                old_node_key=old_node_key,
+                auth_key=auth.get("AuthKey") or auth.get("authKey"),
+                hostinfo=hostinfo,
+                expiry=_parse_time(body.get("Expiry")),
+                capver=int(body.get("Version") or 0),
+            )
         except Refused as exc:
             # Like Tailscale: a refused registration is a 200 whose Error says why. Go reports
             # it as a user-visible error; arkitekt-mesh raises ``Refused`` with the reason.
-            log.warning("%s: registration of %r refused: %s", self._who,
-                        hostinfo.get("Hostname"), exc.reason)
+            log.warning("%s: registration of %r refused: %s", self._who, hostinfo.get("Hostname"), exc.reason)
             await self._respond_json(req, 200, mapresp.refusal(exc.reason))
             return
         await self._respond_json(req, 200, mapresp.register_response(reg, node))
@@ -235,8 +243,7 @@ class ControlConnection:
         if not stream:
             if changed:
                 reg.bump(f"node {node.name} updated its endpoints")
-            frame = encode_map_frame(mapresp.map_response(reg, node, self._settings.derp),
-                                     compress=compress)
+            frame = encode_map_frame(mapresp.map_response(reg, node, self._settings.derp), compress=compress)
             await self._send_headers(req, 200, content_type="application/octet-stream")
             await self._send_data(req, frame, end=True)
             return
@@ -277,8 +284,7 @@ class ControlConnection:
                     with trio.move_on_after(settings.keepalive_interval):
                         await reg.changed()
                         continue
-                    await self._send_data(req, encode_map_frame(mapresp.keep_alive(),
-                                                                compress=compress))
+                    await self._send_data(req, encode_map_frame(mapresp.keep_alive(), compress=compress))
             # the node was removed or logged out: end its stream so it notices
             await self._send_data(req, b"", end=True)
         finally:

@@ -67,9 +67,12 @@ class DerpServer:
         return set(self._clients)
 
     def upgrade_headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"Upgrade", b"DERP"), (b"Connection", b"Upgrade"),
-                (b"Derp-Version", str(DERP_PROTOCOL_VERSION).encode()),
-                (b"Derp-Public-Key", self.public.hex().encode())]
+        return [
+            (b"Upgrade", b"DERP"),
+            (b"Connection", b"Upgrade"),
+            (b"Derp-Version", str(DERP_PROTOCOL_VERSION).encode()),
+            (b"Derp-Public-Key", self.public.hex().encode()),
+        ]
 
     async def serve(self, stream: trio.abc.Stream, reader: Reader, peer: str) -> None:
         """Run the DERP protocol on an upgraded connection until either side ends it."""
@@ -81,16 +84,18 @@ class DerpServer:
             return
         box = Box(NaclPrivateKey(self.private.raw), NaclPublicKey(client_key))
         reply = json.dumps({"version": DERP_PROTOCOL_VERSION}).encode()
-        await stream.send_all(derp_frame(DerpFrame.SERVER_INFO,
-                                         bytes(box.encrypt(reply, secrets.token_bytes(NONCE_LEN)))))
+        await stream.send_all(
+            derp_frame(DerpFrame.SERVER_INFO, bytes(box.encrypt(reply, secrets.token_bytes(NONCE_LEN))))
+        )
         send, receive = trio.open_memory_channel[bytes](QUEUE_DEPTH)
         client = _Client(client_key, peer, send)
         previous = self._clients.get(client_key)
         self._clients[client_key] = client
         if previous is not None:
             previous.send.close()
-        log.info("derp %s: client %s connected (version %s)", peer, client_key.hex()[:16],
-                 info.get("version"))
+        log.info(
+            "derp %s: client %s connected (version %s)", peer, client_key.hex()[:16], info.get("version")
+        )
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, stream, receive, nursery.cancel_scope)
@@ -108,8 +113,9 @@ class DerpServer:
             log.info("derp %s: client %s disconnected", peer, client_key.hex()[:16])
 
     async def _read_client_info(self, reader: Reader) -> tuple[bytes, dict[str, object]]:
-        header = parse_derp_header(await reader.read_exactly(DERP_HEADER_LEN),
-                                   max_len=KEY_LEN + NONCE_LEN + DERP_MAX_INFO)
+        header = parse_derp_header(
+            await reader.read_exactly(DERP_HEADER_LEN), max_len=KEY_LEN + NONCE_LEN + DERP_MAX_INFO
+        )
         if header.frame_type != DerpFrame.CLIENT_INFO:
             raise FrameError(f"expected client info frame, got type {header.frame_type:#x}")
         payload = await reader.read_exactly(header.length)
@@ -124,8 +130,9 @@ class DerpServer:
             raise FrameError("client info is not a JSON object")
         return key, info
 
-    async def _writer(self, stream: trio.abc.Stream, receive: trio.MemoryReceiveChannel[bytes],
-                      scope: trio.CancelScope) -> None:
+    async def _writer(
+        self, stream: trio.abc.Stream, receive: trio.MemoryReceiveChannel[bytes], scope: trio.CancelScope
+    ) -> None:
         try:
             while True:
                 with trio.move_on_after(self.keepalive_interval) as timer:
@@ -166,8 +173,7 @@ class DerpServer:
     def _relay(self, source: _Client, dest_key: bytes, packet: bytes) -> None:
         dest = self._clients.get(dest_key)
         if dest is None:
-            self._enqueue(source, derp_frame(DerpFrame.PEER_GONE,
-                                             dest_key + bytes([PEER_GONE_NOT_HERE])))
+            self._enqueue(source, derp_frame(DerpFrame.PEER_GONE, dest_key + bytes([PEER_GONE_NOT_HERE])))
             return
         source.sent_to.add(dest_key)
         self.packets_relayed += 1

@@ -63,8 +63,7 @@ def derp_map(derp: DerpNode) -> dict[str, Any]:
 SELF_NODE_ATTRS = ("disable-captive-portal-detection",)
 
 
-def node_record(reg: Registry, node: Node, derp: DerpNode, *,
-                self_view: bool = False) -> dict[str, Any]:
+def node_record(reg: Registry, node: Node, derp: DerpNode, *, self_view: bool = False) -> dict[str, Any]:
     addresses = [f"{node.ipv4}/32", f"{node.ipv6}/128"]
     home = node.home_derp or derp.region_id
     return {
@@ -91,8 +90,11 @@ def node_record(reg: Registry, node: Node, derp: DerpNode, *,
         "MachineAuthorized": True,
         "ComputedName": node.name,
         "ComputedNameWithHost": node.name,
-        **({"Capabilities": list(SELF_NODE_ATTRS),
-            "CapMap": {attr: None for attr in SELF_NODE_ATTRS}} if self_view else {}),
+        **(
+            {"Capabilities": list(SELF_NODE_ATTRS), "CapMap": {attr: None for attr in SELF_NODE_ATTRS}}
+            if self_view
+            else {}
+        ),
     }
 
 
@@ -100,8 +102,9 @@ def dns_config(reg: Registry) -> dict[str, Any]:
     return {"Resolvers": [], "Routes": {}, "Domains": [reg.domain], "Proxied": True}
 
 
-def map_response(reg: Registry, node: Node, derp: DerpNode, *, omit_peers: bool = False,
-                 now: float | None = None) -> dict[str, Any]:
+def map_response(
+    reg: Registry, node: Node, derp: DerpNode, *, omit_peers: bool = False, now: float | None = None
+) -> dict[str, Any]:
     """A full MapResponse for ``node``: itself, every peer, DERP map, DNS, users, allow-all filter."""
     peers = [] if omit_peers else sorted(reg.peers_of(node), key=lambda n: n.id)
     user_ids = {node.user_id, *(p.user_id for p in peers)}
@@ -126,10 +129,20 @@ def keep_alive() -> dict[str, Any]:
 def register_response(reg: Registry, node: Node) -> dict[str, Any]:
     user = reg.user_of(node)
     return {
-        "User": {"ID": user.id, "LoginName": user.login, "DisplayName": user.display_name,
-                 "ProfilePicURL": "", "Created": ZERO_TIME},
-        "Login": {"ID": user.id, "Provider": "", "LoginName": user.login,
-                  "DisplayName": user.display_name, "ProfilePicURL": ""},
+        "User": {
+            "ID": user.id,
+            "LoginName": user.login,
+            "DisplayName": user.display_name,
+            "ProfilePicURL": "",
+            "Created": ZERO_TIME,
+        },
+        "Login": {
+            "ID": user.id,
+            "Provider": "",
+            "LoginName": user.login,
+            "DisplayName": user.display_name,
+            "ProfilePicURL": "",
+        },
         "NodeKeyExpired": node.logged_out,
         "MachineAuthorized": not node.logged_out,
         "AuthURL": "",

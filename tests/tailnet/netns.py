@@ -70,10 +70,10 @@ class Netns:
         """``argv`` prefixed to run inside the namespace."""
         return ["ip", "netns", "exec", self.name, *argv]
 
-    def run(self, argv: Sequence[str], *, timeout: float = 30,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.argv(argv), capture_output=True, text=True, timeout=timeout,
-                              check=check)
+    def run(
+        self, argv: Sequence[str], *, timeout: float = 30, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.argv(argv), capture_output=True, text=True, timeout=timeout, check=check)
 
 
 def _ip(*args: str) -> None:
@@ -100,8 +100,7 @@ def netns(prefix: str = "hb") -> Iterator[Netns]:
         _ip("-n", ns.name, "route", "add", "default", "via", ns.peer_address, "dev", "veth0")
         yield ns
     finally:
-        subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, timeout=10,
-                       check=False)
+        subprocess.run(["ip", "netns", "del", ns.name], capture_output=True, timeout=10, check=False)
 
 
 def _child_argv(ns: Netns, target: str, kwargs: dict[str, Any]) -> list[str]:
@@ -120,7 +119,7 @@ def _parse_result(stdout: str, stderr: str, returncode: int | None, target: str)
     for line in reversed(stdout.splitlines()):
         if line.startswith(RESULT_PREFIX):
             if returncode == 0:
-                return json.loads(line[len(RESULT_PREFIX):])
+                return json.loads(line[len(RESULT_PREFIX) :])
             break
     tail = "\n".join(stderr.splitlines()[-60:])
     raise ChildFailed(f"{target} in namespace exited with {returncode}; stderr tail:\n{tail}")
@@ -131,19 +130,25 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def run_in_netns_sync(ns: Netns, target: str, kwargs: dict[str, Any] | None = None, *,
-                      timeout: float) -> Any:
+def run_in_netns_sync(ns: Netns, target: str, kwargs: dict[str, Any] | None = None, *, timeout: float) -> Any:
     """Blocking form of :func:`run_in_netns` (for module-scoped fixtures)."""
-    proc = subprocess.Popen(_child_argv(ns, target, kwargs or {}), cwd=REPO_ROOT, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _child_argv(ns, target, kwargs or {}),
+        cwd=REPO_ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc.pid)
         stdout, stderr = proc.communicate()
-        raise ChildFailed(f"{target} timed out after {timeout}s; stderr tail:\n"
-                          + "\n".join(stderr.splitlines()[-60:])) from None
+        raise ChildFailed(
+            f"{target} timed out after {timeout}s; stderr tail:\n" + "\n".join(stderr.splitlines()[-60:])
+        ) from None
     finally:
         _kill_group(proc.pid)  # anything the child left behind (e.g. a Caddy it spawned)
     return _parse_result(stdout, stderr, proc.returncode, target)
@@ -155,8 +160,13 @@ async def run_in_netns(ns: Netns, target: str, kwargs: dict[str, Any] | None = N
     Put it under ``trio.fail_after``: when cancelled, the child's process group is killed and its
     stderr tail is written to ours (pytest shows it with the failure)."""
     proc = await trio.lowlevel.open_process(
-        _child_argv(ns, target, kwargs or {}), cwd=REPO_ROOT, env=child_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        _child_argv(ns, target, kwargs or {}),
+        cwd=REPO_ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     out, err = bytearray(), bytearray()
 
     async def pump(stream: trio.abc.ReceiveStream | None, buf: bytearray) -> None:
@@ -178,5 +188,4 @@ async def run_in_netns(ns: Netns, target: str, kwargs: dict[str, Any] | None = N
         if not done:
             tail = "\n".join(err.decode(errors="replace").splitlines()[-60:])
             sys.stderr.write(f"{target} in namespace {ns.name} stopped early; stderr tail:\n{tail}\n")
-    return _parse_result(out.decode(errors="replace"), err.decode(errors="replace"),
-                         proc.returncode, target)
+    return _parse_result(out.decode(errors="replace"), err.decode(errors="replace"), proc.returncode, target)

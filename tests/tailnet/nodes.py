@@ -38,17 +38,25 @@ def caddy_binary() -> Path:
     return path
 
 
-def tailscale_global_block(*, control_url: str, auth_key: str, state_dir: Path,
-                           ephemeral: bool = False) -> str:
-    lines = [f"\t\tcontrol_url {control_url}", f"\t\tauth_key {auth_key}",
-             f"\t\tstate_dir {state_dir}"]
+def tailscale_global_block(
+    *, control_url: str, auth_key: str, state_dir: Path, ephemeral: bool = False
+) -> str:
+    lines = [f"\t\tcontrol_url {control_url}", f"\t\tauth_key {auth_key}", f"\t\tstate_dir {state_dir}"]
     if ephemeral:
         lines.append("\t\tephemeral")
     return "\ttailscale {\n" + "\n".join(lines) + "\n\t}\n"
 
 
-def caddyfile(*, workdir: Path, control_url: str, auth_key: str, state_dir: Path, sites: str,
-              ephemeral: bool = False, debug: bool = False) -> str:
+def caddyfile(
+    *,
+    workdir: Path,
+    control_url: str,
+    auth_key: str,
+    state_dir: Path,
+    sites: str,
+    ephemeral: bool = False,
+    debug: bool = False,
+) -> str:
     """A Caddyfile: admin API on a unix socket (no port clashes), no automatic HTTPS, the
     ``tailscale`` app pointed at the local tailnet, then ``sites`` as given."""
     head = "{\n"
@@ -57,8 +65,9 @@ def caddyfile(*, workdir: Path, control_url: str, auth_key: str, state_dir: Path
     head += f"\tadmin unix/{workdir}/admin.sock\n\tauto_https off\n\tpersist_config off\n"
     head += "\tgrace_period 1s\n"  # the default waits for every connection to end
     head += f"\tstorage file_system {workdir}/data\n"
-    head += tailscale_global_block(control_url=control_url, auth_key=auth_key,
-                                   state_dir=state_dir, ephemeral=ephemeral)
+    head += tailscale_global_block(
+        control_url=control_url, auth_key=auth_key, state_dir=state_dir, ephemeral=ephemeral
+    )
     return head + "}\n\n" + sites
 
 
@@ -68,8 +77,8 @@ def web_site(node: str, body: str) -> str:
     return (
         f":80 {{\n\tbind tailscale/{node}\n"
         "\thandle /whoami {\n\t\troute {\n\t\t\ttailscale_auth\n"
-        "\t\t\trespond \"{http.auth.user.id}\" 200\n\t\t}\n\t}\n"
-        f"\thandle {{\n\t\trespond \"{body}\" 200\n\t}}\n}}\n"
+        '\t\t\trespond "{http.auth.user.id}" 200\n\t\t}\n\t}\n'
+        f'\thandle {{\n\t\trespond "{body}" 200\n\t}}\n}}\n'
     )
 
 
@@ -93,19 +102,27 @@ class CaddyProcess:
 
 
 @contextlib.asynccontextmanager
-async def caddy(config_text: str, workdir: Path, *, adapter: str = "caddyfile",
-                extra_env: dict[str, str] | None = None) -> AsyncIterator[CaddyProcess]:
+async def caddy(
+    config_text: str, workdir: Path, *, adapter: str = "caddyfile", extra_env: dict[str, str] | None = None
+) -> AsyncIterator[CaddyProcess]:
     """Run ``caddy run`` with ``config_text``; HOME and XDG dirs point into ``workdir``."""
     await trio.Path(workdir).mkdir(parents=True, exist_ok=True)
     config_path = workdir / ("Caddyfile" if adapter == "caddyfile" else "caddy.json")
     await trio.Path(config_path).write_text(config_text)
-    env = dict(os.environ, HOME=str(workdir), XDG_CONFIG_HOME=str(workdir / "config"),
-               XDG_DATA_HOME=str(workdir / "data"), **NODE_ENV, **(extra_env or {}))
+    env = dict(
+        os.environ,
+        HOME=str(workdir),
+        XDG_CONFIG_HOME=str(workdir / "config"),
+        XDG_DATA_HOME=str(workdir / "data"),
+        **NODE_ENV,
+        **(extra_env or {}),
+    )
     log_path = workdir / "caddy.log"
     argv = [str(caddy_binary()), "run", "--config", str(config_path), "--adapter", adapter]
     with log_path.open("ab") as log_file:
-        proc = await trio.lowlevel.open_process(argv, env=env, stdout=log_file,
-                                                stderr=subprocess.STDOUT, cwd=workdir)
+        proc = await trio.lowlevel.open_process(
+            argv, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir
+        )
     handle = CaddyProcess(proc, workdir, log_path)
     log.info("caddy pid %d started in %s", proc.pid, workdir)
     try:
@@ -136,8 +153,15 @@ async def stop_process(proc: trio.Process, grace: float = 5.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def mesh_node(statedir: Path, hostname: str, *, control_url: str, auth_key: str,
-                    ephemeral: bool = False, start_timeout: float = 60) -> AsyncIterator[Any]:
+async def mesh_node(
+    statedir: Path,
+    hostname: str,
+    *,
+    control_url: str,
+    auth_key: str,
+    ephemeral: bool = False,
+    start_timeout: float = 60,
+) -> AsyncIterator[Any]:
     """Start an arkitekt-mesh node (its own asyncio loop in a worker thread); close it on exit.
 
     This Python process must already be inside the test namespace. ``start_timeout`` is the
@@ -148,8 +172,14 @@ async def mesh_node(statedir: Path, hostname: str, *, control_url: str, auth_key
     await trio.Path(statedir).mkdir(parents=True, exist_ok=True)
 
     async def start() -> Any:
-        return await Node.start(str(statedir), hostname, control_url=control_url,
-                                auth_key=auth_key, timeout=start_timeout, ephemeral=ephemeral)
+        return await Node.start(
+            str(statedir),
+            hostname,
+            control_url=control_url,
+            auth_key=auth_key,
+            timeout=start_timeout,
+            ephemeral=ephemeral,
+        )
 
     node = await trio.to_thread.run_sync(lambda: asyncio.run(start()))
     log.info("mesh node %s up: %s, proxy %s", hostname, node.addresses, node.proxy_url)
@@ -170,8 +200,9 @@ class HttpResult:
     body: bytes
 
 
-async def http_get(url: str, *, proxy: str | None = None,
-                   headers: Sequence[tuple[str, str]] = ()) -> HttpResult:
+async def http_get(
+    url: str, *, proxy: str | None = None, headers: Sequence[tuple[str, str]] = ()
+) -> HttpResult:
     """GET ``url`` (optionally through an HTTP proxy); put it under ``trio.fail_after``."""
     parts = urllib.parse.urlsplit(url)
     via = urllib.parse.urlsplit(proxy) if proxy else parts
@@ -180,8 +211,9 @@ async def http_get(url: str, *, proxy: str | None = None,
     stream = await trio.open_tcp_stream(host, port)
     async with stream:
         conn = h11.Connection(h11.CLIENT)
-        req = h11.Request(method="GET", target=target, headers=[
-            ("Host", parts.netloc), ("Connection", "close"), *headers])
+        req = h11.Request(
+            method="GET", target=target, headers=[("Host", parts.netloc), ("Connection", "close"), *headers]
+        )
         await stream.send_all((conn.send(req) or b"") + (conn.send(h11.EndOfMessage()) or b""))
         status, got_headers, body = 0, {}, bytearray()
         while True:
@@ -197,8 +229,9 @@ async def http_get(url: str, *, proxy: str | None = None,
                 return HttpResult(status, got_headers, bytes(body))
 
 
-async def http_get_retrying(url: str, *, proxy: str | None = None, want_status: int = 200,
-                            interval: float = 0.5) -> HttpResult:
+async def http_get_retrying(
+    url: str, *, proxy: str | None = None, want_status: int = 200, interval: float = 0.5
+) -> HttpResult:
     """Retry :func:`http_get` until it answers ``want_status`` (put it under ``fail_after``)."""
     last: object = None
     while True:

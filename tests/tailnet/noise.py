@@ -195,8 +195,9 @@ class Initiation:
     version: int
 
 
-def initiate(machine: PrivateKey, server_public: bytes, version: int,
-             ephemeral: PrivateKey | None = None) -> Initiation:
+def initiate(
+    machine: PrivateKey, server_public: bytes, version: int, ephemeral: PrivateKey | None = None
+) -> Initiation:
     """Client side, first half: build the initiation message (-> e, es, s, ss)."""
     e = ephemeral or PrivateKey.generate()
     s = SymmetricState()
@@ -217,7 +218,7 @@ def finish_initiator(init: Initiation, response: bytes) -> Transport:
         raise NoiseError("short handshake response")
     msg_type, length = struct.unpack(">BH", response[:HEADER_LEN])
     if msg_type == MSG_ERROR:
-        raise NoiseError(f"server refused: {response[HEADER_LEN:HEADER_LEN + length]!r}")
+        raise NoiseError(f"server refused: {response[HEADER_LEN : HEADER_LEN + length]!r}")
     if msg_type != MSG_RESPONSE or length != RESPONSE_PAYLOAD_LEN or len(response) != RESPONSE_LEN:
         raise NoiseError(f"malformed handshake response (type {msg_type}, length {length})")
     s = init.state
@@ -230,8 +231,9 @@ def finish_initiator(init: Initiation, response: bytes) -> Transport:
     return Transport(CipherState(k1), CipherState(k2), init.server_public, init.version, s.h)
 
 
-def respond(server: PrivateKey, initiation: bytes,
-            ephemeral: PrivateKey | None = None) -> tuple[bytes, Transport]:
+def respond(
+    server: PrivateKey, initiation: bytes, ephemeral: PrivateKey | None = None
+) -> tuple[bytes, Transport]:
     """Server side: check an initiation and build the response. Raises :class:`NoiseError`."""
     if len(initiation) != INITIATION_LEN:
         raise NoiseError(f"handshake initiation must be {INITIATION_LEN} bytes, got {len(initiation)}")

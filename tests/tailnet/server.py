@@ -111,10 +111,17 @@ class Tailnet:
             out["ca_cert"] = ca_cert_path
         return out
 
-    def mint_key(self, *, reusable: bool = True, ephemeral: bool = False,
-                 tags: tuple[str, ...] = (), expiry_seconds: float | None = None) -> str:
-        return self.registry.mint_key(reusable=reusable, ephemeral=ephemeral, tags=tags,
-                                      expiry_seconds=expiry_seconds).key
+    def mint_key(
+        self,
+        *,
+        reusable: bool = True,
+        ephemeral: bool = False,
+        tags: tuple[str, ...] = (),
+        expiry_seconds: float | None = None,
+    ) -> str:
+        return self.registry.mint_key(
+            reusable=reusable, ephemeral=ephemeral, tags=tags, expiry_seconds=expiry_seconds
+        ).key
 
     def node(self, name: str) -> Node | None:
         return next((n for n in self.registry.nodes.values() if n.name == name), None)
@@ -140,8 +147,11 @@ class Tailnet:
 
     async def wait_for_node(self, name: str, *, relay: bool = True) -> Node:
         """Wait until ``name`` is registered, polling its map (and connected to the relay)."""
-        await self.wait_until(lambda: (n := self.node(name)) is not None and n.online
-                              and (not relay or self.relay_connected(name)))
+        await self.wait_until(
+            lambda: (
+                (n := self.node(name)) is not None and n.online and (not relay or self.relay_connected(name))
+            )
+        )
         node = self.node(name)
         assert node is not None
         return node
@@ -162,17 +172,28 @@ def _url_host(host: str) -> str:
 
 
 class _Service:
-    def __init__(self, tailnet: Tailnet, server_key: PrivateKey, legacy_key: PrivateKey,
-                 tls: ssl.SSLContext, stun_port: int) -> None:
+    def __init__(
+        self,
+        tailnet: Tailnet,
+        server_key: PrivateKey,
+        legacy_key: PrivateKey,
+        tls: ssl.SSLContext,
+        stun_port: int,
+    ) -> None:
         self.t = tailnet
         self.server_key = server_key
         self.legacy_key = legacy_key
         self.tls = tls
         self.challenge = PrivateKey.generate()
-        self.control = ControlSettings(tailnet.registry, mapresp.DerpNode(
-            tailnet.config.host, int(urllib.parse.urlsplit(tailnet.derp_url).port or 443),
-            stun_port=stun_port),
-            keepalive_interval=tailnet.config.map_keepalive)
+        self.control = ControlSettings(
+            tailnet.registry,
+            mapresp.DerpNode(
+                tailnet.config.host,
+                int(urllib.parse.urlsplit(tailnet.derp_url).port or 443),
+                stun_port=stun_port,
+            ),
+            keepalive_interval=tailnet.config.map_keepalive,
+        )
 
     # -- connections -------------------------------------------------------------------------
 
@@ -247,8 +268,7 @@ class _Service:
                             body += event.data
                             if len(body) > MAX_REQUEST_BODY:
                                 log.warning("%s: request body too large", peer)
-                                await self._plain(stream, conn, 413, b"request body too large\n",
-                                                  close=True)
+                                await self._plain(stream, conn, 413, b"request body too large\n", close=True)
                                 return
                         elif isinstance(event, h11.EndOfMessage):
                             break
@@ -257,8 +277,9 @@ class _Service:
             except h11.RemoteProtocolError as exc:
                 log.warning("%s: malformed HTTP request: %s", peer, exc)
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    await self._plain(stream, conn, exc.error_status_hint,
-                                      f"bad request: {exc}\n".encode(), close=True)
+                    await self._plain(
+                        stream, conn, exc.error_status_hint, f"bad request: {exc}\n".encode(), close=True
+                    )
                 return
             method = request.method.decode()
             target = request.target.decode("latin-1")
@@ -266,10 +287,12 @@ class _Service:
             path = urllib.parse.urlsplit(target).path
             log.debug("%s: %s %s", peer, method, target)
             if path == "/key" and method == "GET":
-                body_out = json.dumps({
-                    "publicKey": keys.format_public(self.server_key.public, keys.MACHINE),
-                    "legacyPublicKey": keys.format_public(self.legacy_key.public, keys.MACHINE),
-                }).encode()
+                body_out = json.dumps(
+                    {
+                        "publicKey": keys.format_public(self.server_key.public, keys.MACHINE),
+                        "legacyPublicKey": keys.format_public(self.legacy_key.public, keys.MACHINE),
+                    }
+                ).encode()
                 # The Rust client stalls on a kept-alive reply: close after /key.
                 await self._plain(stream, conn, 200, body_out, ctype="application/json", close=True)
                 return
@@ -286,8 +309,14 @@ class _Service:
             elif path.startswith("/api/v2/"):
                 resp = self.t.api.handle(method, target, headers, bytes(body))
                 if resp.status >= 400:
-                    log.warning("%s: API %s %s refused (%d): %s", peer, method, path, resp.status,
-                                resp.body.get("message"))
+                    log.warning(
+                        "%s: API %s %s refused (%d): %s",
+                        peer,
+                        method,
+                        path,
+                        resp.status,
+                        resp.body.get("message"),
+                    )
                 await self._plain(stream, conn, resp.status, resp.encode(), ctype="application/json")
             else:
                 await self._plain(stream, conn, 404, b"not found\n")
@@ -295,8 +324,16 @@ class _Service:
                 return  # MUST_CLOSE, or a cycle that cannot go on
             conn.start_next_cycle()
 
-    async def _plain(self, stream: trio.abc.Stream, conn: h11.Connection, status: int, body: bytes,
-                     *, ctype: str = "text/plain", close: bool = False) -> None:
+    async def _plain(
+        self,
+        stream: trio.abc.Stream,
+        conn: h11.Connection,
+        status: int,
+        body: bytes,
+        *,
+        ctype: str = "text/plain",
+        close: bool = False,
+    ) -> None:
         headers = [("Content-Type", ctype), ("Content-Length", str(len(body)))]
         if close:
             headers.append(("Connection", "close"))
@@ -311,8 +348,9 @@ class _Service:
     def _switch(self, conn: h11.Connection, headers: list[tuple[bytes, bytes]]) -> bytes:
         return conn.send(h11.InformationalResponse(status_code=101, headers=headers)) or b""
 
-    async def _ts2021(self, stream: trio.abc.Stream, conn: h11.Connection,
-                      headers: dict[str, str], peer: str) -> None:
+    async def _ts2021(
+        self, stream: trio.abc.Stream, conn: h11.Connection, headers: dict[str, str], peer: str
+    ) -> None:
         if headers.get("upgrade", "").lower() != "tailscale-control-protocol":
             log.warning("%s: /ts2021 without 'Upgrade: tailscale-control-protocol'", peer)
             await self._plain(stream, conn, 400, b"unknown or missing next protocol\n", close=True)
@@ -323,11 +361,11 @@ class _Service:
             initiation = b""
         if not initiation:
             log.warning("%s: /ts2021 without a valid X-Tailscale-Handshake header", peer)
-            await self._plain(stream, conn, 400, b"missing or invalid Tailscale handshake header\n",
-                              close=True)
+            await self._plain(
+                stream, conn, 400, b"missing or invalid Tailscale handshake header\n", close=True
+            )
             return
-        data = self._switch(conn, [(b"Upgrade", b"tailscale-control-protocol"),
-                                   (b"Connection", b"upgrade")])
+        data = self._switch(conn, [(b"Upgrade", b"tailscale-control-protocol"), (b"Connection", b"upgrade")])
         leftover, _ = conn.trailing_data
         try:
             response, transport = noise.respond(self.server_key, initiation)
@@ -338,22 +376,20 @@ class _Service:
         await stream.send_all(data + response)
         ns = NoiseStream(stream, Reader(stream, leftover), transport)
         who = keys.format_public(transport.peer_static, keys.MACHINE)
-        log.info("%s: Noise session with %s… (capability version %d)", peer, who[:20],
-                 transport.version)
+        log.info("%s: Noise session with %s… (capability version %d)", peer, who[:20], transport.version)
         if transport.version >= CAPVER_EARLY_NOISE:
-            await ns.send_all(encode_early_payload(
-                keys.format_public(self.challenge.public, keys.CHALLENGE)))
+            await ns.send_all(encode_early_payload(keys.format_public(self.challenge.public, keys.CHALLENGE)))
         await ControlConnection(ns, self.control, peer).run()
 
-    async def _derp(self, stream: trio.abc.Stream, conn: h11.Connection,
-                    headers: dict[str, str], peer: str) -> None:
+    async def _derp(
+        self, stream: trio.abc.Stream, conn: h11.Connection, headers: dict[str, str], peer: str
+    ) -> None:
         if headers.get("upgrade", "").lower() not in ("derp", "websocket"):
             await self._plain(stream, conn, 426, b"DERP requires connection upgrade\n", close=True)
             return
         if headers.get("upgrade", "").lower() == "websocket":
             log.warning("%s: DERP over WebSocket is not supported", peer)
-            await self._plain(stream, conn, 400, b"DERP over WebSocket is not supported\n",
-                              close=True)
+            await self._plain(stream, conn, 400, b"DERP over WebSocket is not supported\n", close=True)
             return
         data = self._switch(conn, self.t.derp.upgrade_headers())
         leftover, _ = conn.trailing_data
@@ -368,13 +404,16 @@ async def _reaper(tailnet: Tailnet) -> None:
         tailnet.registry.reap_ephemeral(grace=tailnet.config.ephemeral_grace, now=time.time())
 
 
-async def serve_tailnet(config: TailnetConfig | None = None, *,
-                        task_status: trio.TaskStatus[Tailnet] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_tailnet(
+    config: TailnetConfig | None = None, *, task_status: trio.TaskStatus[Tailnet] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Serve a local tailnet until cancelled; reports the :class:`Tailnet` once listening."""
     config = config or TailnetConfig()
     if ipaddress.ip_address(config.host).is_unspecified:
-        raise ValueError(f"bind a concrete address, not {config.host}: it is also advertised "
-                         "to nodes (control URL, DERP map)")
+        raise ValueError(
+            f"bind a concrete address, not {config.host}: it is also advertised "
+            "to nodes (control URL, DERP map)"
+        )
     control_listeners = await trio.open_tcp_listeners(config.control_port, host=config.host)
     relay_listeners = await trio.open_tcp_listeners(config.derp_port, host=config.host)
     control_port = control_listeners[0].socket.getsockname()[1]
@@ -382,9 +421,11 @@ async def serve_tailnet(config: TailnetConfig | None = None, *,
     stun_sock = await bind_stun(config.host, derp_port) if config.stun else None
     host = _url_host(config.host)
 
-    registry = Registry(domain=config.domain,
-                        default_user=User(1, config.user_login, config.user_display_name),
-                        state_path=config.state_path)
+    registry = Registry(
+        domain=config.domain,
+        default_user=User(1, config.user_login, config.user_display_name),
+        state_path=config.state_path,
+    )
     ca = trustme.CA()
     cert = ca.issue_cert(config.host, "localhost", f"derp.{config.domain}", "api.tailscale.com")
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -414,8 +455,12 @@ async def serve_tailnet(config: TailnetConfig | None = None, *,
         nursery.start_soon(_reaper, tailnet)
         nursery.start_soon(trio.serve_listeners, service.on_control, control_listeners)
         nursery.start_soon(trio.serve_listeners, service.on_relay, relay_listeners)
-        log.info("local tailnet: control %s, relay %s, domain %s", tailnet.control_url,
-                 tailnet.derp_url, config.domain)
+        log.info(
+            "local tailnet: control %s, relay %s, domain %s",
+            tailnet.control_url,
+            tailnet.derp_url,
+            config.domain,
+        )
         task_status.started(tailnet)
 
 

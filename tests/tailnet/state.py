@@ -44,8 +44,13 @@ class User:
     display_name: str
 
     def profile(self) -> dict[str, Any]:
-        return {"ID": self.id, "LoginName": self.login, "DisplayName": self.display_name,
-                "ProfilePicURL": "", "Roles": []}
+        return {
+            "ID": self.id,
+            "LoginName": self.login,
+            "DisplayName": self.display_name,
+            "ProfilePicURL": "",
+            "Roles": [],
+        }
 
 
 TAGGED_DEVICES = User(TAGGED_DEVICES_USER_ID, "tagged-devices", "Tagged Devices")
@@ -149,15 +154,26 @@ class Registry:
 
     # -- keys --------------------------------------------------------------------------------
 
-    def mint_key(self, *, user: User | None = None, reusable: bool = False, ephemeral: bool = False,
-                 tags: tuple[str, ...] | list[str] = (), expiry_seconds: float | None = None,
-                 description: str = "") -> AuthKey:
+    def mint_key(
+        self,
+        *,
+        user: User | None = None,
+        reusable: bool = False,
+        ephemeral: bool = False,
+        tags: tuple[str, ...] | list[str] = (),
+        expiry_seconds: float | None = None,
+        description: str = "",
+    ) -> AuthKey:
         key_id = "k" + secrets.token_hex(6)
         user = user or self.default_user
         self.users.setdefault(user.id, user)
         key = AuthKey(
-            id=key_id, key=f"tskey-auth-{key_id}-{secrets.token_hex(16)}", user_id=user.id,
-            reusable=reusable, ephemeral=ephemeral, tags=check_tags(list(tags)),
+            id=key_id,
+            key=f"tskey-auth-{key_id}-{secrets.token_hex(16)}",
+            user_id=user.id,
+            reusable=reusable,
+            ephemeral=ephemeral,
+            tags=check_tags(list(tags)),
             expires=None if expiry_seconds is None else time.time() + expiry_seconds,
             description=description,
         )
@@ -202,9 +218,18 @@ class Registry:
             if v4.packed[-1] not in (0, 255) and str(v4) != "100.100.100.100":
                 return str(v4), _address(IPV6_PREFIX, index)
 
-    def register(self, *, machine_key: bytes, node_key: bytes, old_node_key: bytes | None,
-                 auth_key: object, hostinfo: dict[str, Any], expiry: float | None,
-                 capver: int, now: float | None = None) -> Node:
+    def register(
+        self,
+        *,
+        machine_key: bytes,
+        node_key: bytes,
+        old_node_key: bytes | None,
+        auth_key: object,
+        hostinfo: dict[str, Any],
+        expiry: float | None,
+        capver: int,
+        now: float | None = None,
+    ) -> Node:
         """Register (or re-register, or log out) the node of ``machine_key``. Raises :class:`Refused`."""
         now = time.time() if now is None else now
         node = self.by_machine(machine_key)
@@ -216,8 +241,11 @@ class Registry:
                 raise Refused("logout of a node this tailnet does not know")
             self._logout(node)
             return node
-        known_key = node is not None and not node.logged_out and (
-            node.node_key == node_key or (old_node_key is not None and node.node_key == old_node_key))
+        known_key = (
+            node is not None
+            and not node.logged_out
+            and (node.node_key == node_key or (old_node_key is not None and node.node_key == old_node_key))
+        )
         if node is not None and known_key and not auth_key:
             node.node_key = node_key
             node.hostinfo = hostinfo or node.hostinfo
@@ -231,9 +259,16 @@ class Registry:
         wanted = sanitize_hostname(hostinfo.get("Hostname"))
         if node is None:
             v4, v6 = self._allocate_addresses()
-            node = Node(id=self._next_node_id, machine_key=machine_key, node_key=node_key,
-                        name=self._unique_name(wanted, None), user_id=user_id, ipv4=v4, ipv6=v6,
-                        created=now)
+            node = Node(
+                id=self._next_node_id,
+                machine_key=machine_key,
+                node_key=node_key,
+                name=self._unique_name(wanted, None),
+                user_id=user_id,
+                ipv4=v4,
+                ipv6=v6,
+                created=now,
+            )
             self._next_node_id += 1
             self.nodes[node.id] = node
             what = "registered"
@@ -249,8 +284,15 @@ class Registry:
         node.capver = capver
         node.logged_out = False
         node.last_seen = now
-        log.info("node %s (%s, %s) %s with key %s%s", node.name, node.ipv4, node.ipv6, what,
-                 key.id, " (ephemeral)" if node.ephemeral else "")
+        log.info(
+            "node %s (%s, %s) %s with key %s%s",
+            node.name,
+            node.ipv4,
+            node.ipv6,
+            what,
+            key.id,
+            " (ephemeral)" if node.ephemeral else "",
+        )
         self.bump(f"node {node.name} {what}")
         return node
 
@@ -279,8 +321,9 @@ class Registry:
 
     def reap_ephemeral(self, *, grace: float, now: float | None = None) -> list[Node]:
         now = time.time() if now is None else now
-        gone = [n for n in self.nodes.values()
-                if n.ephemeral and n.streams == 0 and now - n.last_seen >= grace]
+        gone = [
+            n for n in self.nodes.values() if n.ephemeral and n.streams == 0 and now - n.last_seen >= grace
+        ]
         for node in gone:
             self.remove(node, f"ephemeral and offline for {grace:g}s")
         return gone
@@ -302,10 +345,16 @@ class Registry:
             "users": [asdict(u) for u in self.users.values()],
             "keys": [{**asdict(k), "tags": list(k.tags)} for k in self.keys.values()],
             "nodes": [
-                {**asdict(n), "machine_key": n.machine_key.hex(), "node_key": n.node_key.hex(),
-                 "disco_key": n.disco_key.hex() if n.disco_key else None, "tags": list(n.tags),
-                 "streams": 0}
-                for n in self.nodes.values() if not n.ephemeral
+                {
+                    **asdict(n),
+                    "machine_key": n.machine_key.hex(),
+                    "node_key": n.node_key.hex(),
+                    "disco_key": n.disco_key.hex() if n.disco_key else None,
+                    "tags": list(n.tags),
+                    "streams": 0,
+                }
+                for n in self.nodes.values()
+                if not n.ephemeral
             ],
         }
         tmp = self._state_path.with_suffix(".tmp")
@@ -322,9 +371,14 @@ class Registry:
             key = AuthKey(**{**k, "tags": tuple(k["tags"])})
             self.keys[key.key] = key
         for n in data["nodes"]:
-            node = Node(**{**n, "machine_key": bytes.fromhex(n["machine_key"]),
-                           "node_key": bytes.fromhex(n["node_key"]),
-                           "disco_key": bytes.fromhex(n["disco_key"]) if n["disco_key"] else None,
-                           "tags": tuple(n["tags"])})
+            node = Node(
+                **{
+                    **n,
+                    "machine_key": bytes.fromhex(n["machine_key"]),
+                    "node_key": bytes.fromhex(n["node_key"]),
+                    "disco_key": bytes.fromhex(n["disco_key"]) if n["disco_key"] else None,
+                    "tags": tuple(n["tags"]),
+                }
+            )
             self.nodes[node.id] = node
         log.info("loaded %d nodes from %s", len(self.nodes), path)

@@ -39,8 +39,14 @@ from caddy.model import GatewaySite, Upstream
 from caddy.policy import Policy
 
 IO_TIMEOUT = 20.0
-NARINFO_BODY = ("StorePath: /nix/store/" + "a" * 32 + "-x\n" + "References: " + " ".join(
-    f"{i:032d}-dep-{i}" for i in range(40)) + "\n").encode()
+NARINFO_BODY = (
+    "StorePath: /nix/store/"
+    + "a" * 32
+    + "-x\n"
+    + "References: "
+    + " ".join(f"{i:032d}-dep-{i}" for i in range(40))
+    + "\n"
+).encode()
 NAR_BODY = b"".join(b"nix-archive-1 %08d padding padding padding\n" % i for i in range(8000))
 PRE_ENCODED_TEXT = b"StorePath: /nix/store/" + b"b" * 32 + b"-pre-encoded\n" * 60
 HASH = "0" * 32
@@ -98,9 +104,7 @@ def _handler(upstream_ref: list[EchoUpstream]) -> type[BaseHTTPRequestHandler]:
         def _record(self) -> bytes:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
-            upstream_ref[0].seen.append(
-                Seen(self.command, self.path, list(self.headers.items()), len(body))
-            )
+            upstream_ref[0].seen.append(Seen(self.command, self.path, list(self.headers.items()), len(body)))
             return body
 
         def _send(self, status: int, body: bytes, ctype: str, **extra: str) -> None:
@@ -117,15 +121,21 @@ def _handler(upstream_ref: list[EchoUpstream]) -> type[BaseHTTPRequestHandler]:
             self._record()
             path = self.path.split("?", 1)[0]
             if path == "/nix-cache-info":
-                self._send(200, b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 60\n",
-                           "text/x-nix-cache-info")
+                self._send(
+                    200, b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 60\n", "text/x-nix-cache-info"
+                )
             elif path == "/health":
-                body = json.dumps({"method": self.command, "path": self.path,
-                                   "headers": list(self.headers.items())}).encode()
+                body = json.dumps(
+                    {"method": self.command, "path": self.path, "headers": list(self.headers.items())}
+                ).encode()
                 self._send(200, body, "application/json")
             elif path == f"/{'e' * 32}.narinfo":
-                self._send(200, gzip.compress(PRE_ENCODED_TEXT, mtime=0), "text/x-nix-narinfo",
-                           Content_Encoding="gzip")
+                self._send(
+                    200,
+                    gzip.compress(PRE_ENCODED_TEXT, mtime=0),
+                    "text/x-nix-narinfo",
+                    Content_Encoding="gzip",
+                )
             elif path.endswith(".narinfo") or path.endswith(".ls"):
                 self._send(200, NARINFO_BODY, "text/x-nix-narinfo")
             elif path == "/nar/slow.nar":
@@ -175,8 +185,7 @@ class _TrackingServer(ThreadingHTTPServer):
 def echo_upstream(port: int = 0) -> Iterator[EchoUpstream]:
     ref: list[EchoUpstream] = []
     server = _TrackingServer(("127.0.0.1", port), _handler(ref))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     upstream = EchoUpstream(server, thread)
     ref.append(upstream)
     thread.start()
@@ -228,12 +237,17 @@ class Gateway:
         return ssl.create_default_context(cafile=str(self.ca_file))
 
     def connection(self, timeout: float = IO_TIMEOUT) -> http.client.HTTPSConnection:
-        return http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ssl_context(),
-                                           timeout=timeout)
+        return http.client.HTTPSConnection(
+            "127.0.0.1", self.port, context=self.ssl_context(), timeout=timeout
+        )
 
     def request(
-        self, method: str, path: str, headers: dict[str, str] | None = None,
-        body: bytes | None = None, timeout: float = IO_TIMEOUT,
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        timeout: float = IO_TIMEOUT,
     ) -> tuple[int, dict[str, str], bytes]:
         conn = self.connection(timeout)
         try:
@@ -258,14 +272,16 @@ def _free_port() -> int:
 
 
 def gateway_caddyfile(site: GatewaySite, root: Path) -> str:
-    options = "\n".join([
-        "{",
-        "\tadmin off",
-        "\tskip_install_trust",
-        "\tauto_https disable_redirects",
-        "}",
-        "",
-    ])
+    options = "\n".join(
+        [
+            "{",
+            "\tadmin off",
+            "\tskip_install_trust",
+            "\tauto_https disable_redirects",
+            "}",
+            "",
+        ]
+    )
     return options + render_gateway(site)
 
 
@@ -274,8 +290,10 @@ def _ready(port: int, ca_file: Path) -> bool:
         return False
     try:
         ctx = ssl.create_default_context(cafile=str(ca_file))
-        with socket.create_connection(("127.0.0.1", port), timeout=2) as raw, \
-                ctx.wrap_socket(raw, server_hostname="127.0.0.1"):
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=2) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1"),
+        ):
             return True
     except (OSError, ssl.SSLError):
         return False
@@ -300,18 +318,25 @@ def run_gateway(
         root.mkdir(parents=True, exist_ok=True)
         port = _free_port()
         site = GatewaySite(
-            site=f"https://127.0.0.1:{port}", upstreams=ups, policy=policy or Policy(),
-            tls="internal", bind=("127.0.0.1",), log_output=str(root / "access.log"),
+            site=f"https://127.0.0.1:{port}",
+            upstreams=ups,
+            policy=policy or Policy(),
+            tls="internal",
+            bind=("127.0.0.1",),
+            log_output=str(root / "access.log"),
         )
         text = gateway_caddyfile(site, root)
         (root / "Caddyfile").write_text(text)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CADDY")}
-        env.update(HOME=str(root), XDG_DATA_HOME=str(root / "data"),
-                   XDG_CONFIG_HOME=str(root / "config"))
+        env.update(HOME=str(root), XDG_DATA_HOME=str(root / "data"), XDG_CONFIG_HOME=str(root / "config"))
         with (root / "caddy.log").open("wb") as log:
             proc = subprocess.Popen(
                 [str(binary), "run", "--config", str(root / "Caddyfile"), "--adapter", "caddyfile"],
-                cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=root,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         gateway = Gateway(port, root, proc, text)
         try:
@@ -359,8 +384,12 @@ class Engine:
     proc: subprocess.Popen[bytes]
 
     def request(
-        self, method: str, path: str, headers: dict[str, str] | None = None,
-        body: bytes | None = None, timeout: float = IO_TIMEOUT,
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | None = None,
+        body: bytes | None = None,
+        timeout: float = IO_TIMEOUT,
     ) -> tuple[int, dict[str, str], bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
@@ -397,18 +426,29 @@ def run_engine(
         port = _free_port()
         config = {
             "admin": {"disabled": True, "config": {"persist": False}},
-            "apps": {"http": {"servers": {"engine": {
-                **server, "listen": [f"127.0.0.1:{port}"], "automatic_https": {"disable": True},
-            }}}},
+            "apps": {
+                "http": {
+                    "servers": {
+                        "engine": {
+                            **server,
+                            "listen": [f"127.0.0.1:{port}"],
+                            "automatic_https": {"disable": True},
+                        }
+                    }
+                }
+            },
         }
         (root / "config.json").write_text(json.dumps(config, indent=2))
         env = {k: v for k, v in os.environ.items() if not k.startswith("CADDY")}
-        env.update(HOME=str(root), XDG_DATA_HOME=str(root / "data"),
-                   XDG_CONFIG_HOME=str(root / "config"))
+        env.update(HOME=str(root), XDG_DATA_HOME=str(root / "data"), XDG_CONFIG_HOME=str(root / "config"))
         with (root / "caddy.log").open("wb") as log:
             proc = subprocess.Popen(
                 [str(binary), "run", "--config", str(root / "config.json")],
-                cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=root,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         try:
             deadline = time.monotonic() + timeout

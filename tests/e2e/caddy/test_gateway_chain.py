@@ -27,27 +27,42 @@ SERVED_FILE = "dir/one-byte"  # the tree fixture's file holding "x"
 
 
 @pytest.fixture(scope="module")
-def chain(netns_module: Netns, store_fixtures: Fixtures, nix_daemon_env: dict[str, str],
-          tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def chain(
+    netns_module: Netns,
+    store_fixtures: Fixtures,
+    nix_daemon_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("chain")
     closure = [store_fixtures.tree, store_fixtures.dep]
     for i, path in enumerate(closure):  # GC roots: other tests may collect garbage meanwhile
-        run(["nix-store", "--add-root", str(work / f"gcroot-{i}"), "--indirect",
-             "--realise", path], env=nix_daemon_env, timeout=120)
+        run(
+            ["nix-store", "--add-root", str(work / f"gcroot-{i}"), "--indirect", "--realise", path],
+            env=nix_daemon_env,
+            timeout=120,
+        )
     hash_part = Path(store_fixtures.tree).name.split("-", 1)[0]
     t0 = time.monotonic()
     seen: dict[str, Any] = run_in_netns_sync(
-        netns_module, "tests.e2e.caddy.scenarios:gateway_chain",
-        {"workdir": str(work), "host": netns_module.address, "paths": [store_fixtures.tree],
-         "closure": closure, "serve_path": f"/serve/{hash_part}/{SERVED_FILE}"},
-        timeout=150)
+        netns_module,
+        "tests.e2e.caddy.scenarios:gateway_chain",
+        {
+            "workdir": str(work),
+            "host": netns_module.address,
+            "paths": [store_fixtures.tree],
+            "closure": closure,
+            "serve_path": f"/serve/{hash_part}/{SERVED_FILE}",
+        },
+        timeout=150,
+    )
     seen["wall_seconds"] = round(time.monotonic() - t0, 2)
     print(f"gateway chain: {seen['wall_seconds']} s, timings {seen['timings']}")
     return seen
 
 
 def test_nix_copy_through_gateway_and_sidecar_node_keeps_nar_hashes(
-        chain: dict[str, Any], store_fixtures: Fixtures) -> None:
+    chain: dict[str, Any], store_fixtures: Fixtures
+) -> None:
     assert chain["rendered_transport"]  # the gateway really dials through its tailnet node
     assert "Priority: 60" in chain["cache_info"]
     assert chain["copy_returncode"] == 0, chain["copy_stderr"]
@@ -61,7 +76,9 @@ def test_nix_copy_through_gateway_and_sidecar_node_keeps_nar_hashes(
 def test_the_requests_went_through_the_sidecar_node(chain: dict[str, Any]) -> None:
     counted = re.findall(
         r'^harmonia_sidecar_requests_total\{service="harmonia",status_class="2xx"\} (\d+)',
-        chain["sidecar_metrics"], re.MULTILINE)
+        chain["sidecar_metrics"],
+        re.MULTILINE,
+    )
     assert counted, chain["sidecar_metrics"]
     assert int(counted[0]) >= 3  # nix-cache-info, narinfos, NARs
 

@@ -36,7 +36,9 @@ def _client_env(tmp_path: Path, gw: Gateway, public_key: str) -> dict[str, str]:
 def _nix_copy(gw: Gateway, env: dict[str, str], root: Path, *paths: str, check: bool = True):
     return run(
         ["nix", "copy", "--from", gw.url, "--to", f"local?root={root}", *paths],
-        env=env, timeout=300, check=check,
+        env=env,
+        timeout=300,
+        check=check,
     )
 
 
@@ -63,8 +65,7 @@ def _nar_through_gateway(gw: Gateway, cache_url: str, path: str) -> bytes:
     assert status == 200
     assert "content-encoding" not in headers  # Nix 2.8 asks for none; nothing may add one
     # byte for byte what the cache itself serves
-    assert hashlib.sha256(body).digest() == hashlib.sha256(
-        _direct(cache_url, "/" + fields["URL"])).digest()
+    assert hashlib.sha256(body).digest() == hashlib.sha256(_direct(cache_url, "/" + fields["URL"])).digest()
     if fields["Compression"] == "zstd":
         return zstandard.ZstdDecompressor().decompressobj().decompress(body)
     assert fields["Compression"] == "none"
@@ -72,10 +73,12 @@ def _nar_through_gateway(gw: Gateway, cache_url: str, path: str) -> bytes:
 
 
 def test_nix_copy_through_the_gateway_with_signatures_and_unchanged_nars(
-    tmp_path: Path, store_fixtures: Fixtures, nix_daemon_env: dict[str, str], client_root: Path,
+    tmp_path: Path,
+    store_fixtures: Fixtures,
+    nix_daemon_env: dict[str, str],
+    client_root: Path,
 ) -> None:
-    with start_cache(tmp_path / "cache", priority=60) as cache, \
-            run_gateway(tmp_path, [cache.url]) as gw:
+    with start_cache(tmp_path / "cache", priority=60) as cache, run_gateway(tmp_path, [cache.url]) as gw:
         status, _, info = gw.request("GET", "/nix-cache-info")
         assert status == 200
         assert b"Priority: 60" in info
@@ -91,13 +94,20 @@ def test_nix_copy_through_the_gateway_with_signatures_and_unchanged_nars(
         tree = _nar_through_gateway(gw, cache.url, store_fixtures.tree)
         assert tree == dump(store_fixtures.tree, nix_daemon_env)
         big = _nar_through_gateway(gw, cache.url, store_fixtures.big)
-        assert hashlib.sha256(big).hexdigest() == hashlib.sha256(
-            dump(store_fixtures.big, nix_daemon_env)).hexdigest()
+        assert (
+            hashlib.sha256(big).hexdigest()
+            == hashlib.sha256(dump(store_fixtures.big, nix_daemon_env)).hexdigest()
+        )
 
         # require-sigs is in force: a client trusting another key refuses the same paths
         wrong = "other-cache-1:" + "A" * 43 + "="
-        refused = _nix_copy(gw, _client_env(tmp_path / "wrong", gw, wrong),
-                            tmp_path / "wrong-root", store_fixtures.single, check=False)
+        refused = _nix_copy(
+            gw,
+            _client_env(tmp_path / "wrong", gw, wrong),
+            tmp_path / "wrong-root",
+            store_fixtures.single,
+            check=False,
+        )
         assert refused.returncode != 0
         assert "lacks a valid signature" in refused.stderr
 
@@ -109,10 +119,15 @@ def test_nix_copy_through_the_gateway_with_signatures_and_unchanged_nars(
 
 
 def test_nix_copy_fails_over_when_the_first_upstream_is_down(
-    tmp_path: Path, store_fixtures: Fixtures, client_root: Path,
+    tmp_path: Path,
+    store_fixtures: Fixtures,
+    client_root: Path,
 ) -> None:
-    with refused_address() as dead, start_cache(tmp_path / "cache") as cache, \
-            run_gateway(tmp_path, [f"http://{dead}", cache.url]) as gw:
+    with (
+        refused_address() as dead,
+        start_cache(tmp_path / "cache") as cache,
+        run_gateway(tmp_path, [f"http://{dead}", cache.url]) as gw,
+    ):
         env = _client_env(tmp_path, gw, cache.public_key)
         start = time.monotonic()
         _nix_copy(gw, env, client_root, store_fixtures.single, store_fixtures.link)
@@ -122,7 +137,9 @@ def test_nix_copy_fails_over_when_the_first_upstream_is_down(
 
 
 def test_gateway_answers_502_or_503_promptly_while_the_cache_is_down_and_recovers(
-    tmp_path: Path, store_fixtures: Fixtures, client_root: Path,
+    tmp_path: Path,
+    store_fixtures: Fixtures,
+    client_root: Path,
 ) -> None:
     policy = Policy()
     cache_dir = tmp_path / "cache"
@@ -143,8 +160,10 @@ def test_gateway_answers_502_or_503_promptly_while_the_cache_is_down_and_recover
 
         with start_cache(cache_dir, bind=bind) as again:
             assert again.public_key == public_key
-            recovered = wait_for(lambda: gw.request("GET", "/nix-cache-info")[0] == 200,
-                                 timeout=policy.fail_duration_s + 3 * policy.health_interval_s)
+            recovered = wait_for(
+                lambda: gw.request("GET", "/nix-cache-info")[0] == 200,
+                timeout=policy.fail_duration_s + 3 * policy.health_interval_s,
+            )
             assert recovered, "the gateway did not recover when the cache came back"
             env = _client_env(tmp_path, gw, public_key)
             _nix_copy(gw, env, client_root, store_fixtures.single)

@@ -86,15 +86,24 @@ def test_only_the_binary_cache_protocol_is_public(tmp_path: Path, path: str) -> 
     with echo_upstream() as echo, run_gateway(tmp_path, [echo.url]) as gw:
         status, _, _ = gw.request("GET", path)
         assert status == 404
-        assert all(not p.startswith(("/serve", "/log", "/metrics", "/version", "/nar/..", "//"))
-                   for p in echo.paths()), echo.paths()
+        assert all(
+            not p.startswith(("/serve", "/log", "/metrics", "/version", "/nar/..", "//"))
+            for p in echo.paths()
+        ), echo.paths()
         assert path not in echo.paths()
 
 
 def test_public_routes_reach_the_cache_and_other_methods_are_refused(tmp_path: Path) -> None:
-    public = ["/nix-cache-info", f"/{HASH}.narinfo", f"/{HASH}.narinfo?json",
-              "/nar/1w5m3x7k.nar?hash=" + HASH, "/nar/1w5m3x7k.nar.zst", f"/{HASH}.ls",
-              f"/nar/{HASH}-1w5m3x7k.nar", "/health"]
+    public = [
+        "/nix-cache-info",
+        f"/{HASH}.narinfo",
+        f"/{HASH}.narinfo?json",
+        "/nar/1w5m3x7k.nar?hash=" + HASH,
+        "/nar/1w5m3x7k.nar.zst",
+        f"/{HASH}.ls",
+        f"/nar/{HASH}-1w5m3x7k.nar",
+        "/health",
+    ]
     with echo_upstream() as echo, run_gateway(tmp_path, [echo.url]) as gw:
         for path in public:
             status, _, _ = gw.request("GET", path)
@@ -110,8 +119,7 @@ def test_public_routes_reach_the_cache_and_other_methods_are_refused(tmp_path: P
         assert status == 405
         assert [s for s in echo.seen[before:] if s.method in ("PUT", "POST")] == []
         # access logs: one JSON line per request
-        lines = wait_for(lambda: gw.access_log.exists() and gw.access_log.read_text().splitlines(),
-                         timeout=5)
+        lines = wait_for(lambda: gw.access_log.exists() and gw.access_log.read_text().splitlines(), timeout=5)
         logged = [json.loads(line)["request"]["uri"] for line in lines]
         assert "/nix-cache-info" in logged
         assert f"/nar/{HASH}.nar" in logged
@@ -133,8 +141,9 @@ def test_small_text_is_compressed_but_nars_and_encoded_responses_pass_untouched(
         assert body == NAR_BODY
 
         # an upstream's own Content-Encoding is passed through, not encoded twice
-        status, headers, body = gw.request("GET", f"/{'e' * 32}.narinfo",
-                                           headers={"Accept-Encoding": "gzip, zstd"})
+        status, headers, body = gw.request(
+            "GET", f"/{'e' * 32}.narinfo", headers={"Accept-Encoding": "gzip, zstd"}
+        )
         assert status == 200
         assert headers.get("content-encoding") == "gzip"
         assert gzip.decompress(body) == PRE_ENCODED_TEXT
@@ -166,8 +175,11 @@ def test_responses_are_streamed_not_buffered(tmp_path: Path) -> None:
 
 
 def test_fails_over_to_the_next_upstream(tmp_path: Path) -> None:
-    with refused_address() as dead, echo_upstream() as echo, \
-            run_gateway(tmp_path, [f"http://{dead}", echo.url]) as gw:
+    with (
+        refused_address() as dead,
+        echo_upstream() as echo,
+        run_gateway(tmp_path, [f"http://{dead}", echo.url]) as gw,
+    ):
         start = time.monotonic()
         for _ in range(3):
             status, _, body = gw.request("GET", "/nar/1w5m3x7k.nar")
@@ -178,8 +190,11 @@ def test_fails_over_to_the_next_upstream(tmp_path: Path) -> None:
 
 def test_fails_over_across_transports(tmp_path: Path) -> None:
     """https first (the sidecar's ts.net name in the fleet), then plain http: two groups."""
-    with refused_address() as dead, echo_upstream() as echo, \
-            run_gateway(tmp_path, [f"https://{dead}", echo.url]) as gw:
+    with (
+        refused_address() as dead,
+        echo_upstream() as echo,
+        run_gateway(tmp_path, [f"https://{dead}", echo.url]) as gw,
+    ):
         assert "handle_errors" in gw.caddyfile
         for path in ("/nix-cache-info", "/nar/1w5m3x7k.nar", f"/{HASH}.narinfo"):
             start = time.monotonic()
@@ -206,8 +221,10 @@ def test_answers_promptly_while_the_upstream_is_down_and_recovers(tmp_path: Path
             assert elapsed < Policy().try_duration_s + Policy().dial_timeout_s + 2
             # back on the same port: the gateway notices without a restart
             with echo_upstream(port) as again:
-                status = wait_for(lambda: gw.request("GET", "/nix-cache-info")[0] == 200,
-                                  timeout=Policy().fail_duration_s + 3 * Policy().health_interval_s)
+                status = wait_for(
+                    lambda: gw.request("GET", "/nix-cache-info")[0] == 200,
+                    timeout=Policy().fail_duration_s + 3 * Policy().health_interval_s,
+                )
                 assert status, "the gateway did not recover after the upstream came back"
                 assert "/nix-cache-info" in again.paths()
 
@@ -238,8 +255,7 @@ def test_a_dial_that_hangs_does_not_hang_the_client(tmp_path: Path) -> None:
         hung = f"127.0.0.1:{listener.getsockname()[1]}"
         # a long health-check timeout keeps the active check from marking it down first
         policy = Policy(health_timeout_s=60)
-        with echo_upstream() as echo, \
-                run_gateway(tmp_path, [f"http://{hung}", echo.url], policy) as gw:
+        with echo_upstream() as echo, run_gateway(tmp_path, [f"http://{hung}", echo.url], policy) as gw:
             start = time.monotonic()
             status, _, _ = gw.request("GET", "/nix-cache-info", timeout=IO_TIMEOUT)
             elapsed = time.monotonic() - start
@@ -251,4 +267,3 @@ def test_a_dial_that_hangs_does_not_hang_the_client(tmp_path: Path) -> None:
         for s in fillers:
             s.close()
         listener.close()
-

@@ -55,8 +55,7 @@ def delete(path: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def cli(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([HARMONIA_CACHE, *argv], capture_output=True, text=True, timeout=60,
-                          check=False)
+    return subprocess.run([HARMONIA_CACHE, *argv], capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_pinned_paths_survive_collection_and_unpinned_ones_do_not(tmp_path: Path) -> None:

@@ -38,7 +38,11 @@ def nix_eval(body: str, env: dict[str, str]) -> object:
     expr = f"let l = import {LIB}; in {body}"
     proc = subprocess.run(
         ["nix-instantiate", "--eval", "--strict", "--json", "-E", expr],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     if proc.returncode != 0:
         raise NixEvalError(proc.stderr)
@@ -57,21 +61,29 @@ def nix_str(s: str) -> str:
 def test_every_nix_file_parses(env: dict[str, str]) -> None:
     files = sorted(NIXOS.glob("*.nix"))
     assert {f.name for f in files} >= {
-        "default.nix", "lib.nix", "cache.nix", "sidecar.nix", "gateway.nix", "client.nix"
+        "default.nix",
+        "lib.nix",
+        "cache.nix",
+        "sidecar.nix",
+        "gateway.nix",
+        "client.nix",
     }
     # and the harness that evaluates the modules where nixpkgs is at hand
     for f in [*files, Path(__file__).with_name("eval-modules.nix")]:
         proc = subprocess.run(
-            ["nix-instantiate", "--parse", str(f)], env=env, capture_output=True, text=True,
-            timeout=60, check=False,
+            ["nix-instantiate", "--parse", str(f)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         assert proc.returncode == 0, f"{f.name}: {proc.stderr}"
 
 
 def test_default_imports_every_module(env: dict[str, str]) -> None:
     imports = nix_eval(f"map toString (import {NIXOS / 'default.nix'}).imports", env)
-    assert imports == [str(NIXOS / n) for n in ("cache.nix", "sidecar.nix", "gateway.nix",
-                                                 "client.nix")]
+    assert imports == [str(NIXOS / n) for n in ("cache.nix", "sidecar.nix", "gateway.nix", "client.nix")]
 
 
 # --- the cache ----------------------------------------------------------------------------------
@@ -80,22 +92,39 @@ def test_default_imports_every_module(env: dict[str, str]) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        ("{ }", {"bind": "[::]:5000", "priority": 60, "enable_compression": True,
-                 "store_backend": "daemon"}),
-        ('{ address = "127.0.0.1"; port = 5001; storeBackend = "db"; }',
-         {"bind": "127.0.0.1:5001", "priority": 60, "enable_compression": True,
-          "store_backend": "db"}),
-        ('{ address = "::1"; }', {"bind": "[::1]:5000", "priority": 60, "enable_compression": True,
-                                  "store_backend": "daemon"}),
-        ('{ compression = "none"; zstdLevel = 5; priority = 30; }',
-         {"bind": "[::]:5000", "priority": 30, "enable_compression": False,
-          "store_backend": "daemon"}),
-        ("{ zstdLevel = 5; }",
-         {"bind": "[::]:5000", "priority": 60, "enable_compression": True, "zstd": {"level": 5},
-          "store_backend": "daemon"}),
-        ('{ extra = { workers = 4; priority = 10; store_backend = "db"; }; }',
-         {"bind": "[::]:5000", "priority": 10, "enable_compression": True, "workers": 4,
-          "store_backend": "db"}),
+        ("{ }", {"bind": "[::]:5000", "priority": 60, "enable_compression": True, "store_backend": "daemon"}),
+        (
+            '{ address = "127.0.0.1"; port = 5001; storeBackend = "db"; }',
+            {"bind": "127.0.0.1:5001", "priority": 60, "enable_compression": True, "store_backend": "db"},
+        ),
+        (
+            '{ address = "::1"; }',
+            {"bind": "[::1]:5000", "priority": 60, "enable_compression": True, "store_backend": "daemon"},
+        ),
+        (
+            '{ compression = "none"; zstdLevel = 5; priority = 30; }',
+            {"bind": "[::]:5000", "priority": 30, "enable_compression": False, "store_backend": "daemon"},
+        ),
+        (
+            "{ zstdLevel = 5; }",
+            {
+                "bind": "[::]:5000",
+                "priority": 60,
+                "enable_compression": True,
+                "zstd": {"level": 5},
+                "store_backend": "daemon",
+            },
+        ),
+        (
+            '{ extra = { workers = 4; priority = 10; store_backend = "db"; }; }',
+            {
+                "bind": "[::]:5000",
+                "priority": 10,
+                "enable_compression": True,
+                "workers": 4,
+                "store_backend": "db",
+            },
+        ),
     ],
 )
 def test_cache_settings(env: dict[str, str], args: str, expected: dict[str, object]) -> None:
@@ -137,7 +166,7 @@ def test_sign_keys_become_credentials(env: dict[str, str]) -> None:
     result = nix_eval(
         'let c = l.signKeyCredentials [ "/run/agenix/harmonia-raider-1" "/run/agenix/k2" ]; in '
         '{ inherit c; env = l.cacheEnvironment { configFile = "/nix/store/x-harmonia.toml"; '
-        "credentials = c; }; unit = (l.cacheServiceConfig { argv = [ \"/p/bin/harmonia-cache\" ]; "
+        'credentials = c; }; unit = (l.cacheServiceConfig { argv = [ "/p/bin/harmonia-cache" ]; '
         "credentials = c; }).LoadCredential; }",
         env,
     )
@@ -157,9 +186,7 @@ def test_sign_keys_become_credentials(env: dict[str, str]) -> None:
 
 
 def test_cache_argv(env: dict[str, str]) -> None:
-    assert nix_eval('l.cacheArgv { package = "/nix/store/p"; }', env) == [
-        "/nix/store/p/bin/harmonia-cache"
-    ]
+    assert nix_eval('l.cacheArgv { package = "/nix/store/p"; }', env) == ["/nix/store/p/bin/harmonia-cache"]
 
 
 # --- systemd command lines ------------------------------------------------------------------------
@@ -207,8 +234,7 @@ def _nix_unit(value: object) -> dict[str, list[str]]:
         if key in _SKIP:
             continue
         items = v if isinstance(v, list) else [v]
-        out[key] = _words(key, ["yes" if i is True else "no" if i is False else str(i)
-                                for i in items])
+        out[key] = _words(key, ["yes" if i is True else "no" if i is False else str(i) for i in items])
     return out
 
 
@@ -224,13 +250,16 @@ def _shipped_unit(name: str, section: str = "Service") -> dict[str, list[str]]:
 @pytest.mark.parametrize(
     ("unit", "expr"),
     [
-        ("harmonia-dev.service",
-         'l.cacheServiceConfig { argv = [ "/p/bin/harmonia-cache" ]; }'),
-        ("harmonia-healthcheck.service",
-         'l.healthcheckServiceConfig { argv = [ "/p/bin/harmonia-healthcheck" "http://x" ]; }'),
-        ("harmonia-sidecar@.service",
-         'l.sidecarServiceConfig { argv = [ "/p/bin/harmonia-sidecar" ]; '
-         'stateDirectory = "harmonia-sidecar/%i"; }'),
+        ("harmonia-dev.service", 'l.cacheServiceConfig { argv = [ "/p/bin/harmonia-cache" ]; }'),
+        (
+            "harmonia-healthcheck.service",
+            'l.healthcheckServiceConfig { argv = [ "/p/bin/harmonia-healthcheck" "http://x" ]; }',
+        ),
+        (
+            "harmonia-sidecar@.service",
+            'l.sidecarServiceConfig { argv = [ "/p/bin/harmonia-sidecar" ]; '
+            'stateDirectory = "harmonia-sidecar/%i"; }',
+        ),
     ],
 )
 def test_module_units_match_the_shipped_units(env: dict[str, str], unit: str, expr: str) -> None:
@@ -248,11 +277,11 @@ def test_environments_match_the_shipped_units(env: dict[str, str]) -> None:
         (render.UNIT_DIR / "harmonia-sidecar@.service").read_text(),
         {"i": "harmonia", "S": "/var/lib", "d": "/run/credentials/x"},
     )
-    assert nix_eval('l.sidecarEnvironment { stateDir = "/var/lib/harmonia-sidecar/harmonia"; }',
-                    env) == sidecar.environment
-    cache = render.service_command(
-        (render.UNIT_DIR / "harmonia-dev.service").read_text(), {"d": "%d"}
+    assert (
+        nix_eval('l.sidecarEnvironment { stateDir = "/var/lib/harmonia-sidecar/harmonia"; }', env)
+        == sidecar.environment
     )
+    cache = render.service_command((render.UNIT_DIR / "harmonia-dev.service").read_text(), {"d": "%d"})
     assert set(cache.environment) == {"CONFIG_FILE", "SIGN_KEY_PATHS"}
     generated = nix_eval(
         'l.cacheEnvironment { configFile = "/x"; credentials = [ { name = "a"; path = "/k"; } ]; }',
@@ -277,32 +306,68 @@ def test_healthcheck(env: dict[str, str]) -> None:
 @pytest.mark.parametrize(
     ("service", "expected"),
     [
-        ('{ upstream = "http://127.0.0.1:5000"; }',
-         ["--name", "harmonia", "http://127.0.0.1:5000"]),
-        ('{ upstream = "http://127.0.0.1:5000"; ephemeral = true; tags = [ "tag:a" "tag:b" ]; '
-         'authKeyPath = "%d/authkey"; plaintext = true; listenAddr = ":80"; }',
-         ["--name", "harmonia", "--ephemeral", "--tag", "tag:a", "--tag", "tag:b",
-          "--authkey-path", "%d/authkey", "--listen-addr", ":80", "--plaintext",
-          "http://127.0.0.1:5000"]),
-        ('{ upstream = "https://u"; '
-         'prefixes = [ "tailnet:/" "/nix-cache-info" ]; stripPrefix = false; '
-         'upstreamHeaders = { "X-B" = "2"; "X-A" = "1"; }; insecureHTTPS = true; '
-         'whoisTimeout = "500ms"; suppressWhois = true; readHeaderTimeout = 5; timeout = 60; '
-         'prometheusAddr = ":9099"; upstreamUnixAddr = "/run/u.sock"; extraArgs = [ "--x" ]; }',
-         ["--name", "harmonia", "--prefix", "tailnet:/", "--prefix",
-          "/nix-cache-info", "--no-strip-prefix", "--upstream-header", "X-A: 1",
-          "--upstream-header", "X-B: 2", "--insecure-https", "--whois-timeout", "500ms",
-          "--suppress-whois", "--read-header-timeout", "5s", "--timeout", "60s",
-          "--prometheus-addr", ":9099", "--upstream-unix-addr", "/run/u.sock", "--x",
-          "https://u"]),
-        ('{ upstream = "http://u"; certificateFile = "/c.pem"; keyFile = "/k.pem"; }',
-         ["--name", "harmonia", "--certificate-file", "/c.pem", "--key-file", "/k.pem",
-          "http://u"]),
+        ('{ upstream = "http://127.0.0.1:5000"; }', ["--name", "harmonia", "http://127.0.0.1:5000"]),
+        (
+            '{ upstream = "http://127.0.0.1:5000"; ephemeral = true; tags = [ "tag:a" "tag:b" ]; '
+            'authKeyPath = "%d/authkey"; plaintext = true; listenAddr = ":80"; }',
+            [
+                "--name",
+                "harmonia",
+                "--ephemeral",
+                "--tag",
+                "tag:a",
+                "--tag",
+                "tag:b",
+                "--authkey-path",
+                "%d/authkey",
+                "--listen-addr",
+                ":80",
+                "--plaintext",
+                "http://127.0.0.1:5000",
+            ],
+        ),
+        (
+            '{ upstream = "https://u"; '
+            'prefixes = [ "tailnet:/" "/nix-cache-info" ]; stripPrefix = false; '
+            'upstreamHeaders = { "X-B" = "2"; "X-A" = "1"; }; insecureHTTPS = true; '
+            'whoisTimeout = "500ms"; suppressWhois = true; readHeaderTimeout = 5; timeout = 60; '
+            'prometheusAddr = ":9099"; upstreamUnixAddr = "/run/u.sock"; extraArgs = [ "--x" ]; }',
+            [
+                "--name",
+                "harmonia",
+                "--prefix",
+                "tailnet:/",
+                "--prefix",
+                "/nix-cache-info",
+                "--no-strip-prefix",
+                "--upstream-header",
+                "X-A: 1",
+                "--upstream-header",
+                "X-B: 2",
+                "--insecure-https",
+                "--whois-timeout",
+                "500ms",
+                "--suppress-whois",
+                "--read-header-timeout",
+                "5s",
+                "--timeout",
+                "60s",
+                "--prometheus-addr",
+                ":9099",
+                "--upstream-unix-addr",
+                "/run/u.sock",
+                "--x",
+                "https://u",
+            ],
+        ),
+        (
+            '{ upstream = "http://u"; certificateFile = "/c.pem"; keyFile = "/k.pem"; }',
+            ["--name", "harmonia", "--certificate-file", "/c.pem", "--key-file", "/k.pem", "http://u"],
+        ),
     ],
 )
 def test_sidecar_argv(env: dict[str, str], service: str, expected: list[str]) -> None:
-    argv = nix_eval(f'l.sidecarArgv {{ package = "/p"; name = "harmonia"; service = {service}; }}',
-                    env)
+    argv = nix_eval(f'l.sidecarArgv {{ package = "/p"; name = "harmonia"; service = {service}; }}', env)
     assert argv == ["/p/bin/harmonia-sidecar", *expected]
 
 
@@ -331,47 +396,85 @@ def test_gateway_argv(env: dict[str, str]) -> None:
         'l.gatewayArgv { package = "/p"; site = "cache.example.org"; '
         'upstreams = [ "http://harmonia:80" "http://100.64.0.5:5000" ]; tls = "internal"; }',
         env,
-    ) == ["/p/bin/harmonia-caddy", "gateway", "--site", "cache.example.org", "--upstream",
-          "http://harmonia:80", "--upstream", "http://100.64.0.5:5000", "--tls", "internal"]
+    ) == [
+        "/p/bin/harmonia-caddy",
+        "gateway",
+        "--site",
+        "cache.example.org",
+        "--upstream",
+        "http://harmonia:80",
+        "--upstream",
+        "http://100.64.0.5:5000",
+        "--tls",
+        "internal",
+    ]
     assert nix_eval(
         'l.gatewayArgv { package = "/p"; site = "c.example.org"; upstreams = [ "http://h:80" ]; '
         'viaTailnet = "gw"; expose = [ "log" "metrics" ]; maxBody = "none"; allowUpload = true; '
         'bind = [ "10.0.0.1" ]; snippetName = "s"; logOutput = "stdout"; accessLog = false; '
         "compress = false; }",
         env,
-    ) == ["/p/bin/harmonia-caddy", "gateway", "--site", "c.example.org", "--upstream",
-          "http://h:80", "--via-tailnet", "gw", "--expose", "log", "--expose", "metrics",
-          "--max-body", "none", "--allow-upload", "--bind", "10.0.0.1", "--snippet-name", "s",
-          "--log-output", "stdout", "--no-access-log", "--no-compress"]
+    ) == [
+        "/p/bin/harmonia-caddy",
+        "gateway",
+        "--site",
+        "c.example.org",
+        "--upstream",
+        "http://h:80",
+        "--via-tailnet",
+        "gw",
+        "--expose",
+        "log",
+        "--expose",
+        "metrics",
+        "--max-body",
+        "none",
+        "--allow-upload",
+        "--bind",
+        "10.0.0.1",
+        "--snippet-name",
+        "s",
+        "--log-output",
+        "stdout",
+        "--no-access-log",
+        "--no-compress",
+    ]
     with pytest.raises(NixEvalError, match="at least one upstream"):
         nix_eval('l.gatewayArgv { package = "/p"; site = "c"; upstreams = [ ]; }', env)
     with pytest.raises(NixEvalError, match="expose takes"):
-        nix_eval('l.gatewayArgv { package = "/p"; site = "c"; upstreams = [ "http://h" ]; '
-                 'expose = [ "all" ]; }', env)
+        nix_eval(
+            'l.gatewayArgv { package = "/p"; site = "c"; upstreams = [ "http://h" ]; expose = [ "all" ]; }',
+            env,
+        )
 
 
 def test_client_settings(env: dict[str, str]) -> None:
-    assert nix_eval(f'l.clientSettings {{ url = "http://raider:5000"; publicKeys = [ "{PK}" ]; }}',
-                    env) == {"substituters": ["http://raider:5000?priority=60"],
-                             "trusted-public-keys": [PK]}
-    assert nix_eval(f'l.clientSettings {{ url = "https://c.example.org"; priority = null; '
-                    f'publicKeys = [ "{PK}" ]; }}', env) == {
-        "substituters": ["https://c.example.org"], "trusted-public-keys": [PK]}
-    for bad in ('url = "raider:5000"; publicKeys = [ "' + PK + '" ];',
-                'url = "http://raider:5000?x=1"; publicKeys = [ "' + PK + '" ];',
-                'url = "http://raider:5000"; publicKeys = [ ];',
-                'url = "http://raider:5000"; publicKeys = [ "harmonia-raider-1" ];'):
+    assert nix_eval(f'l.clientSettings {{ url = "http://raider:5000"; publicKeys = [ "{PK}" ]; }}', env) == {
+        "substituters": ["http://raider:5000?priority=60"],
+        "trusted-public-keys": [PK],
+    }
+    assert nix_eval(
+        f'l.clientSettings {{ url = "https://c.example.org"; priority = null; publicKeys = [ "{PK}" ]; }}',
+        env,
+    ) == {"substituters": ["https://c.example.org"], "trusted-public-keys": [PK]}
+    for bad in (
+        'url = "raider:5000"; publicKeys = [ "' + PK + '" ];',
+        'url = "http://raider:5000?x=1"; publicKeys = [ "' + PK + '" ];',
+        'url = "http://raider:5000"; publicKeys = [ ];',
+        'url = "http://raider:5000"; publicKeys = [ "harmonia-raider-1" ];',
+    ):
         with pytest.raises(NixEvalError, match="client"):
             nix_eval(f"l.clientSettings {{ {bad} }}", env)
 
 
 def test_retention_settings(env: dict[str, str]) -> None:
-    assert nix_eval("l.retentionSettings { }", env) == {
-        "keep-outputs": True, "keep-derivations": True
+    assert nix_eval("l.retentionSettings { }", env) == {"keep-outputs": True, "keep-derivations": True}
+    assert nix_eval("l.retentionSettings { keepOutputs = false; minFree = 1; maxFree = 2; }", env) == {
+        "keep-outputs": False,
+        "keep-derivations": True,
+        "min-free": 1,
+        "max-free": 2,
     }
-    assert nix_eval("l.retentionSettings { keepOutputs = false; minFree = 1; maxFree = 2; }",
-                    env) == {"keep-outputs": False, "keep-derivations": True, "min-free": 1,
-                             "max-free": 2}
     with pytest.raises(NixEvalError, match="minFree must be below maxFree"):
         nix_eval("l.retentionSettings { minFree = 2; maxFree = 1; }", env)
 
@@ -383,8 +486,12 @@ def test_pin_rules_make_the_roots_harmonia_cache_pin_makes(env: dict[str, str]) 
     assert nix_eval(f'l.pinRules {{ paths = [ "{path}" ]; }}', env) == [
         f"L+ /nix/var/nix/gcroots/harmonia/{root_name(parse_store_path(path))} - - - - {path}"
     ]
-    for bad in ("/nix/store/x", "/etc/passwd", "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-.a",
-                "/nix/store/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee-a"):
+    for bad in (
+        "/nix/store/x",
+        "/etc/passwd",
+        "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-.a",
+        "/nix/store/eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee-a",
+    ):
         with pytest.raises(NixEvalError, match="is not a store path"):
             nix_eval(f'l.pinRules {{ paths = [ "{bad}" ]; }}', env)
 
@@ -404,13 +511,18 @@ def test_real_sidecar_accepts_the_module_argv(env: dict[str, str], tmp_path: Pat
         'authKeyPath = "%d/authkey"; }',
     ]
     for service in services:
-        argv = nix_eval(f'l.sidecarArgv {{ package = "{VENV}"; name = "harmonia"; '
-                        f"service = {service}; }}", env)
+        argv = nix_eval(
+            f'l.sidecarArgv {{ package = "{VENV}"; name = "harmonia"; service = {service}; }}', env
+        )
         assert isinstance(argv, list)
         argv = [a.replace("%d", str(tmp_path)) for a in argv]
         proc = subprocess.run(
-            [*argv, "--print-engine-config"], capture_output=True, text=True, timeout=60,
-            check=False, env=dict(env, TS_STATE_DIR=str(tmp_path / "state")),
+            [*argv, "--print-engine-config"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=dict(env, TS_STATE_DIR=str(tmp_path / "state")),
         )
         assert proc.returncode == 0, f"{argv}: {proc.stderr}"
         nodes = json.loads(proc.stdout)["apps"]["tailscale"]["nodes"]
@@ -421,7 +533,9 @@ def test_real_gateway_renders_the_module_argv(env: dict[str, str]) -> None:
     argv = nix_eval(
         f'l.gatewayArgv {{ package = "{VENV}"; site = "cache.example.org"; '
         'upstreams = [ "http://harmonia:80" ]; viaTailnet = "gw"; snippetName = "hx_gateway"; '
-        'tls = "internal"; expose = [ "metrics" ]; }', env)
+        'tls = "internal"; expose = [ "metrics" ]; }',
+        env,
+    )
     assert isinstance(argv, list)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -431,14 +545,28 @@ def test_real_gateway_renders_the_module_argv(env: dict[str, str]) -> None:
 
 def test_client_settings_match_harmonia_caddy_client(env: dict[str, str]) -> None:
     """The module's nix.settings equal the fleet's rendering by `harmonia-caddy client`."""
-    ours = nix_eval(f'l.clientSettings {{ url = "http://raider:5000"; publicKeys = [ "{PK}" ]; }}',
-                    env)
+    ours = nix_eval(f'l.clientSettings {{ url = "http://raider:5000"; publicKeys = [ "{PK}" ]; }}', env)
     proc = subprocess.run(
-        [str(VENV / "bin/harmonia-caddy"), "client", "--substituter", "http://raider:5000",
-         "--public-key", PK, "--no-cache-nixos-org", "--format", "nix.conf"],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            str(VENV / "bin/harmonia-caddy"),
+            "client",
+            "--substituter",
+            "http://raider:5000",
+            "--public-key",
+            PK,
+            "--no-cache-nixos-org",
+            "--format",
+            "nix.conf",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    conf = dict(line.split(" = ", 1) for line in proc.stdout.splitlines()
-                if " = " in line and not line.startswith("#"))
+    conf = dict(
+        line.split(" = ", 1)
+        for line in proc.stdout.splitlines()
+        if " = " in line and not line.startswith("#")
+    )
     assert ours == {k: conf[k].split() for k in ("substituters", "trusted-public-keys")}

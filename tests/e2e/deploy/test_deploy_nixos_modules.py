@@ -28,8 +28,13 @@ def find_nixpkgs_lib() -> Path | None:
     if os.environ.get("NIXPKGS_LIB"):
         candidates.append(Path(os.environ["NIXPKGS_LIB"]))
     if have_nix():
-        found = subprocess.run(["nix-instantiate", "--find-file", "nixpkgs"], capture_output=True,
-                               text=True, timeout=30, check=False)
+        found = subprocess.run(
+            ["nix-instantiate", "--find-file", "nixpkgs"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         if found.returncode == 0 and found.stdout.strip():
             candidates.append(Path(found.stdout.strip()) / "lib")
     for lib in candidates:
@@ -43,8 +48,11 @@ NIXPKGS_LIB = find_nixpkgs_lib()
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(not have_nix(), reason="Nix is not installed"),
-    pytest.mark.skipif(NIXPKGS_LIB is None, reason="no nixpkgs lib here: set NIXPKGS_LIB to a "
-                       "nixpkgs checkout's lib/ (or put nixpkgs on NIX_PATH) to evaluate the modules"),
+    pytest.mark.skipif(
+        NIXPKGS_LIB is None,
+        reason="no nixpkgs lib here: set NIXPKGS_LIB to a "
+        "nixpkgs checkout's lib/ (or put nixpkgs on NIX_PATH) to evaluate the modules",
+    ),
 ]
 
 
@@ -53,12 +61,17 @@ class EvalError(Exception):
 
 
 def evaluate(configuration: str, tmp_path: Path) -> dict[str, Any]:
-    expr = (f"import {HERE / 'eval-modules.nix'} {{ libPath = {NIXPKGS_LIB}; "
-            f"configuration = {configuration}; }}")
+    expr = (
+        f"import {HERE / 'eval-modules.nix'} {{ libPath = {NIXPKGS_LIB}; configuration = {configuration}; }}"
+    )
     proc = subprocess.run(
         # read-write: the stand-in package's .drv and the generated settings file are written
         ["nix-instantiate", "--read-write-mode", "--eval", "--strict", "--json", "-E", expr],
-        env=nix_env(tmp_path / "xdg"), capture_output=True, text=True, timeout=120, check=False,
+        env=nix_env(tmp_path / "xdg"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     if proc.returncode != 0:
         raise EvalError(proc.stderr)
@@ -101,21 +114,33 @@ def test_cache_host(tmp_path: Path) -> None:
     assert cache["serviceConfig"]["ExecStart"] == f"{pkg}/bin/harmonia-cache"
     assert cache["serviceConfig"]["Type"] == "notify"
     assert cache["serviceConfig"]["LoadCredential"] == [
-        "sign-key-0:/run/agenix/harmonia-raider-1", "sign-key-1:/run/agenix/harmonia-raider-2"
+        "sign-key-0:/run/agenix/harmonia-raider-1",
+        "sign-key-1:/run/agenix/harmonia-raider-2",
     ]
     assert cache["environment"]["SIGN_KEY_PATHS"] == "%d/sign-key-0 %d/sign-key-1"
     assert cache["environment"]["CONFIG_FILE"].endswith("-harmonia.toml")
-    assert r["cacheSettings"] == {"bind": "[::]:5000", "priority": 60, "enable_compression": True,
-                                  "store_backend": "daemon", "workers": 2}
+    assert r["cacheSettings"] == {
+        "bind": "[::]:5000",
+        "priority": 60,
+        "enable_compression": True,
+        "store_backend": "daemon",
+        "workers": 2,
+    }
 
     health = services["harmonia-healthcheck"]["serviceConfig"]
     assert health["ExecStart"] == f"{pkg}/bin/harmonia-healthcheck http://127.0.0.1:5000/nix-cache-info"
-    assert r["timers"] == {"harmonia-healthcheck": {
-        "description": "Periodic health probe of the Nix binary cache (harmonia-dev)",
-        "wantedBy": ["timers.target"],
-        "timerConfig": {"OnBootSec": "1min", "OnUnitActiveSec": "1min", "AccuracySec": "5s",
-                        "Unit": "harmonia-healthcheck.service"},
-    }}
+    assert r["timers"] == {
+        "harmonia-healthcheck": {
+            "description": "Periodic health probe of the Nix binary cache (harmonia-dev)",
+            "wantedBy": ["timers.target"],
+            "timerConfig": {
+                "OnBootSec": "1min",
+                "OnUnitActiveSec": "1min",
+                "AccuracySec": "5s",
+                "Unit": "harmonia-healthcheck.service",
+            },
+        }
+    }
 
     sidecar = services["harmonia-sidecar-harmonia"]
     assert sidecar["serviceConfig"]["ExecStart"] == (
@@ -133,51 +158,64 @@ def test_cache_host(tmp_path: Path) -> None:
         "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-hello-2.12"
     ]
     assert r["nixSettings"] == {
-        "keep-outputs": True, "keep-derivations": True,
-        "min-free": 10 * 1024**3, "max-free": 50 * 1024**3,
-        "substituters": ["http://raider:5000?priority=60"], "trusted-public-keys": [PK],
+        "keep-outputs": True,
+        "keep-derivations": True,
+        "min-free": 10 * 1024**3,
+        "max-free": 50 * 1024**3,
+        "substituters": ["http://raider:5000?priority=60"],
+        "trusted-public-keys": [PK],
     }
-    assert r["gatewayScript"] == (f"{pkg}/bin/harmonia-caddy gateway --site harmonia.example.org "
-                                  "--upstream http://harmonia:80 --via-tailnet gw > $out\n")
+    assert r["gatewayScript"] == (
+        f"{pkg}/bin/harmonia-caddy gateway --site harmonia.example.org "
+        "--upstream http://harmonia:80 --via-tailnet gw > $out\n"
+    )
     snippet = r["etc"]["harmonia/gateway.caddy"]
     assert r["caddyExtraConfig"] == f"import {snippet}\n"
 
 
 def test_socket_activation_and_firewall(tmp_path: Path) -> None:
-    r = evaluate("""{ standInPackage, ... }: { services.harmonia-bundle.cache = {
+    r = evaluate(
+        """{ standInPackage, ... }: { services.harmonia-bundle.cache = {
       enable = true; package = standInPackage; signKeyPaths = [ "/k" ];
       socketActivation = true; openFirewall = true; port = 5001; address = "::1";
       compression = "none"; priority = 30; storeBackend = "db"; };
       services.harmonia-bundle.healthcheck.enable = false;
-      services.harmonia-bundle.retention.enable = false; }""", tmp_path)
+      services.harmonia-bundle.retention.enable = false; }""",
+        tmp_path,
+    )
     assert r["sockets"]["harmonia-dev"]["listenStreams"] == ["[::1]:5001"]
     assert r["firewall"] == [5001]
-    assert r["cacheSettings"] == {"bind": "[::1]:5001", "priority": 30, "enable_compression": False,
-                                  "store_backend": "db"}
+    assert r["cacheSettings"] == {
+        "bind": "[::1]:5001",
+        "priority": 30,
+        "enable_compression": False,
+        "store_backend": "db",
+    }
     assert set(r["services"]) == {"harmonia-dev"}
     assert r["timers"] == {}
     assert r["nixSettings"] == {}
 
 
 def test_a_cache_without_keys_fails_its_assertion(tmp_path: Path) -> None:
-    r = evaluate("{ standInPackage, ... }: { services.harmonia-bundle.cache = "
-                 "{ enable = true; package = standInPackage; }; }", tmp_path)
+    r = evaluate(
+        "{ standInPackage, ... }: { services.harmonia-bundle.cache = "
+        "{ enable = true; package = standInPackage; }; }",
+        tmp_path,
+    )
     [message] = r["failedAssertions"]
     assert "signKeyPaths" in message
 
 
 def test_nothing_enabled_changes_nothing(tmp_path: Path) -> None:
     r = evaluate("{ }", tmp_path)
-    assert (r["services"], r["sockets"], r["timers"], r["nixSettings"], r["tmpfiles"]) == (
-        {}, {}, {}, {}, [])
+    assert (r["services"], r["sockets"], r["timers"], r["nixSettings"], r["tmpfiles"]) == ({}, {}, {}, {}, [])
 
 
 @pytest.mark.parametrize(
     ("cache", "message"),
     [
         ('signKeyPaths = [ "/k" ]; priority = -1;', "services.harmonia-bundle.cache.priority"),
-        ('signKeyPaths = [ "/k" ]; compression = "gzip";',
-         "services.harmonia-bundle.cache.compression"),
+        ('signKeyPaths = [ "/k" ]; compression = "gzip";', "services.harmonia-bundle.cache.compression"),
         # a path literal would copy the secret into the world-readable store: refused
         ("signKeyPaths = [ ./secret ];", "services.harmonia-bundle.cache.signKeyPaths"),
         ('signKeyPaths = [ "/k" ]; pinnedPaths = [ "/etc/passwd" ];', "is not a store path"),
@@ -185,5 +223,8 @@ def test_nothing_enabled_changes_nothing(tmp_path: Path) -> None:
 )
 def test_bad_values_are_refused(tmp_path: Path, cache: str, message: str) -> None:
     with pytest.raises(EvalError, match=message.replace(".", r"\.")):
-        evaluate("{ standInPackage, ... }: { services.harmonia-bundle.cache = { enable = true; "
-                 f"package = standInPackage; {cache} }}; }}", tmp_path)
+        evaluate(
+            "{ standInPackage, ... }: { services.harmonia-bundle.cache = { enable = true; "
+            f"package = standInPackage; {cache} }}; }}",
+            tmp_path,
+        )

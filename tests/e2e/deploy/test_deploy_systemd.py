@@ -36,7 +36,10 @@ UNITS = [
 def verify(*units: Path) -> tuple[int, str]:
     proc = subprocess.run(
         ["systemd-analyze", "verify", *map(str, units)],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     return proc.returncode, (proc.stdout + proc.stderr).strip()
 
@@ -75,8 +78,9 @@ def test_shipped_files_differ_from_rendered_ones_only_in_the_prefix(rendered: Pa
 def test_verification_catches_an_unknown_key(rendered: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad" / "harmonia-dev.service"
     bad.parent.mkdir()
-    bad.write_text((rendered / "harmonia-dev.service").read_text()
-                   .replace("NoNewPrivileges=", "NoNewPrivilege="))
+    bad.write_text(
+        (rendered / "harmonia-dev.service").read_text().replace("NoNewPrivileges=", "NoNewPrivilege=")
+    )
     _, output = verify(bad)  # systemd only warns (status 0) about unknown keys
     assert "Unknown key 'NoNewPrivilege'" in output
 
@@ -85,8 +89,11 @@ def test_verification_catches_a_missing_program(tmp_path: Path) -> None:
     shipped = tmp_path / "shipped" / "harmonia-healthcheck.service"
     shipped.parent.mkdir()
     missing = "/nonexistent/bin/harmonia-healthcheck"
-    shipped.write_text((render.UNIT_DIR / "harmonia-healthcheck.service").read_text()
-                       .replace("/usr/bin/harmonia-healthcheck", missing))
+    shipped.write_text(
+        (render.UNIT_DIR / "harmonia-healthcheck.service")
+        .read_text()
+        .replace("/usr/bin/harmonia-healthcheck", missing)
+    )
     code, output = verify(shipped)
     assert code != 0
     assert f"Command {missing} is not executable" in output
@@ -106,9 +113,10 @@ def test_real_sidecar_accepts_the_unit_and_the_example_config(rendered: Path, sh
     """harmonia-sidecar@harmonia.service's command, with the shipped example as its config."""
     tmp_path = short_tmp
     credentials = tmp_path / "run/credentials/harmonia-sidecar@harmonia.service"
-    cmd = render.service_command((rendered / "harmonia-sidecar@.service").read_text(),
-                                 {"i": "harmonia", "S": str(tmp_path / "var/lib"),
-                                  "d": str(credentials)})
+    cmd = render.service_command(
+        (rendered / "harmonia-sidecar@.service").read_text(),
+        {"i": "harmonia", "S": str(tmp_path / "var/lib"), "d": str(credentials)},
+    )
     etc = "/etc/harmonia-sidecar/"
     config = tmp_path / "etc/harmonia-sidecar/harmonia.toml"
     config.parent.mkdir(parents=True)
@@ -121,7 +129,10 @@ def test_real_sidecar_accepts_the_unit_and_the_example_config(rendered: Path, sh
     proc = subprocess.run(
         [*argv, "--print-engine-config"],
         env={"PATH": "/usr/bin:/bin", "CREDENTIALS_DIRECTORY": str(credentials), **cmd.environment},
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     engine = json.loads(proc.stdout)
@@ -156,7 +167,8 @@ def test_dropins_are_loaded_by_verify(rendered: Path) -> None:
 def test_key_rotation_dropin_needs_its_quotes(rendered: Path) -> None:
     """Unquoted, systemd splits SIGN_KEY_PATHS at the space; verify reports it."""
     text = (render.UNIT_DIR / "rotate-key.conf").read_text()
-    unquoted = "\n".join(line.replace('"', "") if line.startswith("Environment=") else line
-                         for line in text.splitlines())
+    unquoted = "\n".join(
+        line.replace('"', "") if line.startswith("Environment=") else line for line in text.splitlines()
+    )
     _, output = verify(_with_dropin(rendered, unquoted))
     assert "Invalid environment assignment" in output

@@ -113,12 +113,23 @@ def two_hosts() -> Iterator[Hosts]:
                 pytest.skip(f"cannot create a network namespace: {made.stderr.strip()}")
             created.append(ns)
         # interface names: at most 15 characters
-        veth = ip("link", "add", f"hs{tag}", "netns", hosts.server, "type", "veth",
-                  "peer", "name", f"hc{tag}", "netns", hosts.client)
+        veth = ip(
+            "link",
+            "add",
+            f"hs{tag}",
+            "netns",
+            hosts.server,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            f"hc{tag}",
+            "netns",
+            hosts.client,
+        )
         if veth.returncode != 0:
             pytest.skip(f"cannot create a veth pair between namespaces: {veth.stderr.strip()}")
-        for ns, dev, addr in ((hosts.server, f"hs{tag}", SERVER_IP),
-                              (hosts.client, f"hc{tag}", CLIENT_IP)):
+        for ns, dev, addr in ((hosts.server, f"hs{tag}", SERVER_IP), (hosts.client, f"hc{tag}", CLIENT_IP)):
             must(ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev))
             must(ip("-n", ns, "link", "set", "lo", "up"))
             must(ip("-n", ns, "link", "set", dev, "up"))
@@ -128,25 +139,30 @@ def two_hosts() -> Iterator[Hosts]:
             ip("netns", "del", ns)
 
 
-def in_ns(ns: str, argv: list[str], env: dict[str, str] | None = None,
-          timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", "netns", "exec", ns, *argv], env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+def in_ns(
+    ns: str, argv: list[str], env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 # --- the unit, as systemd would run it -----------------------------------------------------------
 
 
 def relocate(value: str, root: Path) -> str:
-    return str(root / "etc/harmonia" / value[len(ETC):]) if value.startswith(ETC) else value
+    return str(root / "etc/harmonia" / value[len(ETC) :]) if value.startswith(ETC) else value
 
 
 def timespan_usec(text: str) -> int:
     m = re.fullmatch(r"(\d+)\s*(ms|s|min)?", text)
     assert m, f"unsupported time span {text!r}"
-    return int(m.group(1)) * {"ms": 1_000, "s": 1_000_000, "min": 60_000_000, None: 1_000_000}[
-        m.group(2)
-    ]
+    return int(m.group(1)) * {"ms": 1_000, "s": 1_000_000, "min": 60_000_000, None: 1_000_000}[m.group(2)]
 
 
 @dataclass
@@ -184,9 +200,20 @@ class Unit:
             secret = Path(relocate(source, root))
             if not secret.exists():
                 generated = subprocess.run(
-                    [f"{VENV_BIN}/harmonia-cache", "key", "generate", name, "--secret-file",
-                     str(secret), "--public-file", str(secret.with_suffix(".public"))],
-                    capture_output=True, text=True, timeout=60, check=False,
+                    [
+                        f"{VENV_BIN}/harmonia-cache",
+                        "key",
+                        "generate",
+                        name,
+                        "--secret-file",
+                        str(secret),
+                        "--public-file",
+                        str(secret.with_suffix(".public")),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
                 )
                 assert generated.returncode == 0, generated.stderr
             public_keys.append(secret.with_suffix(".public").read_text().strip())
@@ -202,8 +229,9 @@ class Unit:
         state = state_root / str(render.value(sections, "Service", "StateDirectory"))
         state.mkdir(parents=True, exist_ok=True)
         os.chown(state, SERVICE_UID, SERVICE_UID)  # StateDirectory= with DynamicUser=yes
-        workdir = Path(render.expand_specifiers(
-            str(render.value(sections, "Service", "WorkingDirectory")), specifiers))
+        workdir = Path(
+            render.expand_specifiers(str(render.value(sections, "Service", "WorkingDirectory")), specifiers)
+        )
         env = {
             "PATH": SYSTEMD_PATH,
             "LANG": "C.UTF-8",
@@ -220,9 +248,11 @@ class Unit:
             watchdog_usec=timespan_usec(str(render.value(sections, "Service", "WatchdogSec"))),
             listen_stream=str(render.value(socket_unit, "Socket", "ListenStream")),
             public_keys=public_keys,
-            groups=[grp.getgrnam(g).gr_gid for v in render.values(sections, "Service",
-                                                                   "SupplementaryGroups")
-                    for g in v.split()],
+            groups=[
+                grp.getgrnam(g).gr_gid
+                for v in render.values(sections, "Service", "SupplementaryGroups")
+                for g in v.split()
+            ],
         )
 
     @property
@@ -263,10 +293,10 @@ class Running:
             if remaining <= 0:
                 raise AssertionError(
                     f"no {message} from the cache within {timeout}s; got {self.notifications}\n"
-                    f"{self.log.read_text()}")
+                    f"{self.log.read_text()}"
+                )
             if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"the cache exited {self.proc.returncode}\n{self.log.read_text()}")
+                raise AssertionError(f"the cache exited {self.proc.returncode}\n{self.log.read_text()}")
             self.notify.settimeout(min(remaining, 0.2))
             with suppress(TimeoutError):
                 self.notifications.append(self.notify.recv(4096).decode())
@@ -291,8 +321,9 @@ def private_daemon(root: Path) -> Iterator[Path]:
     sock = directory / "socket"
     env = nix_env(root / "daemon-xdg", NIX_DAEMON_SOCKET_PATH=str(sock))
     with (root / "nix-daemon.log").open("wb") as log:
-        proc = subprocess.Popen(["nix-daemon"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            ["nix-daemon"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             deadline = time.monotonic() + 30
             while True:
@@ -304,7 +335,8 @@ def private_daemon(root: Path) -> Iterator[Path]:
                         pass
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError(
-                        f"nix-daemon did not start:\n{(root / 'nix-daemon.log').read_text()}")
+                        f"nix-daemon did not start:\n{(root / 'nix-daemon.log').read_text()}"
+                    )
                 time.sleep(0.05)
             yield directory
         finally:
@@ -317,8 +349,9 @@ def private_daemon(root: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def start(unit: Unit, ns: str, tag: str, daemon: Path, *, activated: bool = False,
-          watchdog_usec: int | None = None) -> Iterator[Running]:
+def start(
+    unit: Unit, ns: str, tag: str, daemon: Path, *, activated: bool = False, watchdog_usec: int | None = None
+) -> Iterator[Running]:
     """Run the unit's command in `ns` until the block ends; stop it as systemd does (SIGTERM).
 
     `daemon`: the directory of our nix-daemon's socket, mounted over the usual one for the cache.
@@ -328,8 +361,9 @@ def start(unit: Unit, ns: str, tag: str, daemon: Path, *, activated: bool = Fals
     os.chmod(sockets, 0o755)
     notify_path = sockets / "notify.sock"
     log = unit.root / f"cache-{tag}.log"
-    env = dict(unit.env, NOTIFY_SOCKET=str(notify_path),
-               WATCHDOG_USEC=str(watchdog_usec or unit.watchdog_usec))
+    env = dict(
+        unit.env, NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC=str(watchdog_usec or unit.watchdog_usec)
+    )
     # as systemd: the socket is bound with root's rights, then the service runs as its user
     argv = as_service_user(unit.argv, unit.groups)
     if activated:
@@ -339,13 +373,21 @@ def start(unit: Unit, ns: str, tag: str, daemon: Path, *, activated: bool = Fals
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify, log.open("wb") as out:
         notify.bind(str(notify_path))
         os.chmod(notify_path, 0o777)  # systemd's notify socket is writable by every service
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], env=env, cwd=unit.workdir,
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *argv],
+            env=env,
+            cwd=unit.workdir,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         running = Running(proc, log, [], notify)
         try:
             running.wait_for("READY=1", timeout=30)
-            uid_line = next(line for line in Path(f"/proc/{proc.pid}/status").read_text()
-                            .splitlines() if line.startswith("Uid:"))
+            uid_line = next(
+                line
+                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                if line.startswith("Uid:")
+            )
             assert uid_line.split()[1:] == [str(SERVICE_UID)] * 4, uid_line
             yield running
         finally:
@@ -371,13 +413,15 @@ def stop(running: Running) -> int:
 # --- the client ----------------------------------------------------------------------------------
 
 
-def fetch(hosts: Hosts, tmp: Path, path: str, key: str, tag: str
-          ) -> tuple[subprocess.CompletedProcess[str], str, dict[str, str]]:
+def fetch(
+    hosts: Hosts, tmp: Path, path: str, key: str, tag: str
+) -> tuple[subprocess.CompletedProcess[str], str, dict[str, str]]:
     """`nix copy` one path from the cache into a fresh store on the client host."""
     store = f"local?root={tmp / f'client-{tag}'}"
     env = nix_env(tmp / f"xdg-{tag}", extra_config=f"require-sigs = true\ntrusted-public-keys = {key}\n")
-    result = in_ns(hosts.client, ["nix", "copy", "--from", f"http://{SERVER_IP}:{PORT}",
-                                  "--to", store, path], env=env)
+    result = in_ns(
+        hosts.client, ["nix", "copy", "--from", f"http://{SERVER_IP}:{PORT}", "--to", store, path], env=env
+    )
     return result, store, env
 
 
@@ -392,8 +436,7 @@ sys.stdout.write(f"{r.status}\\n" + r.read().decode("utf-8", "replace"))
 
 def http_get(hosts: Hosts, url_path: str) -> tuple[int, str]:
     """GET from the client host; the status and the body."""
-    result = in_ns(hosts.client, [sys.executable, "-c", HTTP_GET, SERVER_IP, str(PORT), url_path],
-                   timeout=60)
+    result = in_ns(hosts.client, [sys.executable, "-c", HTTP_GET, SERVER_IP, str(PORT), url_path], timeout=60)
     assert result.returncode == 0, result.stderr
     status, _, body = result.stdout.partition("\n")
     return int(status), body
@@ -459,8 +502,7 @@ def two_hosts_fetch_restart_pin_and_collect(tmp_path: Path, host_root: Path, dae
             with start(unit, hosts.server, "first", daemon) as first:
                 assert f"listening on http://[::]:{PORT}" in first.log.read_text()
                 assert any(n.startswith("READY=1") for n in first.notifications)
-                health = in_ns(hosts.server, as_service_user(health_cmd.argv),
-                               env={"PATH": SYSTEMD_PATH})
+                health = in_ns(hosts.server, as_service_user(health_cmd.argv), env={"PATH": SYSTEMD_PATH})
                 assert health.returncode == 0, why(health, first)
                 status, info = http_get(hosts, "/nix-cache-info")
                 assert status == 200
@@ -474,8 +516,9 @@ def two_hosts_fetch_restart_pin_and_collect(tmp_path: Path, host_root: Path, dae
                 signatures = got["signatures"]
                 assert isinstance(signatures, list)
                 assert any(str(s).startswith("harmonia-raider-1:") for s in signatures)
-                assert (Path(store.split("=", 1)[1]) / pinned.lstrip("/") / "data").read_text() \
-                    == f"pinned {tag}\n"
+                assert (
+                    Path(store.split("=", 1)[1]) / pinned.lstrip("/") / "data"
+                ).read_text() == f"pinned {tag}\n"
 
                 # require-sigs is in force: another key is refused
                 other = "other-cache-1:" + "A" * 43 + "="
@@ -494,20 +537,23 @@ def two_hosts_fetch_restart_pin_and_collect(tmp_path: Path, host_root: Path, dae
 
             # --- restart, through the socket unit, with a short watchdog to see the pings, and
             # with the key-rotation drop-in: a second key signs too
-            rotated = Unit.install(host_root,
-                                   [*dropins(), (render.UNIT_DIR / "rotate-key.conf").read_text()])
+            rotated = Unit.install(host_root, [*dropins(), (render.UNIT_DIR / "rotate-key.conf").read_text()])
             assert rotated.public_keys[0] == unit.public_key
             assert rotated.env["SIGN_KEY_PATHS"].split() == [
                 str(rotated.root / "run/credentials/harmonia-dev.service" / name)
                 for name in ("harmonia-raider-1", "harmonia-raider-2")
             ]
-            with start(rotated, hosts.server, "second", daemon, activated=True,
-                       watchdog_usec=2_000_000) as second:
+            with start(
+                rotated, hosts.server, "second", daemon, activated=True, watchdog_usec=2_000_000
+            ) as second:
                 second.wait_for("WATCHDOG=1", timeout=5)
                 status, narinfo = http_get(hosts, narinfo_path(pinned))
                 assert status == 200
-                sigs = [line.split(": ", 1)[1].split(":", 1)[0]
-                        for line in narinfo.splitlines() if line.startswith("Sig: ")]
+                sigs = [
+                    line.split(": ", 1)[1].split(":", 1)[0]
+                    for line in narinfo.splitlines()
+                    if line.startswith("Sig: ")
+                ]
                 assert sigs == ["harmonia-raider-1", "harmonia-raider-2"]
                 for key in rotated.public_keys:  # a client trusting either key accepts
                     again, _, _ = fetch(hosts, tmp_path, pinned, key, f"second-{key[:17]}")
@@ -543,5 +589,10 @@ def two_hosts_fetch_restart_pin_and_collect(tmp_path: Path, host_root: Path, dae
             root.unlink()
         for path in (pinned, loose):
             if Path(path).exists():
-                subprocess.run(["nix-store", "--delete", path], env=local_env, capture_output=True,
-                               timeout=120, check=False)
+                subprocess.run(
+                    ["nix-store", "--delete", path],
+                    env=local_env,
+                    capture_output=True,
+                    timeout=120,
+                    check=False,
+                )

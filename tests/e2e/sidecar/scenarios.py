@@ -32,9 +32,13 @@ from tests.unit.sidecar.upstream import Echo
 
 log = logging.getLogger("scenario.sidecar")
 
-FORGED = [("X-Tailscale-User", "forged"), ("X-Tailscale-User-LoginName", "root@evil"),
-          ("X-Tailscale-Node-Name", "forged"), ("Tailscale-User-Login", "forged"),
-          ("X-Tailscale-Node-Addr", "6.6.6.6")]
+FORGED = [
+    ("X-Tailscale-User", "forged"),
+    ("X-Tailscale-User-LoginName", "root@evil"),
+    ("X-Tailscale-Node-Name", "forged"),
+    ("Tailscale-User-Login", "forged"),
+    ("X-Tailscale-Node-Addr", "6.6.6.6"),
+]
 
 
 class Sidecar:
@@ -73,8 +77,8 @@ class Sidecar:
 def all_running(names: set[str]) -> Callable[[dict[str, Any]], bool]:
     def check(data: dict[str, Any]) -> bool:
         states = {n["name"]: n["state"] for n in data["nodes"]}
-        return data["engine_up"] and set(states) == names and \
-            all(s == "running" for s in states.values())
+        return data["engine_up"] and set(states) == names and all(s == "running" for s in states.values())
+
     return check
 
 
@@ -87,15 +91,23 @@ async def sidecar_process(work: Path, config: str, tailnet: Tailnet) -> AsyncIte
     api = tailnet.api_url.split("//", 1)[1].split("/", 1)[0]
     notify = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
     await notify.bind(str(work / "notify.sock"))
-    env = {**os.environ, **NODE_ENV, "TS_URL": tailnet.control_url,
-           "HARMONIA_SIDECAR_TS_API_ADDR": api, "SSL_CERT_FILE": str(ca_path),
-           "NOTIFY_SOCKET": str(work / "notify.sock")}
+    env = {
+        **os.environ,
+        **NODE_ENV,
+        "TS_URL": tailnet.control_url,
+        "HARMONIA_SIDECAR_TS_API_ADDR": api,
+        "SSL_CERT_FILE": str(ca_path),
+        "NOTIFY_SOCKET": str(work / "notify.sock"),
+    }
     env.pop("TS_AUTHKEY", None)
     log_path = work / "sidecar.log"
     with log_path.open("ab") as out:
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "sidecar", "--config", str(config_path)], env=env,
-            stdout=out, stderr=subprocess.STDOUT)
+            [sys.executable, "-m", "sidecar", "--config", str(config_path)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     side = Sidecar(proc, str(work / "state" / "sidecar.sock"), log_path)
 
     async def listen() -> None:
@@ -138,8 +150,7 @@ async def publish(workdir: str, host: str) -> dict[str, Any]:
         log.info("scenario: %s at %.1fs", what, time.monotonic() - t0)
 
     async with trio.open_nursery() as nursery:
-        tailnet: Tailnet = await nursery.start(
-            serve_tailnet, TailnetConfig(host=host, ephemeral_grace=1.0))
+        tailnet: Tailnet = await nursery.start(serve_tailnet, TailnetConfig(host=host, ephemeral_grace=1.0))
         echo = Echo()
         port = await nursery.start(echo.serve)
         upstream = f"http://127.0.0.1:{port}"
@@ -149,13 +160,19 @@ async def publish(workdir: str, host: str) -> dict[str, Any]:
         cert = ca.issue_cert("secure")
         cert.private_key_pem.write_to_path(str(work / "secure.key"))
         cert.cert_chain_pems[0].write_to_path(str(work / "secure.crt"))
-        base = (f'state_dir = "{work / "state"}"\n'
-                f'[defaults]\nauthkey_path = "{work / "authkey"}"\n'
-                + service_toml("echo", upstream)
-                + service_toml("filtered", upstream, prefix=["/allowed"])
-                + service_toml("secure", upstream, plaintext=False,
-                               certificate_file=str(work / "secure.crt"),
-                               key_file=str(work / "secure.key")))
+        base = (
+            f'state_dir = "{work / "state"}"\n'
+            f'[defaults]\nauthkey_path = "{work / "authkey"}"\n'
+            + service_toml("echo", upstream)
+            + service_toml("filtered", upstream, prefix=["/allowed"])
+            + service_toml(
+                "secure",
+                upstream,
+                plaintext=False,
+                certificate_file=str(work / "secure.crt"),
+                key_file=str(work / "secure.key"),
+            )
+        )
         async with sidecar_process(work, base, tailnet) as side:
             try:
                 with trio.fail_after(60):
@@ -167,44 +184,55 @@ async def publish(workdir: str, host: str) -> dict[str, Any]:
             seen["status_first"] = first
             printed = await trio.run_process(
                 [sys.executable, "-m", "sidecar", "status", "--state-root", str(work / "state")],
-                capture_stdout=True, capture_stderr=True, check=False)
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
             seen["status_printed"] = [printed.returncode, printed.stdout.decode()]
             seen["node_first"] = {n: _node(tailnet, n) for n in ("echo", "filtered", "secure")}
-            async with mesh_node(work / "laptop", "laptop", control_url=tailnet.control_url,
-                                 auth_key=tailnet.auth_key.key) as laptop:
+            async with mesh_node(
+                work / "laptop", "laptop", control_url=tailnet.control_url, auth_key=tailnet.auth_key.key
+            ) as laptop:
                 with trio.fail_after(60):
                     await http_get_retrying("http://echo/ready", proxy=laptop.proxy_url)
-                    user = await http_get("http://echo/who", proxy=laptop.proxy_url,
-                                          headers=FORGED)
+                    user = await http_get("http://echo/who", proxy=laptop.proxy_url, headers=FORGED)
                     seen["user_status"] = user.status
                     seen["user_seen"] = json.loads(user.body)
                     allowed = await http_get("http://filtered/allowed/x", proxy=laptop.proxy_url)
                     outside = await http_get("http://filtered/secret", proxy=laptop.proxy_url)
                     seen["allowed"] = [allowed.status, json.loads(allowed.body)["path"]]
                     seen["outside"] = [outside.status, outside.body.decode()]
+
                     # HTTPS with the custom certificate, through a TCP forward of the client
                     async def open_forward() -> str:
                         return str(await laptop.forward("secure", 443))
 
-                    forward = await trio.to_thread.run_sync(
-                        lambda: asyncio.run(open_forward()))
+                    forward = await trio.to_thread.run_sync(lambda: asyncio.run(open_forward()))
                     context = ssl.create_default_context()
                     ca.configure_trust(context)
                     async with httpx.AsyncClient(verify=context) as client:
-                        secure = await client.get(f"https://{forward}/tls",
-                                                  headers=dict(FORGED),
-                                                  extensions={"sni_hostname": "secure"})
-                    seen["secure"] = [secure.status_code, secure.json()["path"],
-                                      secure.json()["headers"].get("x-tailscale-user"),
-                                      secure.json()["headers"].get("x-scheme")]
+                        secure = await client.get(
+                            f"https://{forward}/tls",
+                            headers=dict(FORGED),
+                            extensions={"sni_hostname": "secure"},
+                        )
+                    seen["secure"] = [
+                        secure.status_code,
+                        secure.json()["path"],
+                        secure.json()["headers"].get("x-tailscale-user"),
+                        secure.json()["headers"].get("x-scheme"),
+                    ]
                 seen["laptop_addresses"] = list(laptop.addresses)
                 mark("user checks")
-            async with mesh_node(work / "server", "server", control_url=tailnet.control_url,
-                                 auth_key=tailnet.tagged_auth_key.key) as server:
+            async with mesh_node(
+                work / "server",
+                "server",
+                control_url=tailnet.control_url,
+                auth_key=tailnet.tagged_auth_key.key,
+            ) as server:
                 with trio.fail_after(60):
                     await http_get_retrying("http://echo/ready", proxy=server.proxy_url)
-                    tagged = await http_get("http://echo/who", proxy=server.proxy_url,
-                                            headers=FORGED)
+                    tagged = await http_get("http://echo/who", proxy=server.proxy_url, headers=FORGED)
                 seen["tagged_status"] = tagged.status
                 seen["tagged_seen"] = json.loads(tagged.body)
                 seen["server_addresses"] = list(server.addresses)
@@ -214,25 +242,30 @@ async def publish(workdir: str, host: str) -> dict[str, Any]:
             pid = first["engine_pid"]
             os.kill(pid, signal.SIGKILL)
             with trio.fail_after(60):
-                again = await side.wait(lambda d: d["engine_restarts"] >= 1
-                                        and d["engine_pid"] != pid
-                                        and all_running({"echo", "filtered", "secure"})(d))
+                again = await side.wait(
+                    lambda d: (
+                        d["engine_restarts"] >= 1
+                        and d["engine_pid"] != pid
+                        and all_running({"echo", "filtered", "secure"})(d)
+                    )
+                )
             mark("engine restarted")
             seen["status_again"] = again
             seen["node_again"] = {n: _node(tailnet, n) for n in ("echo", "filtered", "secure")}
 
             # SIGHUP: a third service, its auth key minted from the OAuth client secret
             (work / "sidecar.toml").write_text(
-                base + service_toml("minted", upstream, authkey_path=str(work / "oauth"),
-                                    tags=["tag:minted"]))
+                base + service_toml("minted", upstream, authkey_path=str(work / "oauth"), tags=["tag:minted"])
+            )
             side.proc.send_signal(signal.SIGHUP)
             with trio.fail_after(60):
                 added = await side.wait(all_running({"echo", "filtered", "secure", "minted"}))
             mark("service added")
             seen["status_added"] = added
             seen["node_minted"] = _node(tailnet, "minted")
-            async with mesh_node(work / "laptop", "laptop", control_url=tailnet.control_url,
-                                 auth_key=tailnet.auth_key.key) as laptop:
+            async with mesh_node(
+                work / "laptop", "laptop", control_url=tailnet.control_url, auth_key=tailnet.auth_key.key
+            ) as laptop:
                 with trio.fail_after(60):
                     minted = await http_get_retrying("http://minted/m", proxy=laptop.proxy_url)
                     still = await http_get_retrying("http://echo/still", proxy=laptop.proxy_url)
@@ -246,8 +279,9 @@ async def publish(workdir: str, host: str) -> dict[str, Any]:
             await trio.sleep(0.1)  # the last datagram
             seen["notifications"] = list(side.notifications)
             mark("stopped")
-            seen["log_has_secret"] = tailnet.oauth_client.secret in side.log_tail(100000) or \
-                tailnet.auth_key.key in side.log_tail(100000)
+            seen["log_has_secret"] = tailnet.oauth_client.secret in side.log_tail(
+                100000
+            ) or tailnet.auth_key.key in side.log_tail(100000)
         nursery.cancel_scope.cancel()
     return seen
 
@@ -256,8 +290,13 @@ def _node(tailnet: Tailnet, name: str) -> dict[str, Any] | None:
     node = tailnet.node(name)
     if node is None:
         return None
-    return {"id": node.id, "name": node.name, "ipv4": node.ipv4, "ipv6": node.ipv6,
-            "tags": list(getattr(node, "tags", ()))}
+    return {
+        "id": node.id,
+        "name": node.name,
+        "ipv4": node.ipv4,
+        "ipv6": node.ipv6,
+        "tags": list(getattr(node, "tags", ())),
+    }
 
 
 async def nix_copy(workdir: str, host: str, paths: list[str], closure: list[str]) -> dict[str, Any]:
@@ -280,40 +319,60 @@ async def nix_copy(workdir: str, host: str, paths: list[str], closure: list[str]
             env.pop("TS_AUTHKEY", None)
             log_path = work / "sidecar.log"
             # the README's one command
-            argv = [sys.executable, "-m", "sidecar", "--name", "harmonia", "--plaintext",
-                    "--state-root", str(work / "state"), "--authkey-path", str(work / "authkey"),
-                    cache.url]
+            argv = [
+                sys.executable,
+                "-m",
+                "sidecar",
+                "--name",
+                "harmonia",
+                "--plaintext",
+                "--state-root",
+                str(work / "state"),
+                "--authkey-path",
+                str(work / "authkey"),
+                cache.url,
+            ]
             with log_path.open("ab") as out:
-                proc = await trio.lowlevel.open_process(argv, env=env, stdout=out,
-                                                        stderr=subprocess.STDOUT)
+                proc = await trio.lowlevel.open_process(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
             side = Sidecar(proc, str(work / "state" / "sidecar.sock"), log_path)
             try:
                 with trio.fail_after(60):
                     await side.wait(all_running({"harmonia"}))
                 seen["timings"]["published"] = round(time.monotonic() - t0, 2)
-                async with mesh_node(work / "builder", "builder", control_url=tailnet.control_url,
-                                     auth_key=tailnet.auth_key.key) as client:
+                async with mesh_node(
+                    work / "builder",
+                    "builder",
+                    control_url=tailnet.control_url,
+                    auth_key=tailnet.auth_key.key,
+                ) as client:
                     with trio.fail_after(60):
-                        info = await http_get_retrying("http://harmonia/nix-cache-info",
-                                                       proxy=client.proxy_url)
+                        info = await http_get_retrying(
+                            "http://harmonia/nix-cache-info", proxy=client.proxy_url
+                        )
                     seen["cache_info"] = info.body.decode()
                     client_env = nix_env(
                         work / "xdg-cache",
                         extra_config=f"require-sigs = true\ntrusted-public-keys = "
-                                     f"{cache.public_key}\nconnect-timeout = 10\n",
-                        http_proxy=client.proxy_url, HTTP_PROXY=client.proxy_url)
+                        f"{cache.public_key}\nconnect-timeout = 10\n",
+                        http_proxy=client.proxy_url,
+                        HTTP_PROXY=client.proxy_url,
+                    )
                     root = work / "client-store"
                     t1 = time.monotonic()
                     with trio.fail_after(200):
                         done = await trio.run_process(
-                            ["nix", "copy", "--from", "http://harmonia", "--to", str(root),
-                             *paths], env=client_env, capture_stdout=True, capture_stderr=True,
-                            check=False)
+                            ["nix", "copy", "--from", "http://harmonia", "--to", str(root), *paths],
+                            env=client_env,
+                            capture_stdout=True,
+                            capture_stderr=True,
+                            check=False,
+                        )
                     seen["copy_seconds"] = round(time.monotonic() - t1, 2)
                     seen["copy_returncode"] = done.returncode
                     seen["copy_stderr"] = done.stderr.decode(errors="replace")[-2000:]
                 seen["copied"] = {}
                 for path in closure:
+
                     def info_of(p: str = path) -> dict[str, Any]:
                         try:
                             copied = path_info(p, client_env, store=str(root))
@@ -321,10 +380,13 @@ async def nix_copy(workdir: str, host: str, paths: list[str], closure: list[str]
                             return {}
                         original = path_info(p, client_env)
                         signatures = copied.get("signatures")
-                        return {"same_hash": copied["narHash"] == original["narHash"],
-                                "signed": isinstance(signatures, list) and any(
-                                    str(s).startswith("test-cache-1:") for s in signatures),
-                                "size": copied.get("narSize")}
+                        return {
+                            "same_hash": copied["narHash"] == original["narHash"],
+                            "signed": isinstance(signatures, list)
+                            and any(str(s).startswith("test-cache-1:") for s in signatures),
+                            "size": copied.get("narSize"),
+                        }
+
                     seen["copied"][path] = await trio.to_thread.run_sync(info_of)
             finally:
                 with trio.CancelScope(shield=True):
@@ -352,15 +414,33 @@ async def startup_timeout(workdir: str, host: str) -> dict[str, Any]:
         t0 = time.monotonic()
         with trio.fail_after(60):
             done = await trio.run_process(
-                [sys.executable, "-m", "sidecar", "--name", "lonely", "--plaintext",
-                 "--state-root", str(work / "state"), "--authkey-path", str(work / "authkey"),
-                 "--timeout", "4s", "http://127.0.0.1:9"],
-                env=env, capture_stdout=True, capture_stderr=True, check=False)
+                [
+                    sys.executable,
+                    "-m",
+                    "sidecar",
+                    "--name",
+                    "lonely",
+                    "--plaintext",
+                    "--state-root",
+                    str(work / "state"),
+                    "--authkey-path",
+                    str(work / "authkey"),
+                    "--timeout",
+                    "4s",
+                    "http://127.0.0.1:9",
+                ],
+                env=env,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
         nursery.cancel_scope.cancel()
     stderr = done.stderr.decode(errors="replace")
-    return {"exit_code": done.returncode, "seconds": round(time.monotonic() - t0, 2),
-            "error_lines": [line for line in stderr.splitlines()
-                            if line.startswith("harmonia-sidecar: ERROR")]}
+    return {
+        "exit_code": done.returncode,
+        "seconds": round(time.monotonic() - t0, 2),
+        "error_lines": [line for line in stderr.splitlines() if line.startswith("harmonia-sidecar: ERROR")],
+    }
 
 
 async def whois_directory(workdir: str, host: str) -> dict[str, Any]:
@@ -381,10 +461,12 @@ async def whois_directory(workdir: str, host: str) -> dict[str, Any]:
         port = await nursery.start(echo.serve)
         (work / "authkey").write_text(tailnet.auth_key.key + "\n")
         (work / "oauth").write_text(tailnet.oauth_client.secret + "\n")
-        config = (f'state_dir = "{work / "state"}"\n'
-                  f'api_key_path = "{work / "oauth"}"\n'
-                  f'[defaults]\nauthkey_path = "{work / "authkey"}"\n'
-                  + service_toml("echo", f"http://127.0.0.1:{port}"))
+        config = (
+            f'state_dir = "{work / "state"}"\n'
+            f'api_key_path = "{work / "oauth"}"\n'
+            f'[defaults]\nauthkey_path = "{work / "authkey"}"\n'
+            + service_toml("echo", f"http://127.0.0.1:{port}")
+        )
         async with sidecar_process(work, config, tailnet) as side:
             try:
                 with trio.fail_after(60):
@@ -393,17 +475,21 @@ async def whois_directory(workdir: str, host: str) -> dict[str, Any]:
                 log.error("sidecar log:\n%s", side.log_tail(120))
                 raise
             mark("published")
-            for name, key in (("builder", tailnet.tagged_auth_key.key),
-                              ("laptop", tailnet.auth_key.key)):
-                async with mesh_node(work / name, name, control_url=tailnet.control_url,
-                                     auth_key=key) as node:
+            for name, key in (("builder", tailnet.tagged_auth_key.key), ("laptop", tailnet.auth_key.key)):
+                async with mesh_node(
+                    work / name, name, control_url=tailnet.control_url, auth_key=key
+                ) as node:
                     with trio.fail_after(60):
                         await http_get_retrying("http://echo/ready", proxy=node.proxy_url)
-                        answer = await http_get("http://echo/who", proxy=node.proxy_url,
-                                                headers=FORGED + FORGED_NODE)
-                    seen[name] = {"status": answer.status,
-                                  "headers": json.loads(answer.body)["headers"],
-                                  "addresses": list(node.addresses), "node": _node(tailnet, name)}
+                        answer = await http_get(
+                            "http://echo/who", proxy=node.proxy_url, headers=FORGED + FORGED_NODE
+                        )
+                    seen[name] = {
+                        "status": answer.status,
+                        "headers": json.loads(answer.body)["headers"],
+                        "addresses": list(node.addresses),
+                        "node": _node(tailnet, name),
+                    }
                 mark(f"{name} checked")
             seen["status"] = await side.status()
             seen["log_has_secret"] = tailnet.oauth_client.secret in side.log_tail(100000)
@@ -411,5 +497,8 @@ async def whois_directory(workdir: str, host: str) -> dict[str, Any]:
     return seen
 
 
-FORGED_NODE = [("X-Tailscale-Node", "666"), ("X-Tailscale-Node-Tags", "tag:forged"),
-               ("X-Tailscale-Node-StableID", "nForgedCNTRL")]
+FORGED_NODE = [
+    ("X-Tailscale-Node", "666"),
+    ("X-Tailscale-Node-Tags", "tag:forged"),
+    ("X-Tailscale-Node-StableID", "nForgedCNTRL"),
+]

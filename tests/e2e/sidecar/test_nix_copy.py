@@ -15,18 +15,27 @@ from tests.tailnet.netns import Netns, run_in_netns_sync
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("require_real_nodes")]
 
 
-def test_nix_copy_through_the_published_cache(tailnet_netns: Netns, store_fixtures: Fixtures,
-                                              nix_daemon_env: dict[str, str],
-                                              tmp_path: Path) -> None:
+def test_nix_copy_through_the_published_cache(
+    tailnet_netns: Netns, store_fixtures: Fixtures, nix_daemon_env: dict[str, str], tmp_path: Path
+) -> None:
     closure = [store_fixtures.tree, store_fixtures.dep, store_fixtures.big]
     for i, path in enumerate(closure):  # GC roots: other tests may collect garbage meanwhile
-        run(["nix-store", "--add-root", str(tmp_path / f"gcroot-{i}"), "--indirect",
-             "--realise", path], env=nix_daemon_env, timeout=120)
+        run(
+            ["nix-store", "--add-root", str(tmp_path / f"gcroot-{i}"), "--indirect", "--realise", path],
+            env=nix_daemon_env,
+            timeout=120,
+        )
     seen = run_in_netns_sync(
-        tailnet_netns, "tests.e2e.sidecar.scenarios:nix_copy",
-        {"workdir": str(tmp_path), "host": tailnet_netns.address,
-         "paths": [store_fixtures.tree, store_fixtures.big], "closure": closure},
-        timeout=280)
+        tailnet_netns,
+        "tests.e2e.sidecar.scenarios:nix_copy",
+        {
+            "workdir": str(tmp_path),
+            "host": tailnet_netns.address,
+            "paths": [store_fixtures.tree, store_fixtures.big],
+            "closure": closure,
+        },
+        timeout=280,
+    )
     assert "Priority: 60" in seen["cache_info"]
     assert seen["copy_returncode"] == 0, seen["copy_stderr"]
     for path in closure:

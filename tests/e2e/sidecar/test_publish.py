@@ -21,8 +21,11 @@ USER = "tester@example.com"
 def seen(netns_module: Netns, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     workdir = tmp_path_factory.mktemp("sidecar-publish")
     result: dict[str, Any] = run_in_netns_sync(
-        netns_module, "tests.e2e.sidecar.scenarios:publish",
-        {"workdir": str(workdir), "host": netns_module.address}, timeout=240)
+        netns_module,
+        "tests.e2e.sidecar.scenarios:publish",
+        {"workdir": str(workdir), "host": netns_module.address},
+        timeout=240,
+    )
     return result
 
 
@@ -100,11 +103,15 @@ def test_clean_stop_and_no_secret_in_logs(seen: dict[str, Any]) -> None:
 
 
 def test_a_node_that_cannot_join_fails_the_start_within_the_timeout(
-        tailnet_netns: Netns, tmp_path_factory: pytest.TempPathFactory) -> None:
+    tailnet_netns: Netns, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     workdir = tmp_path_factory.mktemp("sidecar-timeout")
-    seen = run_in_netns_sync(tailnet_netns, "tests.e2e.sidecar.scenarios:startup_timeout",
-                             {"workdir": str(workdir), "host": tailnet_netns.address},
-                             timeout=90)
+    seen = run_in_netns_sync(
+        tailnet_netns,
+        "tests.e2e.sidecar.scenarios:startup_timeout",
+        {"workdir": str(workdir), "host": tailnet_netns.address},
+        timeout=90,
+    )
     assert seen["exit_code"] == 4
     assert seen["seconds"] < 30
     assert any("not on the tailnet after 4s: lonely" in line for line in seen["error_lines"])

@@ -17,8 +17,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("require_real_nodes")]
 def seen(netns_module: Netns, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     workdir = tmp_path_factory.mktemp("sidecar-whois")
     result: dict[str, Any] = run_in_netns_sync(
-        netns_module, "tests.e2e.sidecar.scenarios:whois_directory",
-        {"workdir": str(workdir), "host": netns_module.address}, timeout=120)
+        netns_module,
+        "tests.e2e.sidecar.scenarios:whois_directory",
+        {"workdir": str(workdir), "host": netns_module.address},
+        timeout=120,
+    )
     return result
 
 

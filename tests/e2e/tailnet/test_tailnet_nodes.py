@@ -24,9 +24,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("require_real_nodes")]
 @pytest.fixture(scope="module")
 def seen(netns_module: Netns, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     workdir = tmp_path_factory.mktemp("two-nodes")
-    return cast(dict[str, Any], run_in_netns_sync(netns_module, "tests.e2e.tailnet.scenarios:two_nodes",
-                             {"workdir": str(workdir), "host": netns_module.address},
-                             timeout=180))
+    return cast(
+        dict[str, Any],
+        run_in_netns_sync(
+            netns_module,
+            "tests.e2e.tailnet.scenarios:two_nodes",
+            {"workdir": str(workdir), "host": netns_module.address},
+            timeout=180,
+        ),
+    )
 
 
 def test_client_reaches_caddy_node_through_the_tailnet(seen: dict[str, Any]) -> None:
@@ -57,11 +63,13 @@ def test_ephemeral_node_leaves_the_peers_of_the_others(seen: dict[str, Any]) -> 
 
 
 def test_wrong_auth_key_is_refused_and_others_still_join(tailnet_netns: Netns, tmp_path: Path) -> None:
-    seen = run_in_netns_sync(tailnet_netns, "tests.e2e.tailnet.scenarios:refused_key",
-                             {"workdir": str(tmp_path), "host": tailnet_netns.address},
-                             timeout=90)
-    assert seen["error"] == ("Refused: the mesh refused this node: "
-                             "invalid auth key: unknown to this tailnet")
+    seen = run_in_netns_sync(
+        tailnet_netns,
+        "tests.e2e.tailnet.scenarios:refused_key",
+        {"workdir": str(tmp_path), "host": tailnet_netns.address},
+        timeout=90,
+    )
+    assert seen["error"] == ("Refused: the mesh refused this node: invalid auth key: unknown to this tailnet")
     assert "invalid auth key: unknown to this tailnet" in seen["caddy_log"]
     assert seen["nodes"] == ["good"]
 
@@ -69,7 +77,11 @@ def test_wrong_auth_key_is_refused_and_others_still_join(tailnet_netns: Netns, t
 async def test_cli_tailnet_serves_a_node_in_another_process(tailnet_netns: Netns, tmp_path: Path) -> None:
     server = await trio.lowlevel.open_process(
         tailnet_netns.argv([sys.executable, "-m", "tests.tailnet", "--host", tailnet_netns.address]),
-        cwd=REPO_ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        cwd=REPO_ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         with trio.fail_after(20):
             assert server.stdout is not None
@@ -81,9 +93,11 @@ async def test_cli_tailnet_serves_a_node_in_another_process(tailnet_netns: Netns
         info = json.loads(line)
         assert info["control_url"].startswith(f"http://{tailnet_netns.address}:")
         with trio.fail_after(60):
-            seen = await run_in_netns(tailnet_netns, "tests.e2e.tailnet.scenarios:join_with_mesh",
-                                      {"workdir": str(tmp_path), "control_url": info["control_url"],
-                                       "auth_key": info["auth_key"]})
+            seen = await run_in_netns(
+                tailnet_netns,
+                "tests.e2e.tailnet.scenarios:join_with_mesh",
+                {"workdir": str(tmp_path), "control_url": info["control_url"], "auth_key": info["auth_key"]},
+            )
         assert seen["addresses"][0].startswith("100.64.")
         server.terminate()
         with trio.fail_after(10):

@@ -95,13 +95,10 @@ ROUTES: dict[str, str] = {
         indent=2,
     )
     + "\n",
-    "public-routes": json.dumps(server_routes(Policy(), [Upstream("127.0.0.1:5000")]), indent=2)
-    + "\n",
+    "public-routes": json.dumps(server_routes(Policy(), [Upstream("127.0.0.1:5000")]), indent=2) + "\n",
 }
 
-CLIENT_SETTINGS = ClientSettings(
-    substituters=default_substituters("tail1234"), public_keys=(PUBLIC_KEY,)
-)
+CLIENT_SETTINGS = ClientSettings(substituters=default_substituters("tail1234"), public_keys=(PUBLIC_KEY,))
 
 
 def rendered_gateways() -> dict[str, str]:

@@ -23,7 +23,8 @@ KEY = f"harmonia-raider-1:{KEY_B64}"
 
 def test_fleet_defaults() -> None:
     assert default_substituters("tail1234") == (
-        "https://harmonia.arsfeld.one", "https://harmonia.tail1234.ts.net",
+        "https://harmonia.arsfeld.one",
+        "https://harmonia.tail1234.ts.net",
     )
     with pytest.raises(ConfigError, match="tailnet"):
         default_substituters("bad name")
@@ -63,8 +64,9 @@ def test_settings_render_both_frontends_then_cache_nixos_org() -> None:
 
 
 def test_settings_options() -> None:
-    settings = ClientSettings(("https://cache.example/",), (KEY, KEY), priority=None,
-                              include_cache_nixos_org=False)
+    settings = ClientSettings(
+        ("https://cache.example/",), (KEY, KEY), priority=None, include_cache_nixos_org=False
+    )
     assert render_nix_conf(settings) == (
         "substituters = https://cache.example\ntrusted-public-keys = " + KEY + "\n"
     )
@@ -75,7 +77,11 @@ def test_bad_settings_list_every_problem() -> None:
         ClientSettings(("ftp://x", "https://a b", "https://u:pw@host"), ("nope",), priority=-1)
     problems = caught.value.problems
     assert [p.split(":", 1)[0] for p in problems] == [
-        "substituters[0]", "substituters[1]", "substituters[2]", "public_keys[0]", "priority",
+        "substituters[0]",
+        "substituters[1]",
+        "substituters[2]",
+        "public_keys[0]",
+        "priority",
     ]
     assert "pw@" not in str(caught.value)
     with pytest.raises(ConfigError, match="at least one"):

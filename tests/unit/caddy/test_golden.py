@@ -27,8 +27,6 @@ def test_client_settings_match_golden(name: str) -> None:
 
 
 def test_every_golden_file_is_still_rendered() -> None:
-    expected = (
-        {f"{n}.caddyfile" for n in GATEWAYS} | {f"{n}.json" for n in ROUTES} | set(CLIENT)
-    )
+    expected = {f"{n}.caddyfile" for n in GATEWAYS} | {f"{n}.json" for n in ROUTES} | set(CLIENT)
     on_disk = {p.name for p in GOLDEN_DIR.iterdir() if p.is_file()}
     assert on_disk == expected, "stale or missing golden files"

@@ -15,10 +15,18 @@ from caddy.policy import Policy
         ("127.0.0.1:5000", "http://127.0.0.1:5000", "127.0.0.1:5000", False),
         ("http://raider:5000", "http://raider:5000", "raider:5000", False),
         ("http://raider", "http://raider:80", "raider:80", False),
-        ("https://harmonia.tail1234.ts.net", "https://harmonia.tail1234.ts.net:443",
-         "harmonia.tail1234.ts.net:443", True),
-        ("https://Harmonia.Tail1234.ts.net/", "https://harmonia.tail1234.ts.net:443",
-         "harmonia.tail1234.ts.net:443", True),
+        (
+            "https://harmonia.tail1234.ts.net",
+            "https://harmonia.tail1234.ts.net:443",
+            "harmonia.tail1234.ts.net:443",
+            True,
+        ),
+        (
+            "https://Harmonia.Tail1234.ts.net/",
+            "https://harmonia.tail1234.ts.net:443",
+            "harmonia.tail1234.ts.net:443",
+            True,
+        ),
         ("http://[::1]:5001", "http://[::1]:5001", "[::1]:5001", False),
         ("http://100.64.0.5:5000", "http://100.64.0.5:5000", "100.64.0.5:5000", False),
     ],
@@ -70,11 +78,17 @@ def test_parse_all_reports_every_upstream() -> None:
 
 
 def test_transport_groups_keep_order() -> None:
-    ups = [Upstream("https://a.example"), Upstream("https://b.example"), Upstream("http://c:1"),
-           Upstream("http://d:1", "gw")]
+    ups = [
+        Upstream("https://a.example"),
+        Upstream("https://b.example"),
+        Upstream("http://c:1"),
+        Upstream("http://d:1", "gw"),
+    ]
     groups = transport_groups(ups)
     assert [[u.dial for u in g] for g in groups] == [
-        ["a.example:443", "b.example:443"], ["c:1"], ["d:1"],
+        ["a.example:443", "b.example:443"],
+        ["c:1"],
+        ["d:1"],
     ]
 
 
@@ -88,8 +102,13 @@ def test_gateway_site_limits_transport_groups() -> None:
 def test_gateway_site_reports_every_problem() -> None:
     with pytest.raises(ConfigError) as caught:
         GatewaySite(
-            "bad site {", (), policy="public",  # type: ignore[arg-type]
-            snippet_name="no spaces", tls="maybe", bind=("",), log_output="relative.log",
+            "bad site {",
+            (),
+            policy="public",  # type: ignore[arg-type]
+            snippet_name="no spaces",
+            tls="maybe",
+            bind=("",),
+            log_output="relative.log",
         )
     keys = [p.split(":", 1)[0] for p in caught.value.problems]
     assert keys == ["site", "upstreams", "policy", "snippet_name", "tls", "bind[0]", "log_output"]

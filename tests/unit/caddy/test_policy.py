@@ -68,13 +68,19 @@ def test_tailnet_policy_exposes_everything() -> None:
 def test_invalid_policy_lists_every_problem_with_its_key() -> None:
     with pytest.raises(ConfigError) as caught:
         Policy(
-            dial_timeout_s=0, health_path="nix-cache-info", max_fails=0,  # type: ignore[arg-type]
-            expose_serve="yes", max_request_body_bytes=-1,  # type: ignore[arg-type]
+            dial_timeout_s=0,
+            health_path="nix-cache-info",
+            max_fails=0,  # type: ignore[arg-type]
+            expose_serve="yes",
+            max_request_body_bytes=-1,  # type: ignore[arg-type]
         )
     keys = sorted(p.split(":", 1)[0] for p in caught.value.problems)
     assert keys == [
-        "policy.dial_timeout_s", "policy.expose_serve", "policy.health_path",
-        "policy.max_fails", "policy.max_request_body_bytes",
+        "policy.dial_timeout_s",
+        "policy.expose_serve",
+        "policy.health_path",
+        "policy.max_fails",
+        "policy.max_request_body_bytes",
     ]
     assert "5 problems" in str(caught.value)
     for bad in (float("nan"), float("inf"), True, "2s"):
@@ -90,7 +96,8 @@ def test_from_mapping_reads_config_and_rejects_unknown_keys() -> None:
     with pytest.raises(ConfigError) as caught:
         Policy.from_mapping({"expose_everything": True, "health_interval_s": "5s"}, key="frontend")
     assert [p.split(":", 1)[0] for p in caught.value.problems] == [
-        "frontend.expose_everything", "frontend.health_interval_s",
+        "frontend.expose_everything",
+        "frontend.health_interval_s",
     ]
     with pytest.raises(ConfigError, match="must be a table"):
         Policy.from_mapping([("a", 1)])  # type: ignore[arg-type]
@@ -129,8 +136,11 @@ def test_exposed_paths_of_the_public_policy(path: str, public: bool) -> None:
 
 @pytest.mark.parametrize(
     ("flag", "path"),
-    [("expose_serve", f"/serve/{HASH}/bin/x"), ("expose_log", f"/log/{HASH}-x.drv"),
-     ("expose_metrics", "/metrics")],
+    [
+        ("expose_serve", f"/serve/{HASH}/bin/x"),
+        ("expose_log", f"/log/{HASH}-x.drv"),
+        ("expose_metrics", "/metrics"),
+    ],
 )
 def test_each_route_class_is_exposed_only_when_asked(flag: str, path: str) -> None:
     closed = exposed_path_pattern(Policy())
@@ -225,8 +235,15 @@ def test_server_routes_order_for_the_sidecar() -> None:
     identity = {"handler": "headers", "request": {"set": {"X-Tailscale-User": ["alice"]}}}
     routes = server_routes(Policy(), [Upstream("127.0.0.1:5000")], after_strip=[identity])
     handlers = [r["handle"][0]["handler"] for r in routes]
-    assert handlers == ["headers", "headers", "request_body", "static_response", "subroute",
-                        "static_response", "static_response"]
+    assert handlers == [
+        "headers",
+        "headers",
+        "request_body",
+        "static_response",
+        "subroute",
+        "static_response",
+        "static_response",
+    ]
     assert routes[0]["handle"][0] == identity_strip_handler()
     assert routes[1]["handle"][0] == identity  # after the strip, so it survives
     assert routes[3]["handle"][0]["status_code"] == 413
@@ -253,21 +270,27 @@ def test_server_logs() -> None:
 def test_a_group_with_a_fallback_is_tried_once_per_upstream() -> None:
     ups = [Upstream("https://a.example"), Upstream("https://b.example")]
     assert reverse_proxy_handler(Policy(), ups, fallback_follows=True)["load_balancing"] == {
-        "selection_policy": {"policy": "first"}, "retries": 1,
+        "selection_policy": {"policy": "first"},
+        "retries": 1,
     }
     single = reverse_proxy_handler(Policy(), ups[:1], fallback_follows=True)
     assert single["load_balancing"] == {"selection_policy": {"policy": "first"}}
 
 
 _VALUES = st.one_of(
-    st.booleans(), st.integers(-5, 10**12), st.floats(allow_nan=True), st.none(),
-    st.text(max_size=12), st.lists(st.integers(), max_size=2),
+    st.booleans(),
+    st.integers(-5, 10**12),
+    st.floats(allow_nan=True),
+    st.none(),
+    st.text(max_size=12),
+    st.lists(st.integers(), max_size=2),
 )
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.dictionaries(st.sampled_from([*sorted(f.name for f in fields(Policy)), "bogus"]),
-                       _VALUES, max_size=6))
+@given(
+    st.dictionaries(st.sampled_from([*sorted(f.name for f in fields(Policy)), "bogus"]), _VALUES, max_size=6)
+)
 def test_from_mapping_either_builds_a_renderable_policy_or_raises_config_error(
     data: dict[str, object],
 ) -> None:
@@ -286,8 +309,7 @@ def test_from_mapping_either_builds_a_renderable_policy_or_raises_config_error(
     assert routes[-1]["terminal"]
 
 
-@pytest.mark.parametrize(("active", "passive"), [(True, True), (False, True), (True, False),
-                                                 (False, False)])
+@pytest.mark.parametrize(("active", "passive"), [(True, True), (False, True), (True, False), (False, False)])
 def test_health_checks_can_be_left_out(active: bool, passive: bool) -> None:
     policy = Policy(active_health_checks=active, passive_health_checks=passive)
     ups = [Upstream("http://127.0.0.1:5000")]
@@ -314,8 +336,10 @@ def test_health_switches_are_read_from_config() -> None:
 def test_body_too_large_route_is_the_matcher_and_the_413() -> None:
     policy = Policy(max_request_body_bytes=10)
     assert body_too_large_route(policy) == {
-        "match": [body_too_large_matcher(policy)], "handle": [too_large_handler()],
-        "terminal": True}
+        "match": [body_too_large_matcher(policy)],
+        "handle": [too_large_handler()],
+        "terminal": True,
+    }
     assert too_large_handler()["status_code"] == 413
     assert body_too_large_route(Policy(max_request_body_bytes=None)) is None
     assert body_too_large_route(policy) in server_routes(policy, [Upstream("127.0.0.1:1")])

@@ -109,9 +109,7 @@ def test_pin_a_store_path_that_is_a_symlink_pins_that_path(store: Path, roots: P
     assert os.readlink(roots / f"{H3}-link") == p3
 
 
-def test_pin_follows_a_result_link_outside_the_store(
-    store: Path, roots: Path, tmp_path: Path
-) -> None:
+def test_pin_follows_a_result_link_outside_the_store(store: Path, roots: Path, tmp_path: Path) -> None:
     result = tmp_path / "result"
     result.symlink_to(store / f"{H1}-one")
     [r] = gcroots.pin([str(result)], gcroots_dir=roots, store_dir=str(store))
@@ -199,9 +197,7 @@ def test_list_pins_ignores_what_is_not_ours(store: Path, roots: Path) -> None:
     (roots / "elsewhere").symlink_to("/etc")
     (roots / "file").write_text("")
     (roots / f".{H2}-two.1.tmp").symlink_to(f"{store}/{H2}-two")
-    assert [p.store_path for p in gcroots.list_pins(gcroots_dir=roots, store_dir=str(store))] == [
-        p1
-    ]
+    assert [p.store_path for p in gcroots.list_pins(gcroots_dir=roots, store_dir=str(store))] == [p1]
 
 
 def test_list_pins_of_a_missing_directory_is_empty(tmp_path: Path) -> None:
@@ -222,13 +218,9 @@ def test_defaults_follow_the_nix_environment(monkeypatch: pytest.MonkeyPatch) ->
 # --- the command line ---------------------------------------------------------------------------
 
 
-def _cli(
-    capsys: pytest.CaptureFixture[str], store: Path, roots: Path, *argv: str
-) -> tuple[int, str, str]:
+def _cli(capsys: pytest.CaptureFixture[str], store: Path, roots: Path, *argv: str) -> tuple[int, str, str]:
     cmd, *rest = argv
-    code = gcroots.run_pins_command(
-        [cmd, "--gcroots-dir", str(roots), "--store-dir", str(store), *rest]
-    )
+    code = gcroots.run_pins_command([cmd, "--gcroots-dir", str(roots), "--store-dir", str(store), *rest])
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -31,9 +31,7 @@ def test_empty_assignment_resets_a_list() -> None:
     assert render.values(sections, "Service", "Environment") == ["B=2"]
 
 
-@pytest.mark.parametrize(
-    "text", ["Key=value\n", "[Service]\nno equals sign\n", "[Service]\nA=b \\\n"]
-)
+@pytest.mark.parametrize("text", ["Key=value\n", "[Service]\nno equals sign\n", "[Service]\nA=b \\\n"])
 def test_parse_unit_rejects(text: str) -> None:
     with pytest.raises(UnitError):
         render.parse_unit(text)
@@ -80,7 +78,9 @@ def test_split_command_rejects(command: str) -> None:
 
 def test_parse_environment() -> None:
     assert render.parse_environment(["A=1", 'B="two words" C=', "A=3"]) == {
-        "A": "3", "B": "two words", "C": ""
+        "A": "3",
+        "B": "two words",
+        "C": "",
     }
     with pytest.raises(UnitError, match="not VAR=value"):
         render.parse_environment(["NOEQUALS"])
@@ -111,13 +111,15 @@ def test_render_units_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert render.main(["--prefix", "/opt/harmonia/bin", "--dest", str(tmp_path)]) == 0
     written = capsys.readouterr().out.split()
     assert sorted(Path(p).name for p in written) == [
-        "harmonia-dev.service", "harmonia-dev.socket", "harmonia-healthcheck.service",
-        "harmonia-healthcheck.timer", "harmonia-sidecar@.service",
+        "harmonia-dev.service",
+        "harmonia-dev.socket",
+        "harmonia-healthcheck.service",
+        "harmonia-healthcheck.timer",
+        "harmonia-sidecar@.service",
     ]
     text = (tmp_path / "harmonia-dev.service").read_text()
     assert "ExecStart=/opt/harmonia/bin/harmonia-cache\n" in text
-    assert "/usr/bin/harmonia" not in "".join((tmp_path / Path(p).name).read_text()
-                                              for p in written)
+    assert "/usr/bin/harmonia" not in "".join((tmp_path / Path(p).name).read_text() for p in written)
 
 
 # --- what the shipped units promise --------------------------------------------------------------
@@ -134,8 +136,12 @@ def test_cache_unit() -> None:
     assert svc["StateDirectory"] == "harmonia"
     assert svc["Restart"] == "on-failure"
     assert svc["WatchdogSec"] == "30s"
-    for key, expected in [("ProtectSystem", "strict"), ("NoNewPrivileges", "yes"),
-                          ("PrivateTmp", "yes"), ("DynamicUser", "yes")]:
+    for key, expected in [
+        ("ProtectSystem", "strict"),
+        ("NoNewPrivileges", "yes"),
+        ("PrivateTmp", "yes"),
+        ("DynamicUser", "yes"),
+    ]:
         assert svc[key] == expected, key
     assert set(str(svc["RestrictAddressFamilies"]).split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}
     cmd = render.service_command(
@@ -159,9 +165,7 @@ def test_socket_unit_activates_the_cache_on_its_port() -> None:
 
 
 def test_healthcheck_units() -> None:
-    cmd = render.service_command(
-        (render.UNIT_DIR / "harmonia-healthcheck.service").read_text(), {}
-    )
+    cmd = render.service_command((render.UNIT_DIR / "harmonia-healthcheck.service").read_text(), {})
     assert cmd.argv == ["/usr/bin/harmonia-healthcheck", "http://127.0.0.1:5000/nix-cache-info"]
     t = _unit("harmonia-healthcheck.timer")
     assert render.value(t, "Timer", "Unit") == "harmonia-healthcheck.service"
@@ -176,9 +180,7 @@ def test_sidecar_unit_is_per_instance() -> None:
     assert cmd.environment["TS_STATE_DIR"] == "/var/lib/harmonia-sidecar/harmonia"
     u = render.parse_unit(text)
     assert render.value(u, "Service", "StateDirectory") == "harmonia-sidecar/%i"
-    assert render.values(u, "Service", "LoadCredential") == [
-        "authkey:/etc/harmonia-sidecar/%i.authkey"
-    ]
+    assert render.values(u, "Service", "LoadCredential") == ["authkey:/etc/harmonia-sidecar/%i.authkey"]
     # the example configuration names no key file: the sidecar reads $CREDENTIALS_DIRECTORY/authkey,
     # where LoadCredential=authkey:… puts it
     example = tomllib.loads((render.UNIT_DIR / "harmonia-sidecar.example.toml").read_text())

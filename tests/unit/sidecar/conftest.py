@@ -23,13 +23,23 @@ def caddy_bin() -> str:
 
 
 def caddy_env(home: Path) -> dict[str, str]:
-    return {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / "config"),
-            "XDG_DATA_HOME": str(home / "data")}
+    return {
+        **os.environ,
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "XDG_DATA_HOME": str(home / "data"),
+    }
 
 
 def caddy_validate(binary: str, config: dict[str, Any], tmp: Path) -> subprocess.CompletedProcess[str]:
     """``caddy validate`` on a compiled config: provisions every module, starts no node."""
     path = tmp / "engine.json"
     path.write_text(json.dumps(config))
-    return subprocess.run([binary, "validate", "--config", str(path)], capture_output=True,
-                          text=True, timeout=60, env=caddy_env(tmp), check=False)
+    return subprocess.run(
+        [binary, "validate", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=caddy_env(tmp),
+        check=False,
+    )

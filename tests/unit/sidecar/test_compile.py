@@ -37,15 +37,27 @@ def handlers(node: Any) -> list[dict[str, Any]]:
 
 
 def test_one_node_per_service_with_its_own_state() -> None:
-    cfg = cfg_of(ServiceSpec(name="harmonia", upstream=URL, plaintext=True, tags=["tag:cache"],
-                             ephemeral=True, control_url="http://10.77.0.1:8080"),
-                 ServiceSpec(name="echo", upstream="http://127.0.0.1:9000"))
+    cfg = cfg_of(
+        ServiceSpec(
+            name="harmonia",
+            upstream=URL,
+            plaintext=True,
+            tags=["tag:cache"],
+            ephemeral=True,
+            control_url="http://10.77.0.1:8080",
+        ),
+        ServiceSpec(name="echo", upstream="http://127.0.0.1:9000"),
+    )
     j = compile_engine_config(cfg, FILES, {"harmonia": Secret("tskey-auth-1"), "echo": None})
     nodes = j["apps"]["tailscale"]["nodes"]
-    assert nodes["harmonia"] == {"hostname": "harmonia", "state_dir": "/r/harmonia",
-                                 "ephemeral": True, "tags": ["tag:cache"],
-                                 "control_url": "http://10.77.0.1:8080",
-                                 "auth_key": "tskey-auth-1"}
+    assert nodes["harmonia"] == {
+        "hostname": "harmonia",
+        "state_dir": "/r/harmonia",
+        "ephemeral": True,
+        "tags": ["tag:cache"],
+        "control_url": "http://10.77.0.1:8080",
+        "auth_key": "tskey-auth-1",
+    }
     assert nodes["echo"]["state_dir"] == "/r/echo"
     assert "auth_key" not in nodes["echo"]
     servers = j["apps"]["http"]["servers"]
@@ -75,9 +87,14 @@ def test_identity_headers_are_stripped_first_and_set_after() -> None:
         if h["handler"] == "headers":
             set_headers.update(h["request"]["set"])
     assert set_headers["X-Tailscale-User-LoginName"] == ["{http.auth.user.tailscale_user}"]
-    for name in ("X-Tailscale-User", "X-Tailscale-User-LoginName-Localpart",
-                 "X-Tailscale-User-LoginName-Domain", "X-Tailscale-User-DisplayName",
-                 "X-Tailscale-User-ProfilePicURL", "X-Tailscale-Node-Addr"):
+    for name in (
+        "X-Tailscale-User",
+        "X-Tailscale-User-LoginName-Localpart",
+        "X-Tailscale-User-LoginName-Domain",
+        "X-Tailscale-User-DisplayName",
+        "X-Tailscale-User-ProfilePicURL",
+        "X-Tailscale-Node-Addr",
+    ):
         assert name in set_headers
     assert auth[-1] == {"handler": "invoke", "name": "proxy"}
     # tagged nodes: tailscale_auth answers 401, the error route serves them with node identity
@@ -112,9 +129,10 @@ def test_proxy_streams_with_the_shared_policy() -> None:
 
 
 def test_unix_and_https_upstreams() -> None:
-    cfg = cfg_of(ServiceSpec(name="u", upstream_unix_addr="/run/cache.sock"),
-                 ServiceSpec(name="s", upstream="https://cache.lan:8443/base",
-                             insecure_https=True))
+    cfg = cfg_of(
+        ServiceSpec(name="u", upstream_unix_addr="/run/cache.sock"),
+        ServiceSpec(name="s", upstream="https://cache.lan:8443/base", insecure_https=True),
+    )
     servers = compile_engine_config(cfg, FILES, {})["apps"]["http"]["servers"]
     (unix,) = [h for h in handlers(servers["u"]) if h["handler"] == "reverse_proxy"]
     assert unix["upstreams"] == [{"dial": "unix//run/cache.sock"}]
@@ -126,8 +144,7 @@ def test_unix_and_https_upstreams() -> None:
 
 
 def test_prefixes_become_anchored_regexps_and_404() -> None:
-    cfg = cfg_of(ServiceSpec(name="h", upstream=URL, prefixes=["/a.b", "tailnet:/c",
-                                                               "funnel:/f"]))
+    cfg = cfg_of(ServiceSpec(name="h", upstream=URL, prefixes=["/a.b", "tailnet:/c", "funnel:/f"]))
     server = compile_engine_config(cfg, FILES, {})["apps"]["http"]["servers"]["h"]
     routes = server["named_routes"]["proxy"]["handle"][0]["routes"][0]["handle"][0]["routes"]
     patterns = [r["match"][0]["path_regexp"]["pattern"] for r in routes if "match" in r]
@@ -144,27 +161,43 @@ def test_listen_override() -> None:
 VARIANTS: dict[str, list[ServiceSpec]] = {
     "plaintext": [ServiceSpec(name="harmonia", upstream=URL, plaintext=True)],
     "tailnet-certificates": [ServiceSpec(name="harmonia", upstream=URL)],
-    "everything": [ServiceSpec(
-        name="harmonia", upstream="https://cache.lan:8443/base", insecure_https=True,
-        plaintext=True, listen_addr=":8080", prefixes=["/nix", "tailnet:/a.b", "funnel:/x"],
-        strip_prefix=False, upstream_headers=["X-A: b"], tags=["tag:cache"], ephemeral=True,
-        read_header_timeout=5, control_url="http://10.77.0.1:8080")],
-    "unix-no-whois": [ServiceSpec(name="h", upstream_unix_addr="/run/h.sock",
-                                  suppress_whois=True, plaintext=True)],
-    "public-policy": [ServiceSpec(name="h", upstream=URL, plaintext=True,
-                                  policy={"restrict_paths": True, "allow_upload": False,
-                                          "max_request_body_bytes": 1024})],
-    "many": [ServiceSpec(name=f"s{i}", upstream=f"http://127.0.0.1:{5000 + i}", plaintext=True)
-             for i in range(4)],
+    "everything": [
+        ServiceSpec(
+            name="harmonia",
+            upstream="https://cache.lan:8443/base",
+            insecure_https=True,
+            plaintext=True,
+            listen_addr=":8080",
+            prefixes=["/nix", "tailnet:/a.b", "funnel:/x"],
+            strip_prefix=False,
+            upstream_headers=["X-A: b"],
+            tags=["tag:cache"],
+            ephemeral=True,
+            read_header_timeout=5,
+            control_url="http://10.77.0.1:8080",
+        )
+    ],
+    "unix-no-whois": [
+        ServiceSpec(name="h", upstream_unix_addr="/run/h.sock", suppress_whois=True, plaintext=True)
+    ],
+    "public-policy": [
+        ServiceSpec(
+            name="h",
+            upstream=URL,
+            plaintext=True,
+            policy={"restrict_paths": True, "allow_upload": False, "max_request_body_bytes": 1024},
+        )
+    ],
+    "many": [
+        ServiceSpec(name=f"s{i}", upstream=f"http://127.0.0.1:{5000 + i}", plaintext=True) for i in range(4)
+    ],
 }
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_real_caddy_validates_the_compiled_config(caddy_bin: str, tmp_path: Path,
-                                                  variant: str) -> None:
+def test_real_caddy_validates_the_compiled_config(caddy_bin: str, tmp_path: Path, variant: str) -> None:
     cfg = cfg_of(*VARIANTS[variant], env={"TS_URL": "http://10.77.0.1:8080"})
-    config = compile_engine_config(cfg, FILES, {s.name: Secret("tskey-auth-x")
-                                                for s in cfg.services})
+    config = compile_engine_config(cfg, FILES, {s.name: Secret("tskey-auth-x") for s in cfg.services})
     result = caddy_validate(caddy_bin, config, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Valid configuration" in result.stdout
@@ -176,9 +209,14 @@ def test_real_caddy_validates_custom_certificates(caddy_bin: str, tmp_path: Path
     cert = ca.issue_cert("harmonia.example.ts.net")
     cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
-    cfg = cfg_of(ServiceSpec(name="harmonia", upstream=URL,
-                             certificate_file=str(tmp_path / "cert.pem"),
-                             key_file=str(tmp_path / "key.pem")))
+    cfg = cfg_of(
+        ServiceSpec(
+            name="harmonia",
+            upstream=URL,
+            certificate_file=str(tmp_path / "cert.pem"),
+            key_file=str(tmp_path / "key.pem"),
+        )
+    )
     config = compile_engine_config(cfg, FILES, {})
     server = config["apps"]["http"]["servers"]["harmonia"]
     assert server["listen"] == ["tailscale/harmonia:443"]
@@ -197,8 +235,9 @@ def test_real_caddy_rejects_a_broken_config(caddy_bin: str, tmp_path: Path) -> N
 
 
 def test_health_checks_only_when_the_service_policy_asks() -> None:
-    cfg = cfg_of(ServiceSpec(name="h", upstream=URL, policy={
-        "active_health_checks": True, "health_path": "/healthz"}))
+    cfg = cfg_of(
+        ServiceSpec(name="h", upstream=URL, policy={"active_health_checks": True, "health_path": "/healthz"})
+    )
     server = compile_engine_config(cfg, FILES, {})["apps"]["http"]["servers"]["h"]
     (proxy,) = [h for h in handlers(server) if h["handler"] == "reverse_proxy"]
     assert proxy["health_checks"]["active"]["uri"] == "/healthz"
@@ -216,8 +255,10 @@ def test_body_limit_route_is_the_policy_fragment() -> None:
     assert kinds[:2] == ["request_body", "subroute"]
     assert tail[0]["max_size"] == 10
     assert tail[1]["routes"] == [body_too_large_route(limited.services[0].policy)]
-    unlimited = cfg_of(ServiceSpec(name="h", upstream=URL,
-                                   policy={"max_request_body_bytes": None}))
+    unlimited = cfg_of(ServiceSpec(name="h", upstream=URL, policy={"max_request_body_bytes": None}))
     server = compile_engine_config(unlimited, FILES, {})["apps"]["http"]["servers"]["h"]
-    assert not [h for h in handlers(server) if h["handler"] in ("request_body", "static_response")
-                and h.get("status_code") in (None, 413)]
+    assert not [
+        h
+        for h in handlers(server)
+        if h["handler"] in ("request_body", "static_response") and h.get("status_code") in (None, 413)
+    ]

@@ -68,9 +68,18 @@ upstream = "http://127.0.0.1:2"
     with pytest.raises(ConfigError) as info:
         validate(spec_from_toml(text), {"HOME": "/h"})
     keys = {p.key for p in info.value.problems}
-    assert {"colour", "tsnet_verbose", "bad.upstream", "bad.tag", "bad.plaintext", "bad.timeout",
-            "bad.frobnicate", "bad.policy.dial_timeout_s", "bad.policy.nonsense",
-            "Bad_Name.name"} <= keys
+    assert {
+        "colour",
+        "tsnet_verbose",
+        "bad.upstream",
+        "bad.tag",
+        "bad.plaintext",
+        "bad.timeout",
+        "bad.frobnicate",
+        "bad.policy.dial_timeout_s",
+        "bad.policy.nonsense",
+        "Bad_Name.name",
+    } <= keys
     assert not any(k.startswith("ok.") for k in keys)
 
 
@@ -81,8 +90,9 @@ def test_not_toml() -> None:
 
 def test_config_flag_reads_the_file_and_resolves_paths(tmp_path: Path) -> None:
     path = tmp_path / "sidecar.toml"
-    path.write_text('state_dir = "state"\n[services.a]\nupstream = "http://127.0.0.1:1"\n'
-                    'authkey_path = "keys/a"\n')
+    path.write_text(
+        'state_dir = "state"\n[services.a]\nupstream = "http://127.0.0.1:1"\nauthkey_path = "keys/a"\n'
+    )
     cfg, _ = load(["--config", str(path)], {})
     assert cfg.state_root == str(tmp_path / "state")
     assert cfg.services[0].auth.path == str(tmp_path / "keys/a")
@@ -99,10 +109,18 @@ def test_missing_file() -> None:
         load(["--config", "/nonexistent/sidecar.toml"], {})
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("1s", 1.0), ("1m", 60.0), ("1m30s", 90.0), ("500ms", 0.5), ("2h", 7200.0), ("1.5", 1.5),
-    ("250us", 0.00025),
-])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("1s", 1.0),
+        ("1m", 60.0),
+        ("1m30s", 90.0),
+        ("500ms", 0.5),
+        ("2h", 7200.0),
+        ("1.5", 1.5),
+        ("250us", 0.00025),
+    ],
+)
 def test_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 

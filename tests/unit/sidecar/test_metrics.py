@@ -7,14 +7,15 @@ from sidecar.metrics import ServiceTraffic, parse, render
 
 def test_traffic_and_rendering_round_trip() -> None:
     traffic = ServiceTraffic()
-    for status, duration, size in ((200, 0.5, 1000), (206, 0.25, 10), (404, 0.1, 0),
-                                   (502, 0.15, 0)):
-        traffic.observe({"status": status, "duration": duration, "size": size,
-                         "bytes_read": 7})
+    for status, duration, size in ((200, 0.5, 1000), (206, 0.25, 10), (404, 0.1, 0), (502, 0.15, 0)):
+        traffic.observe({"status": status, "duration": duration, "size": size, "bytes_read": 7})
     traffic.observe({"status": "weird"})
-    text = render(engine_up=True, engine_restarts=3,
-                  node_states={"harmonia": "running", 'we"ird': "starting"},
-                  traffic={"harmonia": traffic})
+    text = render(
+        engine_up=True,
+        engine_restarts=3,
+        node_states={"harmonia": "running", 'we"ird': "starting"},
+        traffic={"harmonia": traffic},
+    )
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in parse(text)}
     h = (("service", "harmonia"),)
     assert samples[("harmonia_sidecar_engine_up", ())] == 1

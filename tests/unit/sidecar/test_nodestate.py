@@ -26,8 +26,11 @@ def write_state(node_dir: Path, private: str) -> None:
     """The layout tsnet's file store writes: every value base64, prefs as JSON."""
     node_dir.mkdir(parents=True, exist_ok=True)
     prefs = {"Hostname": "echo", "Config": {"PrivateNodeKey": private, "NodeID": "n1CNTRL"}}
-    state = {"_current-profile": b64("profile-df4f"), "_machinekey": b64("privkey:00"),
-             "profile-df4f": b64(json.dumps(prefs))}
+    state = {
+        "_current-profile": b64("profile-df4f"),
+        "_machinekey": b64("privkey:00"),
+        "profile-df4f": b64(json.dumps(prefs)),
+    }
     (node_dir / "tailscaled.state").write_text(json.dumps(state))
 
 
@@ -47,8 +50,10 @@ def test_state_file(tmp_path: Path) -> None:
 
 
 def test_self_netmap_line() -> None:
-    message = ("control: [v1] new network map (periodic):\nnetmap: self: [N9+Qk] "
-               "auth=machine-authorized u=tester@example.com [100.64.0.2/32 fd7a:115c:a1e0::2/128]\n")
+    message = (
+        "control: [v1] new network map (periodic):\nnetmap: self: [N9+Qk] "
+        "auth=machine-authorized u=tester@example.com [100.64.0.2/32 fd7a:115c:a1e0::2/128]\n"
+    )
     found = parse_self_netmap(message)
     assert found is not None
     assert found.short_id == SHORT

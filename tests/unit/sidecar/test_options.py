@@ -37,39 +37,62 @@ GOOD = [
     (["--name", "harmonia", "--plaintext", URL], {"port": 80, "tls": TLSMode.PLAINTEXT}),
     (["--name", "harmonia", URL], {"port": 443, "tls": TLSMode.TAILSCALE}),
     (["--name", "h", "--plaintext", "--listen-addr", ":8080", URL], {"port": 8080}),
-    (["--name", "h", "--certificate-file", "c.pem", "--key-file", "k.pem", URL],
-     {"tls": TLSMode.CUSTOM}),
-    (["--name", "h", "--tag", "tag:cache", "--tag", "tag:server", URL],
-     {"tags": ("tag:cache", "tag:server")}),
+    (["--name", "h", "--certificate-file", "c.pem", "--key-file", "k.pem", URL], {"tls": TLSMode.CUSTOM}),
+    (
+        ["--name", "h", "--tag", "tag:cache", "--tag", "tag:server", URL],
+        {"tags": ("tag:cache", "tag:server")},
+    ),
     (["--name", "h", "--ephemeral", URL], {"ephemeral": True}),
     (["--name", "h", "--suppress-whois", URL], {"whois": False}),
     (["--name", "h", "--no-strip-prefix", "--prefix", "/a", URL], {"strip_prefix": False}),
-    (["--name", "h", "--whois-timeout", "500ms", "--timeout", "1m30s",
-      "--read-header-timeout", "10s", URL],
-     {"whois_timeout": 0.5, "startup_timeout": 90.0, "read_header_timeout": 10.0}),
+    (
+        [
+            "--name",
+            "h",
+            "--whois-timeout",
+            "500ms",
+            "--timeout",
+            "1m30s",
+            "--read-header-timeout",
+            "10s",
+            URL,
+        ],
+        {"whois_timeout": 0.5, "startup_timeout": 90.0, "read_header_timeout": 10.0},
+    ),
     (["--name", "h", "--upstream-unix-addr", "/run/h.sock"], {"dial": "unix//run/h.sock"}),
-    (["--name", "h", "https://cache.internal:8443/base/", "--insecure-https"],
-     {"dial": "cache.internal:8443", "base_path": "/base", "scheme": "https"}),
+    (
+        ["--name", "h", "https://cache.internal:8443/base/", "--insecure-https"],
+        {"dial": "cache.internal:8443", "base_path": "/base", "scheme": "https"},
+    ),
     (["--name", "h", "http://[::1]:5000"], {"dial": "[::1]:5000"}),
     (["--name", "h", "http://localhost"], {"dial": "localhost:80"}),
-    (["--name", "h", "--upstream-header", "Authorization: Bearer x", URL],
-     {"upstream_headers": (("Authorization", "Bearer x"),)}),
-    (["--name", "h", "--control-url", "https://hs.example", URL],
-     {"control_url": "https://hs.example"}),
+    (
+        ["--name", "h", "--upstream-header", "Authorization: Bearer x", URL],
+        {"upstream_headers": (("Authorization", "Bearer x"),)},
+    ),
+    (["--name", "h", "--control-url", "https://hs.example", URL], {"control_url": "https://hs.example"}),
 ]
 
 
 @pytest.mark.parametrize(("argv", "expect"), GOOD)
 def test_valid_argv(argv: list[str], expect: dict[str, object]) -> None:
     service = ok(argv).services[0]
-    views = {"port": service.listen.port, "tls": service.listen.tls, "tags": service.tags,
-             "ephemeral": service.ephemeral, "whois": service.whois,
-             "strip_prefix": service.strip_prefix, "whois_timeout": service.whois_timeout,
-             "startup_timeout": service.startup_timeout,
-             "read_header_timeout": service.read_header_timeout,
-             "dial": service.upstream.dial, "base_path": service.upstream.base_path,
-             "scheme": service.upstream.scheme, "upstream_headers": service.upstream_headers,
-             "control_url": service.control_url}
+    views = {
+        "port": service.listen.port,
+        "tls": service.listen.tls,
+        "tags": service.tags,
+        "ephemeral": service.ephemeral,
+        "whois": service.whois,
+        "strip_prefix": service.strip_prefix,
+        "whois_timeout": service.whois_timeout,
+        "startup_timeout": service.startup_timeout,
+        "read_header_timeout": service.read_header_timeout,
+        "dial": service.upstream.dial,
+        "base_path": service.upstream.base_path,
+        "scheme": service.upstream.scheme,
+        "upstream_headers": service.upstream_headers,
+        "control_url": service.control_url,
+    }
     for key, value in expect.items():
         assert views[key] == value, key
 
@@ -91,8 +114,7 @@ BAD = [
     (["--name", "h", "--listen-addr", "0.0.0.0:443", URL], {"--listen-addr"}),
     (["--name", "h", "--listen-addr", ":70000", URL], {"--listen-addr"}),
     (["--name", "h", "--certificate-file", "c.pem", URL], {"--certificate-file"}),
-    (["--name", "h", "--plaintext", "--certificate-file", "c", "--key-file", "k", URL],
-     {"--plaintext"}),
+    (["--name", "h", "--plaintext", "--certificate-file", "c", "--key-file", "k", URL], {"--plaintext"}),
     (["--name", "h", "--tag", "cache", URL], {"--tag"}),
     (["--name", "h", "--tag", "tag:a", "--tag", "tag:a", URL], {"--tag"}),
     (["--name", "h", "--prefix", "nix", URL], {"--prefix"}),
@@ -106,9 +128,10 @@ BAD = [
     (["--name", "h", "--bogus", URL], {"--bogus"}),
     (["--name", "h", URL, "extra"], {"upstream URL"}),
     # every problem at once, each naming its flag
-    (["--name", "Bad", "--funnel", "--tag", "x", "--prefix", "y", "--listen-addr", "1:2:3",
-      "ftp://x"],
-     {"--name", "--funnel", "--tag", "--prefix", "--listen-addr", "upstream URL"}),
+    (
+        ["--name", "Bad", "--funnel", "--tag", "x", "--prefix", "y", "--listen-addr", "1:2:3", "ftp://x"],
+        {"--name", "--funnel", "--tag", "--prefix", "--listen-addr", "upstream URL"},
+    ),
 ]
 
 
@@ -130,8 +153,7 @@ def test_oauth_secret_in_env_needs_tags() -> None:
 
 
 def test_environment_defaults() -> None:
-    env = {"TS_URL": "http://10.77.0.1:8080", "TS_STATE_DIR": "/var/lib/ts",
-           "TS_AUTHKEY": "tskey-auth-xyz"}
+    env = {"TS_URL": "http://10.77.0.1:8080", "TS_STATE_DIR": "/var/lib/ts", "TS_AUTHKEY": "tskey-auth-xyz"}
     cfg = ok(["--name", "harmonia", URL], env)
     service = cfg.services[0]
     assert service.control_url == "http://10.77.0.1:8080"
@@ -142,39 +164,60 @@ def test_environment_defaults() -> None:
     assert service.auth.env_value is not None
     assert service.auth.env_value.reveal() == "tskey-auth-xyz"
     # flags win over the environment; an explicit --state-dir is the node's own directory
-    cfg = ok(["--name", "harmonia", "--control-url", "https://other", "--state-dir", "/srv/n",
-              "--authkey-path", "/run/keys/ts", URL], env)
+    cfg = ok(
+        [
+            "--name",
+            "harmonia",
+            "--control-url",
+            "https://other",
+            "--state-dir",
+            "/srv/n",
+            "--authkey-path",
+            "/run/keys/ts",
+            URL,
+        ],
+        env,
+    )
     assert cfg.services[0].control_url == "https://other"
     assert cfg.services[0].node_dir == "/srv/n"
     assert cfg.services[0].auth.path == "/run/keys/ts"
 
 
-@pytest.mark.parametrize(("env", "root"), [
-    ({"TS_STATE_DIR": "/a", "STATE_DIRECTORY": "/b"}, "/a"),
-    ({"STATE_DIRECTORY": "/var/lib/harmonia-sidecar:/var/lib/other"},
-     "/var/lib/harmonia-sidecar"),
-    ({"XDG_STATE_HOME": "/x"}, "/x/harmonia-sidecar"),
-    ({"HOME": "/home/u"}, "/home/u/.local/state/harmonia-sidecar"),
-])
+@pytest.mark.parametrize(
+    ("env", "root"),
+    [
+        ({"TS_STATE_DIR": "/a", "STATE_DIRECTORY": "/b"}, "/a"),
+        ({"STATE_DIRECTORY": "/var/lib/harmonia-sidecar:/var/lib/other"}, "/var/lib/harmonia-sidecar"),
+        ({"XDG_STATE_HOME": "/x"}, "/x/harmonia-sidecar"),
+        ({"HOME": "/home/u"}, "/home/u/.local/state/harmonia-sidecar"),
+    ],
+)
 def test_state_root(env: dict[str, str], root: str) -> None:
     assert default_state_root(env) == root
 
 
 def test_prefix_forms() -> None:
-    service = ok(["--name", "h", "--prefix", "/a", "--prefix", "tailnet:/b",
-                  "--prefix", "funnel:/c", URL]).services[0]
+    service = ok(
+        ["--name", "h", "--prefix", "/a", "--prefix", "tailnet:/b", "--prefix", "funnel:/c", URL]
+    ).services[0]
     assert [(p.path, p.scope) for p in service.prefixes] == [
-        ("/a", PrefixScope.EITHER), ("/b", PrefixScope.TAILNET), ("/c", PrefixScope.FUNNEL)]
+        ("/a", PrefixScope.EITHER),
+        ("/b", PrefixScope.TAILNET),
+        ("/c", PrefixScope.FUNNEL),
+    ]
     assert [p.path for p in service.tailnet_prefixes] == ["/a", "/b"]
 
 
 def test_shared_state_is_refused() -> None:
-    spec = SidecarSpec(services=[
-        ServiceSpec(name="a", upstream=URL, state_dir="/s/node"),
-        ServiceSpec(name="b", upstream=URL, state_dir="/s/node"),
-        ServiceSpec(name="c", upstream=URL, state_dir="/s/node/inner"),
-        ServiceSpec(name="a", upstream=URL),
-    ], state_dir="/root")
+    spec = SidecarSpec(
+        services=[
+            ServiceSpec(name="a", upstream=URL, state_dir="/s/node"),
+            ServiceSpec(name="b", upstream=URL, state_dir="/s/node"),
+            ServiceSpec(name="c", upstream=URL, state_dir="/s/node/inner"),
+            ServiceSpec(name="a", upstream=URL),
+        ],
+        state_dir="/root",
+    )
     with pytest.raises(ConfigError) as info:
         validate(spec, {})
     keys = [p.key for p in info.value.problems]
@@ -184,8 +227,7 @@ def test_shared_state_is_refused() -> None:
 
 
 def test_engine_dir_is_not_a_node_dir() -> None:
-    spec = SidecarSpec(services=[ServiceSpec(name="a", upstream=URL, state_dir="/r/_engine")],
-                       state_dir="/r")
+    spec = SidecarSpec(services=[ServiceSpec(name="a", upstream=URL, state_dir="/r/_engine")], state_dir="/r")
     with pytest.raises(ConfigError, match="overlaps the engine"):
         validate(spec, {})
 

@@ -33,22 +33,29 @@ FORGED = {
 
 
 @asynccontextmanager
-async def running(caddy_bin: str, tmp: Path, services: list[ServiceSpec],
-                  api_key_path: str | None = None
-                  ) -> AsyncIterator[tuple[ValidConfig, CaddyEngine, dict[str, httpx.AsyncClient]]]:
-    cfg = validate(SidecarSpec(services=services, state_dir=str(tmp / "state"),
-                               api_key_path=api_key_path), {})
+async def running(
+    caddy_bin: str, tmp: Path, services: list[ServiceSpec], api_key_path: str | None = None
+) -> AsyncIterator[tuple[ValidConfig, CaddyEngine, dict[str, httpx.AsyncClient]]]:
+    cfg = validate(
+        SidecarSpec(services=services, state_dir=str(tmp / "state"), api_key_path=api_key_path), {}
+    )
     sockets = {s.name: str(tmp / f"{s.name}.sock") for s in cfg.services}
-    engine = CaddyEngine(binary=caddy_bin, engine_dir=cfg.engine_dir,
-                         env={"PATH": os.environ.get("PATH", "")},
-                         listen_override={k: f"unix/{v}" for k, v in sockets.items()})
+    engine = CaddyEngine(
+        binary=caddy_bin,
+        engine_dir=cfg.engine_dir,
+        env={"PATH": os.environ.get("PATH", "")},
+        listen_override={k: f"unix/{v}" for k, v in sockets.items()},
+    )
     async with trio.open_nursery() as nursery:
         with trio.fail_after(30):
             await nursery.start(_engine_task, engine)
             await engine.apply(cfg, {s.name: None for s in cfg.services})
-        clients = {name: httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=path),
-                                           base_url=f"http://{name}", timeout=60)
-                   for name, path in sockets.items()}
+        clients = {
+            name: httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(uds=path), base_url=f"http://{name}", timeout=60
+            )
+            for name, path in sockets.items()
+        }
         try:
             yield cfg, engine, clients
         finally:
@@ -73,8 +80,9 @@ async def test_forged_identity_never_reaches_the_upstream(caddy_bin: str, tmp_pa
     async with trio.open_nursery() as nursery:
         echo = Echo()
         port = await nursery.start(echo.serve)
-        spec = ServiceSpec(name="echo", upstream=f"http://127.0.0.1:{port}", plaintext=True,
-                           upstream_headers=["X-Extra: 1"])
+        spec = ServiceSpec(
+            name="echo", upstream=f"http://127.0.0.1:{port}", plaintext=True, upstream_headers=["X-Extra: 1"]
+        )
         async with running(caddy_bin, tmp_path, [spec]) as (_, _, clients):
             with trio.fail_after(30):
                 r = await clients["echo"].get("/who?x=1", headers=FORGED)
@@ -96,8 +104,9 @@ async def test_suppress_whois_still_strips(caddy_bin: str, tmp_path: Path) -> No
     async with trio.open_nursery() as nursery:
         echo = Echo()
         port = await nursery.start(echo.serve)
-        spec = ServiceSpec(name="echo", upstream=f"http://127.0.0.1:{port}", plaintext=True,
-                           suppress_whois=True)
+        spec = ServiceSpec(
+            name="echo", upstream=f"http://127.0.0.1:{port}", plaintext=True, suppress_whois=True
+        )
         async with running(caddy_bin, tmp_path, [spec]) as (_, _, clients):
             with trio.fail_after(30):
                 r = await clients["echo"].get("/", headers=FORGED)
@@ -111,10 +120,19 @@ async def test_prefixes_filter_and_strip(caddy_bin: str, tmp_path: Path) -> None
         echo = Echo()
         port = await nursery.start(echo.serve)
         services = [
-            ServiceSpec(name="strip", upstream=f"http://127.0.0.1:{port}", plaintext=True,
-                        prefixes=["/cache", "tailnet:/v1.0", "funnel:/public"]),
-            ServiceSpec(name="keep", upstream=f"http://127.0.0.1:{port}/base", plaintext=True,
-                        prefixes=["/cache"], strip_prefix=False),
+            ServiceSpec(
+                name="strip",
+                upstream=f"http://127.0.0.1:{port}",
+                plaintext=True,
+                prefixes=["/cache", "tailnet:/v1.0", "funnel:/public"],
+            ),
+            ServiceSpec(
+                name="keep",
+                upstream=f"http://127.0.0.1:{port}/base",
+                plaintext=True,
+                prefixes=["/cache"],
+                strip_prefix=False,
+            ),
         ]
         async with running(caddy_bin, tmp_path, services) as (_, _, clients):
             with trio.fail_after(30):
@@ -175,9 +193,15 @@ async def test_upstream_errors_and_statuses_pass_through(caddy_bin: str, tmp_pat
         with trio.socket.socket() as probe:  # a port with nobody listening
             await probe.bind(("127.0.0.1", 0))
             dead = probe.getsockname()[1]
-        services = [ServiceSpec(name="echo", upstream=f"http://127.0.0.1:{port}", plaintext=True),
-                    ServiceSpec(name="dead", upstream=f"http://127.0.0.1:{dead}",
-                                plaintext=True, policy={"try_duration_s": 0.5})]
+        services = [
+            ServiceSpec(name="echo", upstream=f"http://127.0.0.1:{port}", plaintext=True),
+            ServiceSpec(
+                name="dead",
+                upstream=f"http://127.0.0.1:{dead}",
+                plaintext=True,
+                policy={"try_duration_s": 0.5},
+            ),
+        ]
         async with running(caddy_bin, tmp_path, services) as (_, _, clients):
             with trio.fail_after(30):
                 not_found = await clients["echo"].get("/status/404")
@@ -194,15 +218,26 @@ async def test_upstream_errors_and_statuses_pass_through(caddy_bin: str, tmp_pat
 
 
 async def test_a_content_length_over_the_body_limit_is_413_before_proxying(
-        caddy_bin: str, tmp_path: Path) -> None:
+    caddy_bin: str, tmp_path: Path
+) -> None:
     async with trio.open_nursery() as nursery:
         echo = Echo()
         port = await nursery.start(echo.serve)
-        services = [ServiceSpec(name="small", upstream=f"http://127.0.0.1:{port}", plaintext=True,
-                                policy={"max_request_body_bytes": 1000}),
-                    ServiceSpec(name="prefixed", upstream=f"http://127.0.0.1:{port}",
-                                plaintext=True, prefixes=["/p"],
-                                policy={"max_request_body_bytes": 1000})]
+        services = [
+            ServiceSpec(
+                name="small",
+                upstream=f"http://127.0.0.1:{port}",
+                plaintext=True,
+                policy={"max_request_body_bytes": 1000},
+            ),
+            ServiceSpec(
+                name="prefixed",
+                upstream=f"http://127.0.0.1:{port}",
+                plaintext=True,
+                prefixes=["/p"],
+                policy={"max_request_body_bytes": 1000},
+            ),
+        ]
         async with running(caddy_bin, tmp_path, services) as (_, _, clients):
             with trio.fail_after(30):
                 too_big = await clients["small"].put("/too-big", content=b"z" * 1001)

@@ -20,19 +20,21 @@ from sidecar.supervisor import Sidecar
 from .upstream import Echo
 
 
-def make_cfg(tmp: Path, port: int, names: list[str], prometheus: str | None = None
-             ) -> ValidConfig:
-    services = [ServiceSpec(name=n, upstream=f"http://127.0.0.1:{port}", plaintext=True)
-                for n in names]
-    return validate(SidecarSpec(services=services, state_dir=str(tmp / "state"),
-                                prometheus_addr=prometheus), {})
+def make_cfg(tmp: Path, port: int, names: list[str], prometheus: str | None = None) -> ValidConfig:
+    services = [ServiceSpec(name=n, upstream=f"http://127.0.0.1:{port}", plaintext=True) for n in names]
+    return validate(
+        SidecarSpec(services=services, state_dir=str(tmp / "state"), prometheus_addr=prometheus), {}
+    )
 
 
 def make_sidecar(caddy_bin: str, tmp: Path, cfg: ValidConfig) -> Sidecar:
     override = {s.name: f"unix/{tmp / s.name}.sock" for s in cfg.services}
-    engine = CaddyEngine(binary=caddy_bin, engine_dir=cfg.engine_dir,
-                         env={"PATH": os.environ.get("PATH", "")},
-                         listen_override=override)
+    engine = CaddyEngine(
+        binary=caddy_bin,
+        engine_dir=cfg.engine_dir,
+        env={"PATH": os.environ.get("PATH", "")},
+        listen_override=override,
+    )
     return Sidecar(cfg=cfg, engine=engine, handle_signals=False)
 
 
@@ -48,8 +50,9 @@ async def status(cfg: ValidConfig, path: str) -> tuple[int, bytes]:
     return r.status, r.body
 
 
-async def test_engine_restarts_after_a_crash(caddy_bin: str, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_engine_restarts_after_a_crash(
+    caddy_bin: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(supervisor, "BACKOFF_START", 0.1)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(Echo().serve)
@@ -89,6 +92,7 @@ async def test_reconfigure_adds_and_removes_services(caddy_bin: str, tmp_path: P
             gamma = await get(tmp_path, "gamma")
             with pytest.raises(httpx.TransportError):
                 await get(tmp_path, "beta")
+
             # a bad reconfiguration is refused and the running one stays: a config file that
             # does not validate, and one the engine cannot load (the listener cannot bind)
             def bad_file() -> ValidConfig:
@@ -107,8 +111,9 @@ async def test_reconfigure_adds_and_removes_services(caddy_bin: str, tmp_path: P
     assert "delta" not in {s.name for s in sidecar.cfg.services}
 
 
-async def test_health_status_and_metrics(caddy_bin: str, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+async def test_health_status_and_metrics(
+    caddy_bin: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     async with trio.open_nursery() as nursery:
         port = await nursery.start(Echo().serve)
         cfg = make_cfg(tmp_path, port, ["alpha"], prometheus="127.0.0.1:0")
@@ -122,7 +127,8 @@ async def test_health_status_and_metrics(caddy_bin: str, tmp_path: Path,
             assert sidecar.metrics_address is not None
             over_tcp = await request_tcp(*sidecar.metrics_address, "GET", "/health")
             status_exit = await trio.to_thread.run_sync(
-                cli.run, ["status", "--health-socket", cfg.health_socket])
+                cli.run, ["status", "--health-socket", cfg.health_socket]
+            )
         nursery.cancel_scope.cancel()
     assert over_tcp.status == 503
     assert over_tcp.json()["engine_up"] is True
@@ -135,8 +141,7 @@ async def test_health_status_and_metrics(caddy_bin: str, tmp_path: Path,
     assert health_code == 503
     assert b'"engine_up": true' in health
     assert metrics_code == 200
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for s in parse(metrics.decode())}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in parse(metrics.decode())}
 
     def value(name: str, **labels: str) -> float:
         return samples[(name, tuple(sorted(labels.items())))]

@@ -45,30 +45,36 @@ def assert_nothing_forged(headers: dict[str, str]) -> None:
     assert "x-tailscale-node-addr" in headers  # the engine's own node identity
 
 
-async def test_with_the_sidecar_answering(caddy_bin: str, tmp_path: Path,
-                                          local_tailnet: Tailnet) -> None:  # noqa: F811
+async def test_with_the_sidecar_answering(caddy_bin: str, tmp_path: Path, local_tailnet: Tailnet) -> None:  # noqa: F811
     size = 64 * 1024 * 1024
     (tmp_path / "api").write_text(local_tailnet.api_key + "\n")
     async with trio.open_nursery() as nursery:
         echo = Echo()
         port = await nursery.start(echo.serve)
-        cfg = validate(SidecarSpec(
-            services=[ServiceSpec(name="echo", upstream=f"http://127.0.0.1:{port}",
-                                  plaintext=True)],
-            state_dir=str(tmp_path / "state"), api_key_path=str(tmp_path / "api"),
-            prometheus_addr="127.0.0.1:0"), {})
+        cfg = validate(
+            SidecarSpec(
+                services=[ServiceSpec(name="echo", upstream=f"http://127.0.0.1:{port}", plaintext=True)],
+                state_dir=str(tmp_path / "state"),
+                api_key_path=str(tmp_path / "api"),
+                prometheus_addr="127.0.0.1:0",
+            ),
+            {},
+        )
         sock = tmp_path / "echo.sock"
-        engine = CaddyEngine(binary=caddy_bin, engine_dir=cfg.engine_dir,
-                             env={"PATH": os.environ.get("PATH", "")},
-                             listen_override={"echo": f"unix/{sock}"})
-        sidecar = Sidecar(cfg=cfg, engine=engine, handle_signals=False,
-                          session_factory=session_for(local_tailnet, tmp_path))
+        engine = CaddyEngine(
+            binary=caddy_bin,
+            engine_dir=cfg.engine_dir,
+            env={"PATH": os.environ.get("PATH", "")},
+            listen_override={"echo": f"unix/{sock}"},
+        )
+        sidecar = Sidecar(
+            cfg=cfg, engine=engine, handle_signals=False, session_factory=session_for(local_tailnet, tmp_path)
+        )
         transport = httpx.AsyncHTTPTransport(uds=str(sock))
         with trio.fail_after(60):
             await nursery.start(sidecar.run)
             assert sidecar.directory is not None
-            async with httpx.AsyncClient(transport=transport, base_url="http://echo",
-                                         timeout=60) as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://echo", timeout=60) as client:
                 forged = await client.get("/who", headers=FORGED)
                 many = [await client.get(f"/n{i}") for i in range(20)]
 
@@ -109,11 +115,15 @@ async def test_with_the_sidecar_not_there(caddy_bin: str, tmp_path: Path) -> Non
         echo = Echo()
         port = await nursery.start(echo.serve)
         spec = ServiceSpec(name="echo", upstream=f"http://127.0.0.1:{port}", plaintext=True)
-        cfg = validate(SidecarSpec(services=[spec], state_dir=str(tmp_path / "state"),
-                                   api_key_path="/nonexistent"), {})
+        cfg = validate(
+            SidecarSpec(services=[spec], state_dir=str(tmp_path / "state"), api_key_path="/nonexistent"), {}
+        )
         assert cfg.whois_directory
         async with running(caddy_bin, tmp_path, [spec], api_key_path="/nonexistent") as (
-                running_cfg, _, clients):
+            running_cfg,
+            _,
+            clients,
+        ):
             assert running_cfg.whois_directory
             assert not await trio.Path(running_cfg.health_socket).exists()
             with trio.fail_after(30):

@@ -60,16 +60,23 @@ class Echo:
         finally:
             await stream.aclose()
 
-    async def _respond(self, stream: trio.SocketStream, conn: h11.Connection,
-                       request: h11.Request, size: int) -> None:
+    async def _respond(
+        self, stream: trio.SocketStream, conn: h11.Connection, request: h11.Request, size: int
+    ) -> None:
         path = request.target.decode()
         if path.startswith("/big/"):
             n = int(path.split("/")[2])
-            await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
-                ("Content-Length", str(n)), ("Content-Type", "application/octet-stream")])))
+            await stream.send_all(
+                conn.send(
+                    h11.Response(
+                        status_code=200,
+                        headers=[("Content-Length", str(n)), ("Content-Type", "application/octet-stream")],
+                    )
+                )
+            )
             left = n
             while left:
-                piece = CHUNK[:min(left, len(CHUNK))]
+                piece = CHUNK[: min(left, len(CHUNK))]
                 await stream.send_all(conn.send(h11.Data(data=piece)))
                 left -= len(piece)
             await stream.send_all(conn.send(h11.EndOfMessage()))
@@ -81,10 +88,15 @@ class Echo:
         for k, v in request.headers:
             name = k.decode().lower()
             headers[name] = f"{headers[name]}, {v.decode()}" if name in headers else v.decode()
-        record = {"method": request.method.decode(), "path": path, "headers": headers,
-                  "body_bytes": size}
+        record = {"method": request.method.decode(), "path": path, "headers": headers, "body_bytes": size}
         self.seen.append(record)
         body = json.dumps(record).encode()
-        await stream.send_all(conn.send(h11.Response(status_code=status, headers=[
-            ("Content-Length", str(len(body))), ("Content-Type", "application/json")])))
+        await stream.send_all(
+            conn.send(
+                h11.Response(
+                    status_code=status,
+                    headers=[("Content-Length", str(len(body))), ("Content-Type", "application/json")],
+                )
+            )
+        )
         await stream.send_all(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))

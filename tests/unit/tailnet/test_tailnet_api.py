@@ -35,8 +35,7 @@ def _port(url: str) -> int:
 async def _register_two(tailnet: Tailnet) -> None:
     # a node is its machine key, i.e. its control session: one session each
     with trio.fail_after(10):
-        for key, hostname in ((tailnet.auth_key.key, "laptop"),
-                              (tailnet.tagged_auth_key.key, "builder")):
+        for key, hostname in ((tailnet.auth_key.key, "laptop"), (tailnet.tagged_auth_key.key, "builder")):
             async with control_session(HOST, _port(tailnet.control_url)) as c:
                 status, _ = await c.register(PrivateKey.generate(), key, hostname)
                 assert status == 200
@@ -48,8 +47,10 @@ async def test_devices_in_the_real_api_shape(tailnet: Tailnet) -> None:
     tailnet.ca.configure_trust(ctx)
     async with httpx.AsyncClient(verify=ctx) as http:
         with trio.fail_after(10):
-            listed = await http.get(tailnet.api_url + "tailnet/-/devices?fields=all",
-                                    headers={"Authorization": f"Bearer {tailnet.api_key}"})
+            listed = await http.get(
+                tailnet.api_url + "tailnet/-/devices?fields=all",
+                headers={"Authorization": f"Bearer {tailnet.api_key}"},
+            )
             refused = await http.get(tailnet.api_url + "tailnet/-/devices")
     assert refused.status_code == 401
     assert listed.status_code == 200
@@ -80,10 +81,19 @@ def _devices_with_tailscale_package(port: int, ca_pem: str, api_key: str) -> dic
     from tailscale import Tailscale
 
     class Loopback(AbstractResolver):
-        async def resolve(self, host: str, port_: int = 0,
-                          family: int = socket.AF_INET) -> list[ResolveResult]:
-            return [ResolveResult(hostname=host, host=HOST, port=port, family=socket.AF_INET,
-                                  proto=0, flags=socket.AI_NUMERICHOST)]
+        async def resolve(
+            self, host: str, port_: int = 0, family: int = socket.AF_INET
+        ) -> list[ResolveResult]:
+            return [
+                ResolveResult(
+                    hostname=host,
+                    host=HOST,
+                    port=port,
+                    family=socket.AF_INET,
+                    proto=0,
+                    flags=socket.AI_NUMERICHOST,
+                )
+            ]
 
         async def close(self) -> None:
             pass
@@ -91,10 +101,14 @@ def _devices_with_tailscale_package(port: int, ca_pem: str, api_key: str) -> dic
     async def main() -> dict[str, Any]:
         ctx = ssl.create_default_context(cadata=ca_pem)
         connector = aiohttp.TCPConnector(resolver=Loopback(), ssl=ctx)
-        async with aiohttp.ClientSession(connector=connector) as session, Tailscale(
-                api_key=api_key, session=session) as ts:
-            return {d.hostname: (d.name, d.node_id, list(d.addresses), list(d.tags), d.user)
-                    for d in (await ts.devices()).values()}
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            Tailscale(api_key=api_key, session=session) as ts,
+        ):
+            return {
+                d.hostname: (d.name, d.node_id, list(d.addresses), list(d.tags), d.user)
+                for d in (await ts.devices()).values()
+            }
 
     return asyncio.run(main())
 
@@ -103,8 +117,11 @@ async def test_the_tailscale_package_reads_the_device_list(tailnet: Tailnet) -> 
     await _register_two(tailnet)
     with trio.fail_after(20):
         seen = await trio.to_thread.run_sync(
-            _devices_with_tailscale_package, _port(tailnet.api_url),
-            tailnet.ca_cert_pem.decode(), tailnet.api_key)
+            _devices_with_tailscale_package,
+            _port(tailnet.api_url),
+            tailnet.ca_cert_pem.decode(),
+            tailnet.api_key,
+        )
     builder = tailnet.node("builder")
     assert builder is not None
     name, node_id, addresses, tags, _ = seen["builder"]

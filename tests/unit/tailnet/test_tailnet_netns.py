@@ -50,8 +50,12 @@ def test_namespace_is_wired_and_removed(ns: Netns) -> None:
     assert f"{ns.address}/24" in addrs and f"{ns.peer_address}/24" in addrs
     assert "127.0.0.1/8" in addrs
     assert ns.run(["ip", "route"]).stdout.startswith(f"default via {ns.peer_address} dev veth0")
-    assert ns.name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                                     check=True, timeout=10).stdout
+    assert (
+        ns.name
+        in subprocess.run(
+            ["ip", "netns", "list"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout
+    )
 
 
 def test_namespace_is_gone_after_the_block() -> None:
@@ -59,8 +63,9 @@ def test_namespace_is_gone_after_the_block() -> None:
         pytest.skip(netns_mod.unavailable_reason() or "")
     with netns("hbtest") as made:
         name = made.name
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True,
-                            timeout=10).stdout
+    listed = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
     assert name not in listed
 
 

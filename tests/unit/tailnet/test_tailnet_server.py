@@ -56,8 +56,7 @@ async def _raw_http(port: int, request: bytes) -> bytes:
 
 async def test_key_endpoint_closes_the_connection(tailnet: Tailnet) -> None:
     with trio.fail_after(5):
-        reply = await _raw_http(_port(tailnet.control_url),
-                                b"GET /key?v=142 HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = await _raw_http(_port(tailnet.control_url), b"GET /key?v=142 HTTP/1.1\r\nHost: x\r\n\r\n")
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head.lower()
     assert json.loads(body)["publicKey"].startswith("mkey:")
@@ -102,26 +101,37 @@ async def test_endpoint_update_and_one_shot_map(tailnet: Tailnet) -> None:
     with trio.fail_after(10):
         async with control_session(HOST, _port(tailnet.control_url)) as c:
             await c.register(node_key, tailnet.auth_key.key, "n1")
-            status, body = await c.post("/machine/map", {
-                "NodeKey": keys.format_public(node_key.public, keys.NODE), "OmitPeers": True,
-                "Stream": False, "Endpoints": ["10.0.0.1:41641"],
-                "DiscoKey": keys.format_public(b"\x02" * 32, keys.DISCO)})
+            status, body = await c.post(
+                "/machine/map",
+                {
+                    "NodeKey": keys.format_public(node_key.public, keys.NODE),
+                    "OmitPeers": True,
+                    "Stream": False,
+                    "Endpoints": ["10.0.0.1:41641"],
+                    "DiscoKey": keys.format_public(b"\x02" * 32, keys.DISCO),
+                },
+            )
             assert (status, body) == (200, b"")
             node = tailnet.node("n1")
             assert node is not None
             assert node.endpoints == ["10.0.0.1:41641"] and node.disco_key == b"\x02" * 32
-            status, body = await c.post("/machine/map", {
-                "NodeKey": keys.format_public(node_key.public, keys.NODE), "Stream": False})
+            status, body = await c.post(
+                "/machine/map", {"NodeKey": keys.format_public(node_key.public, keys.NODE), "Stream": False}
+            )
             assert status == 200 and json.loads(body[4:])["Node"]["Name"] == "n1.tailnet.test."
 
 
 async def test_bad_requests_are_refused_and_the_session_goes_on(
-        tailnet: Tailnet, caplog: pytest.LogCaptureFixture) -> None:
+    tailnet: Tailnet, caplog: pytest.LogCaptureFixture
+) -> None:
     key = PrivateKey.generate()
     with trio.fail_after(10):
         async with control_session(HOST, _port(tailnet.control_url)) as c:
-            for auth, reason in [("tskey-auth-bogus", "unknown"), (None, "no auth key"),
-                                 (tailnet.registry.mint_key(expiry_seconds=-5).key, "expired")]:
+            for auth, reason in [
+                ("tskey-auth-bogus", "unknown"),
+                (None, "no auth key"),
+                (tailnet.registry.mint_key(expiry_seconds=-5).key, "expired"),
+            ]:
                 status, body = await c.register(key, auth, "x")
                 assert status == 200 and reason in body["Error"]
                 assert body["MachineAuthorized"] is False
@@ -138,10 +148,13 @@ async def test_bad_requests_are_refused_and_the_session_goes_on(
 
 
 async def test_garbage_handshakes_get_clean_refusals(
-        tailnet: Tailnet, caplog: pytest.LogCaptureFixture) -> None:
+    tailnet: Tailnet, caplog: pytest.LogCaptureFixture
+) -> None:
     port = _port(tailnet.control_url)
-    upgrade = b"POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\n" \
-              b"Connection: upgrade\r\nContent-Length: 0\r\n"
+    upgrade = (
+        b"POST /ts2021 HTTP/1.1\r\nHost: x\r\nUpgrade: tailscale-control-protocol\r\n"
+        b"Connection: upgrade\r\nContent-Length: 0\r\n"
+    )
     with trio.fail_after(10):
         reply = await _raw_http(port, upgrade + b"\r\n")
         assert reply.startswith(b"HTTP/1.1 400") and b"handshake header" in reply
@@ -158,8 +171,9 @@ async def test_garbage_handshakes_get_clean_refusals(
         init = noise.initiate(PrivateKey.generate(), server_key, 130)
         stream = await trio.open_tcp_stream(HOST, port)
         async with stream:
-            await stream.send_all(upgrade + b"X-Tailscale-Handshake: "
-                                  + base64.b64encode(init.message) + b"\r\n\r\n")
+            await stream.send_all(
+                upgrade + b"X-Tailscale-Handshake: " + base64.b64encode(init.message) + b"\r\n\r\n"
+            )
             await stream.send_all(b"\x04\xff\xff" + b"\x00" * 100)
             while await stream.receive_some(65536):
                 pass
@@ -172,7 +186,8 @@ async def test_garbage_handshakes_get_clean_refusals(
 
 
 async def test_http2_garbage_inside_noise_closes_only_that_session(
-        tailnet: Tailnet, caplog: pytest.LogCaptureFixture) -> None:
+    tailnet: Tailnet, caplog: pytest.LogCaptureFixture
+) -> None:
     port = _port(tailnet.control_url)
     with trio.fail_after(10):
         async with control_session(HOST, port) as c:
@@ -189,8 +204,12 @@ async def test_oversized_api_body_is_refused(tailnet: Tailnet) -> None:
     port = _port(tailnet.control_url)
     body = b"x" * (1 << 20) + b"x"
     with trio.fail_after(10):
-        reply = await _raw_http(port, b"POST /api/v2/oauth/token HTTP/1.1\r\nHost: x\r\n"
-                                + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        reply = await _raw_http(
+            port,
+            b"POST /api/v2/oauth/token HTTP/1.1\r\nHost: x\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body,
+        )
         assert reply.startswith(b"HTTP/1.1 413")
         reply = await _raw_http(port, b"GET /" + b"a" * 40000 + b" HTTP/1.1\r\n\r\n")
         assert reply.startswith(b"HTTP/1.1 431") or reply.startswith(b"HTTP/1.1 400")
@@ -212,8 +231,7 @@ async def test_derp_relays_pings_and_reports_peer_gone(tailnet: Tailnet) -> None
                 await db.send(a.public, b"reply from b")
                 assert await da.receive() == (DerpFrame.RECV_PACKET, b.public + b"reply from b")
             # b sent to a, so a holds a route to b: it is told b is gone
-            assert await da.receive() == (DerpFrame.PEER_GONE,
-                                          b.public + bytes([PEER_GONE_DISCONNECTED]))
+            assert await da.receive() == (DerpFrame.PEER_GONE, b.public + bytes([PEER_GONE_DISCONNECTED]))
             # an oversized frame closes that connection only
             async with derp_session(HOST, port, b, ctx) as db:
                 await db.stream.send_all(b"\x04\x7f\xff\xff\xff")
@@ -223,8 +241,7 @@ async def test_derp_relays_pings_and_reports_peer_gone(tailnet: Tailnet) -> None
             assert await da.receive() == (DerpFrame.RECV_PACKET, a.public + b"to myself")
 
 
-async def test_derp_probe_keepalive_and_refusals(
-        tailnet: Tailnet, caplog: pytest.LogCaptureFixture) -> None:
+async def test_derp_probe_keepalive_and_refusals(tailnet: Tailnet, caplog: pytest.LogCaptureFixture) -> None:
     ctx = _ssl(tailnet)
     async with httpx.AsyncClient(verify=ctx) as client:
         with trio.fail_after(10):
@@ -242,23 +259,38 @@ async def test_oauth_client_mints_keys_that_register(tailnet: Tailnet) -> None:
     api = tailnet.api_url
     async with httpx.AsyncClient(verify=_ssl(tailnet)) as http:
         with trio.fail_after(10):
-            bad = await http.post(api + "oauth/token", data={
-                "client_id": "x", "client_secret": "tskey-client-nope"})
+            bad = await http.post(
+                api + "oauth/token", data={"client_id": "x", "client_secret": "tskey-client-nope"}
+            )
             assert bad.status_code == 401
-            tok = await http.post(api + "oauth/token", data={
-                "client_id": tailnet.oauth_client.id,
-                "client_secret": tailnet.oauth_client.secret, "grant_type": "client_credentials"})
+            tok = await http.post(
+                api + "oauth/token",
+                data={
+                    "client_id": tailnet.oauth_client.id,
+                    "client_secret": tailnet.oauth_client.secret,
+                    "grant_type": "client_credentials",
+                },
+            )
             assert tok.status_code == 200
             token = tok.json()["access_token"]
             assert tok.json()["expires_in"] > 60
             headers = {"Authorization": f"Bearer {token}"}
-            untagged = await http.post(api + "tailnet/-/keys", headers=headers, json={
-                "capabilities": {"devices": {"create": {"reusable": True}}}})
+            untagged = await http.post(
+                api + "tailnet/-/keys",
+                headers=headers,
+                json={"capabilities": {"devices": {"create": {"reusable": True}}}},
+            )
             assert untagged.status_code == 400 and "tags" in untagged.json()["message"]
-            made = await http.post(api + "tailnet/-/keys", headers=headers, json={
-                "capabilities": {"devices": {"create": {"reusable": False, "ephemeral": True,
-                                                        "tags": ["tag:cache"]}}},
-                "expirySeconds": 600})
+            made = await http.post(
+                api + "tailnet/-/keys",
+                headers=headers,
+                json={
+                    "capabilities": {
+                        "devices": {"create": {"reusable": False, "ephemeral": True, "tags": ["tag:cache"]}}
+                    },
+                    "expirySeconds": 600,
+                },
+            )
             assert made.status_code == 200
             key = made.json()["key"]
             assert key.startswith("tskey-auth-") and made.json()["tags"] == ["tag:cache"]
@@ -272,8 +304,10 @@ async def test_oauth_client_mints_keys_that_register(tailnet: Tailnet) -> None:
     assert node.tags == ("tag:cache",) and node.ephemeral
     async with httpx.AsyncClient() as http:
         with trio.fail_after(10):
-            devices = await http.get(tailnet.control_url + "/api/v2/tailnet/-/devices",
-                                     headers={"Authorization": f"Bearer {tailnet.api_key}"})
+            devices = await http.get(
+                tailnet.control_url + "/api/v2/tailnet/-/devices",
+                headers={"Authorization": f"Bearer {tailnet.api_key}"},
+            )
     assert [d["hostname"] for d in devices.json()["devices"]] == ["cache"]
 
 
@@ -287,10 +321,19 @@ def _mint_with_tailscale_package(port: int, ca_pem: str, client_id: str, secret:
     from tailscale import Tailscale
 
     class Loopback(AbstractResolver):
-        async def resolve(self, host: str, port_: int = 0,
-                          family: int = socket.AF_INET) -> list[ResolveResult]:
-            return [ResolveResult(hostname=host, host=HOST, port=port, family=socket.AF_INET,
-                                  proto=0, flags=socket.AI_NUMERICHOST)]
+        async def resolve(
+            self, host: str, port_: int = 0, family: int = socket.AF_INET
+        ) -> list[ResolveResult]:
+            return [
+                ResolveResult(
+                    hostname=host,
+                    host=HOST,
+                    port=port,
+                    family=socket.AF_INET,
+                    proto=0,
+                    flags=socket.AI_NUMERICHOST,
+                )
+            ]
 
         async def close(self) -> None:
             pass
@@ -298,8 +341,10 @@ def _mint_with_tailscale_package(port: int, ca_pem: str, client_id: str, secret:
     async def main() -> str:
         ctx = ssl.create_default_context(cadata=ca_pem)
         connector = aiohttp.TCPConnector(resolver=Loopback(), ssl=ctx)
-        async with aiohttp.ClientSession(connector=connector) as session, Tailscale(
-                oauth_client_id=client_id, oauth_client_secret=secret, session=session) as ts:
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            Tailscale(oauth_client_id=client_id, oauth_client_secret=secret, session=session) as ts,
+        ):
             made = await ts.create_key(reusable=True, tags=["tag:server"], preauthorized=True)
             return str(made.key)
 
@@ -309,8 +354,12 @@ def _mint_with_tailscale_package(port: int, ca_pem: str, client_id: str, secret:
 async def test_tailscale_package_mints_a_key(tailnet: Tailnet) -> None:
     with trio.fail_after(20):
         key = await trio.to_thread.run_sync(
-            _mint_with_tailscale_package, _port(tailnet.api_url), tailnet.ca_cert_pem.decode(),
-            tailnet.oauth_client.id, tailnet.oauth_client.secret)
+            _mint_with_tailscale_package,
+            _port(tailnet.api_url),
+            tailnet.ca_cert_pem.decode(),
+            tailnet.oauth_client.id,
+            tailnet.oauth_client.secret,
+        )
         async with control_session(HOST, _port(tailnet.control_url)) as c:
             status, _ = await c.register(PrivateKey.generate(), key, "minted")
     minted = tailnet.node("minted")
@@ -320,8 +369,11 @@ async def test_tailscale_package_mints_a_key(tailnet: Tailnet) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_cli_prints_one_json_line_and_stops_on_signal(signum: signal.Signals) -> None:
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tests.tailnet", "--host", HOST], cwd=REPO_ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [sys.executable, "-m", "tests.tailnet", "--host", HOST],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         with trio.fail_after(20):
             assert proc.stdout is not None

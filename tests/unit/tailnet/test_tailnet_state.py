@@ -17,16 +17,31 @@ DERP = mapresp.DerpNode("10.77.0.1", 4443, stun_port=4443)
 
 
 def _registry(tmp_path: Path | None = None) -> Registry:
-    return Registry(domain="tailnet.test", default_user=User(1, "tester@example.com", "Tester"),
-                    state_path=None if tmp_path is None else tmp_path / "state.json")
+    return Registry(
+        domain="tailnet.test",
+        default_user=User(1, "tester@example.com", "Tester"),
+        state_path=None if tmp_path is None else tmp_path / "state.json",
+    )
 
 
-def _register(reg: Registry, key: str | None, hostname: str, machine: bytes | None = None,
-              node: bytes | None = None, **kw: Any) -> Node:
-    return reg.register(machine_key=machine or PrivateKey.generate().public,
-                        node_key=node or PrivateKey.generate().public, old_node_key=None,
-                        auth_key=key, hostinfo={"Hostname": hostname}, expiry=None, capver=130,
-                        **kw)
+def _register(
+    reg: Registry,
+    key: str | None,
+    hostname: str,
+    machine: bytes | None = None,
+    node: bytes | None = None,
+    **kw: Any,
+) -> Node:
+    return reg.register(
+        machine_key=machine or PrivateKey.generate().public,
+        node_key=node or PrivateKey.generate().public,
+        old_node_key=None,
+        auth_key=key,
+        hostinfo={"Hostname": hostname},
+        expiry=None,
+        capver=130,
+        **kw,
+    )
 
 
 def test_addresses_names_and_users() -> None:
@@ -51,8 +66,15 @@ def test_same_machine_keeps_identity_other_machine_gets_suffix() -> None:
     again = _register(reg, key, "web", machine=machine)  # re-registration, new node key
     assert (again.id, again.name, again.ipv4, again.ipv6) == snapshot
     # re-registration without a key but with the current node key
-    same = reg.register(machine_key=machine, node_key=again.node_key, old_node_key=None,
-                        auth_key=None, hostinfo={"Hostname": "web"}, expiry=None, capver=130)
+    same = reg.register(
+        machine_key=machine,
+        node_key=again.node_key,
+        old_node_key=None,
+        auth_key=None,
+        hostinfo={"Hostname": "web"},
+        expiry=None,
+        capver=130,
+    )
     assert same.id == first.id
     other = _register(reg, key, "web")
     assert other.name == "web-1"
@@ -109,8 +131,15 @@ def test_logout_removes_ephemeral_and_marks_others() -> None:
     eph = _register(reg, reg.mint_key(ephemeral=True).key, "eph")
     keep = _register(reg, reg.mint_key().key, "keep")
     for node in (eph, keep):
-        reg.register(machine_key=node.machine_key, node_key=node.node_key, old_node_key=None,
-                     auth_key=None, hostinfo={}, expiry=1.0, capver=130)
+        reg.register(
+            machine_key=node.machine_key,
+            node_key=node.node_key,
+            old_node_key=None,
+            auth_key=None,
+            hostinfo={},
+            expiry=1.0,
+            capver=130,
+        )
     assert eph.id not in reg.nodes
     assert keep.logged_out and reg.peers_of(_register(reg, reg.mint_key().key, "x")) == []
 

@@ -23,10 +23,14 @@ def test_map_frame_length_is_little_endian_and_zstd() -> None:
     assert plain == struct.pack("<I", 7) + b'{"a":1}'
 
 
-@given(st.lists(st.dictionaries(st.text(max_size=5), st.integers(), max_size=4), max_size=5),
-       st.booleans(), st.integers(min_value=1, max_value=7))
-def test_map_frame_decoder_handles_any_chunking(messages: list[dict[str, int]], compress: bool,
-                                                chunk: int) -> None:
+@given(
+    st.lists(st.dictionaries(st.text(max_size=5), st.integers(), max_size=4), max_size=5),
+    st.booleans(),
+    st.integers(min_value=1, max_value=7),
+)
+def test_map_frame_decoder_handles_any_chunking(
+    messages: list[dict[str, int]], compress: bool, chunk: int
+) -> None:
     data = b"".join(wire.encode_map_frame(m, compress=compress) for m in messages)
     decoder = wire.MapFrameDecoder(compressed=compress)
     out: list[dict[str, Any]] = []
