@@ -51,9 +51,9 @@ def lock_node_dirs(cfg: ValidConfig, held: dict[str, IO[str]]) -> None:
         try:
             os.makedirs(s.node_dir, mode=0o700, exist_ok=True)
             # held open (and locked) for as long as the service runs
-            f = open(
+            f = open(  # noqa: SIM115
                 os.path.join(s.node_dir, ".harmonia-sidecar.lock"),
-                "a+",  # noqa: SIM115
+                "a+",
                 encoding="utf-8",
             )
         except OSError as exc:

@@ -314,8 +314,8 @@ async def _register(tailnet: Tailnet, hostname: str, tagged: bool = False) -> st
 
 
 async def test_the_directory_with_an_api_key(
-    local_tailnet: Tailnet,
-    tmp_path: Path,  # noqa: F811
+    local_tailnet: Tailnet,  # noqa: F811
+    tmp_path: Path,
     nursery: trio.Nursery,
 ) -> None:
     from sidecar.model import Secret
@@ -351,9 +351,9 @@ async def test_the_directory_with_an_api_key(
 
 
 async def test_the_directory_with_an_oauth_client_and_the_whois_answer(
-    local_tailnet: Tailnet,
+    local_tailnet: Tailnet,  # noqa: F811
     tmp_path: Path,
-    caddy_bin: str,  # noqa: F811
+    caddy_bin: str,
     nursery: trio.Nursery,
 ) -> None:
     with trio.fail_after(30):
@@ -391,9 +391,9 @@ async def test_the_directory_with_an_oauth_client_and_the_whois_answer(
 
 
 async def test_an_api_that_refuses_keeps_the_directory_empty_not_failing(
-    local_tailnet: Tailnet,
+    local_tailnet: Tailnet,  # noqa: F811
     tmp_path: Path,
-    nursery: trio.Nursery,  # noqa: F811
+    nursery: trio.Nursery,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from sidecar.model import Secret
