@@ -16,9 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import h2.exceptions
 import httpx
 import pytest
 import trio
+import trio.lowlevel
 import trustme
 from h2.errors import ErrorCodes
 
@@ -170,12 +172,13 @@ async def test_slow_reader_keeps_the_worker_bounded(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(peak.watch)
             client = await target.connect(window=65535, auto_ack=False, keep_data=False)
+            client.conn.increment_flow_control_window(streams * 65535)  # 64 KiB for each stream
+            nursery.start_soon(client.read_forever)
             sids = [await client.request(url) for _ in range(streams)]
             acked = dict.fromkeys(sids, 0)
             started = trio.current_time()
             while trio.current_time() - started < 8:
-                with trio.move_on_after(0.05):
-                    await client.pump()
+                await trio.sleep(0.05)
                 allowed = int(rate * (trio.current_time() - started) / streams)
                 for sid in sids:
                     rec = client.streams[sid]
@@ -222,16 +225,21 @@ async def test_rapid_reset_stops_production(
             while resets < total:
                 client = await target.connect()
                 connections += 1
-                while resets < total and not client.closed and client.terminated is None:
-                    sid = await client.request(url)
-                    await client.reset(sid)
-                    resets += 1
-                    if resets % 20 == 0:
-                        with trio.move_on_after(0.001):
-                            await client.pump()
-                with trio.move_on_after(2):  # read what the server said before it closed
-                    while client.terminated is None and await client.pump():
-                        pass
+                async with trio.open_nursery() as reading:
+                    reading.start_soon(client.read_forever)
+                    while resets < total and not client.closed and client.terminated is None:
+                        try:
+                            sid = await client.request(url)
+                            await client.reset(sid)
+                        except h2.exceptions.ProtocolError:
+                            break  # the server's GOAWAY arrived in between
+                        resets += 1
+                        if resets % 20 == 0:
+                            await trio.lowlevel.checkpoint()  # let the reader see what the server said
+                    with trio.move_on_after(2):  # what the server said before it closed
+                        while client.terminated is None and not client.closed:  # noqa: ASYNC110
+                            await trio.sleep(0.01)
+                    reading.cancel_scope.cancel()
                 if client.terminated == ErrorCodes.ENHANCE_YOUR_CALM:
                     refused += 1
                 await trio.aclose_forcefully(client.stream)
@@ -252,7 +260,7 @@ async def test_rapid_reset_stops_production(
         fds_after=fds_after,
     )
     assert peak.peak < RSS_LIMIT
-    assert closed_by_server > 0  # the server noticed and closed resetting connections
+    assert closed_by_server > 0 or refused > 0  # the server noticed and closed resetting connections
     assert fds_after <= fds_before and seen["harmonia_open_connections"] == 1
     assert seen["harmonia_nars_in_flight"] == 0
     # no body keeps being produced after its reset: far below one full NAR read per stream
