@@ -148,9 +148,12 @@ class H2Sink:
         view = memoryview(chunk)
         while view:
             n = await self.conn.window(self.stream, len(view))
-            self.conn.h2_call(self.stream, "send_data", self.stream.id, bytes(view[:n]))
+            frame = self.conn.h2.max_outbound_frame_size
+            for start in range(0, n, frame):
+                piece = bytes(view[start : min(start + frame, n)])
+                self.conn.h2_call(self.stream, "send_data", self.stream.id, piece)
             view = view[n:]
-            await self.conn.flush()
+            await self.conn.flush()  # all the frames the window allowed, in one write
 
     async def region(self, region: FileRegion) -> int:
         try:
@@ -246,7 +249,7 @@ class H2Connection:
                 except h2.exceptions.StreamClosedError as exc:
                     raise _StreamGone from exc
                 if open_ > 0:
-                    return min(want, open_, self.h2.max_outbound_frame_size)
+                    return min(want, open_)
                 await self.window_opened.wait()
         raise BodyFailed(f"the client opened no flow-control window for {SEND_TIMEOUT:.0f} s")
 
