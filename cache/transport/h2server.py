@@ -211,6 +211,9 @@ class H2Connection:
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             },
         )
+        # settings given at construction count as in force: h2 applies the header-list limit
+        # to its decoder only on a later change, so set it here
+        self.h2.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
         self.streams: dict[int, _Stream] = {}
         self.send_lock = trio.Lock()
         self.window_opened = trio.Event()

@@ -231,3 +231,13 @@ async def test_shutdown_finishes_running_streams_then_goes_away() -> None:
             while await client.pump():
                 pass
             assert client.terminated == ErrorCodes.NO_ERROR  # GOAWAY, then the connection closed
+
+
+async def test_oversized_header_list_ends_the_connection_not_the_server() -> None:
+    async with connected(echo) as client:
+        ok = await client.get("/first")  # our SETTINGS (32 KiB header lists) are acknowledged by now
+        assert ok.status == 200
+        await client.request("/big", headers=[("x-big", "a" * 40_000)])
+        while await client.pump():
+            pass
+        assert client.terminated is not None and client.terminated != ErrorCodes.NO_ERROR
