@@ -3,8 +3,9 @@
 One process binds (or takes socket-activated sockets), then forks `workers` children that share
 the listening sockets. Each child runs trio: it accepts, detects the protocol (HTTP/1.1, h2c prior
 knowledge, TLS with ALPN) and serves. The parent reports readiness (`READY=1`) once every child
-is serving, pings the watchdog, restarts a child that dies, and on SIGTERM/SIGINT stops them
-gracefully: they stop accepting and let running transfers finish within a grace period.
+is serving, pings the watchdog, restarts a child that dies (with a backoff that resets after a
+healthy run), and on SIGTERM/SIGINT stops them gracefully: they stop accepting and let running
+transfers finish within a grace period.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import socket
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -329,19 +331,82 @@ def run(config: Config) -> int:
     return Supervisor(prepared).run()
 
 
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+HEALTHY_SECONDS = 30.0
+HEALTHY_ENV = "HARMONIA_WORKER_HEALTHY_SECONDS"  # tuning (and tests): what counts as a healthy run
+
+
+class RestartBackoff:
+    """How long to wait before restarting a worker that died, per worker slot.
+
+    The delay doubles from 0.5 s up to 30 s while a slot keeps dying soon after it starts (a crash
+    loop must not burn the CPU); a worker that ran `healthy` seconds or more before it died was
+    healthy, and its slot starts again from 0.5 s.
+    """
+
+    def __init__(
+        self, first: float = BACKOFF_FIRST, ceiling: float = BACKOFF_MAX, healthy: float = HEALTHY_SECONDS
+    ) -> None:
+        self.first = first
+        self.ceiling = ceiling
+        self.healthy = healthy
+        self._next: dict[int, float] = {}
+
+    def delay(self, slot: int, uptime: float) -> float:
+        if uptime >= self.healthy:
+            self._next.pop(slot, None)
+        delay = self._next.get(slot, self.first)
+        self._next[slot] = min(delay * 2, self.ceiling)
+        return delay
+
+
+def healthy_seconds(environ: Mapping[str, str] = os.environ) -> float:
+    raw = environ.get(HEALTHY_ENV)
+    if raw is None:
+        return HEALTHY_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400:
+        log.warning(
+            "%s=%r is not a number of seconds in (0, 86400]; using %.0f", HEALTHY_ENV, raw, HEALTHY_SECONDS
+        )
+        return HEALTHY_SECONDS
+    return value
+
+
+def describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
 class Supervisor:
-    """The parent of the worker processes."""
+    """The parent of the worker processes.
+
+    One loop waits for signals with a deadline (never a blocking sleep), so SIGTERM, SIGINT and
+    SIGHUP are answered at once, also while a worker's restart is pending; a restarted worker's
+    readiness is polled, never waited for.
+    """
+
+    HANDLED = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP})
 
     def __init__(self, prepared: Prepared) -> None:
         self.prepared = prepared
         self.children: dict[int, int] = {}  # pid -> slot
-        self.stopping = False
+        self.started: dict[int, float] = {}  # pid -> when it was forked (monotonic)
+        self.starting: dict[int, int] = {}  # pid -> read end of its readiness pipe
+        self.pending: dict[int, float] = {}  # slot -> when its restart is due (monotonic)
+        self.backoff = RestartBackoff(healthy=healthy_seconds())
 
     def _spawn(self, slot: int) -> tuple[int, int]:
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
             os.close(read_fd)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent owns the workers' lifecycle
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
             code = 0
 
@@ -359,11 +424,11 @@ class Supervisor:
                 os._exit(code)
         os.close(write_fd)
         self.children[pid] = slot
+        self.started[pid] = time.monotonic()
         return pid, read_fd
 
     def run(self) -> int:
-        handled = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP}
-        signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.HANDLED)
         pipes = [self._spawn(slot) for slot in range(self.prepared.config.workers)]
         for pid, fd in pipes:
             ok = os.read(fd, 1) == b"1"
@@ -374,52 +439,120 @@ class Supervisor:
                 return 1
         announce(self.prepared)
         interval = watchdog_interval()
-        backoff = 0.5
+        next_ping = time.monotonic()
         while True:
-            timeout = interval if interval else 3600.0
-            info = signal.sigtimedwait(handled, timeout)
-            if interval:
+            now = time.monotonic()
+            if interval and now >= next_ping:
                 notify("WATCHDOG=1")
+                next_ping = now + interval
+            self._start_due(now)
+            self._poll_starting()
+            info = signal.sigtimedwait(self.HANDLED, self._wait_time(now, next_ping if interval else None))
             if info is None:
                 continue
             if info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                log.info(
+                    "received %s: stopping the workers (running requests get up to %ss)",
+                    signal.Signals(info.si_signo).name,
+                    GRACE_SECONDS,
+                )
                 notify("STOPPING=1")
+                self.pending.clear()
                 return self._stop_all()
-            if info.si_signo == signal.SIGCHLD:
-                for pid, slot in self._reap():
-                    log.error("worker %d (pid %d) exited; restarting it in %.1fs", slot, pid, backoff)
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 30.0)
-                    _, fd = self._spawn(slot)
-                    os.read(fd, 1)
-                    os.close(fd)
+            if info.si_signo == signal.SIGHUP:
+                log.info("received SIGHUP: nothing to reload (configuration and keys are read at start)")
+            elif info.si_signo == signal.SIGCHLD:
+                self._schedule_restarts()
 
-    def _reap(self) -> list[tuple[int, int]]:
+    def _wait_time(self, now: float, next_ping: float | None) -> float:
+        deadlines = [now + 3600.0]
+        if next_ping is not None:
+            deadlines.append(next_ping)
+        deadlines.extend(self.pending.values())
+        if self.starting:
+            deadlines.append(now + 0.1)  # readiness of a restarted worker is polled
+        return max(0.0, min(deadlines) - now)
+
+    def _schedule_restarts(self) -> None:
+        now = time.monotonic()
+        for pid, slot, status in self._reap():
+            uptime = now - self.started.pop(pid, now)
+            delay = self.backoff.delay(slot, uptime)
+            log.error(
+                "worker %d (pid %d) %s after %.1fs; restarting it in %.1fs",
+                slot,
+                pid,
+                describe_exit(status),
+                uptime,
+                delay,
+            )
+            self.pending[slot] = now + delay
+
+    def _start_due(self, now: float) -> None:
+        for slot, due in sorted(self.pending.items()):
+            if due <= now:
+                del self.pending[slot]
+                pid, fd = self._spawn(slot)
+                self.starting[pid] = fd
+
+    def _poll_starting(self) -> None:
+        if not self.starting:
+            return
+        readable, _, _ = select.select(list(self.starting.values()), [], [], 0)
+        for pid, fd in list(self.starting.items()):
+            if fd in readable:
+                if os.read(fd, 1) == b"1":
+                    log.info("worker %d (pid %d) is serving again", self.children.get(pid, -1), pid)
+                os.close(fd)
+                del self.starting[pid]
+
+    def _reap(self) -> list[tuple[int, int, int]]:
         dead = []
         while self.children:
             try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid == 0:
                 break
             slot = self.children.pop(pid, None)
+            fd = self.starting.pop(pid, None)
+            if fd is not None:
+                os.close(fd)
             if slot is not None:
-                dead.append((pid, slot))
+                dead.append((pid, slot, status))
         return dead
 
     def _stop_all(self) -> int:
-        for pid in self.children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        """SIGTERM to every worker; they drain for the grace period. A second SIGTERM/SIGINT is
+        passed on (the workers then end their transfers at once); past the grace period, SIGKILL."""
+        self._signal_children(signal.SIGTERM)
         deadline = time.monotonic() + GRACE_SECONDS + 5
         while self.children and time.monotonic() < deadline:
             self._reap()
-            time.sleep(0.05)
+            if not self.children:
+                break
+            info = signal.sigtimedwait(self.HANDLED, min(0.5, max(0.0, deadline - time.monotonic())))
+            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                log.info("received %s again: stopping now", signal.Signals(info.si_signo).name)
+                self._signal_children(signal.SIGTERM)
+        if self.children:
+            log.error(
+                "workers %s did not stop within %.0fs: killing them", sorted(self.children), GRACE_SECONDS + 5
+            )
+            self._signal_children(signal.SIGKILL)
+            for pid in list(self.children):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+        for fd in self.starting.values():
+            os.close(fd)
+        self.starting.clear()
+        return 0
+
+    def _signal_children(self, signum: int) -> None:
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        return 0
+                os.kill(pid, signum)
 
 
 def configure_logging(level: str) -> None:
