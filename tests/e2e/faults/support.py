@@ -11,7 +11,9 @@ import contextlib
 import http.client
 import json
 import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -22,6 +24,7 @@ from typing import Any
 
 from tests.support.cache_server import CacheServer
 from tests.support.fixtures import Fixtures
+from tests.support.nix import nix_env, run
 
 SCENARIO_SECONDS = 30  # every scenario ends within this (the CI budget per scenario)
 FIGURES: dict[str, dict[str, Any]] = {}  # scenario name -> its figures
@@ -228,3 +231,87 @@ class Figures:
         self.values.update(values)
         FIGURES[self.name] = self.values
         print(f"\n[faults] {self.name}: {json.dumps(values, sort_keys=True)}")
+
+
+class OwnDaemon:
+    """A nix-daemon of the test's own: its own socket and its own store (a chroot store under
+    `state`, filled from the host store), so the test may kill and restart it freely. Only the
+    processes this class started are ever signalled."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.root = state / "root"
+        self.socket = state / "daemon.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        state.mkdir(parents=True, exist_ok=True)
+        self.env = nix_env(state / "xdg")
+
+    @property
+    def store_dir(self) -> Path:
+        """Where the own store's files really are (the cache's real_nix_store)."""
+        return self.root / "nix" / "store"
+
+    def populate(self, paths: list[str], host_env: dict[str, str]) -> None:
+        run(["nix", "copy", "--no-check-sigs", "--to", f"local?root={self.root}", *paths], env=host_env)
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()  # a stale socket file refuses connections
+        env = dict(self.env, NIX_DAEMON_SOCKET_PATH=str(self.socket))
+        log = (self.state / "nix-daemon.log").open("ab")
+        self.proc = subprocess.Popen(
+            ["nix-daemon", "--option", "store", f"local?root={self.root}"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        self.starts += 1
+        probe = ["nix", "store", "ping", "--store", f"unix://{self.socket}"]
+        wait_for(
+            lambda: run(probe, env=self.env, timeout=20, check=False).returncode == 0, 20, "own nix-daemon"
+        )
+
+    def connection_processes(self) -> list[int]:
+        """The daemon's per-connection processes (it forks one for each client connection)."""
+        return children(self.proc.pid) if self.proc is not None else []
+
+    def kill_connections(self) -> int:
+        """What a client sees of a daemon restart: every connection's process dies at once."""
+        pids = self.connection_processes()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return len(pids)
+
+    def restart(self) -> int:
+        """A full restart, as systemd does it: the daemon and its connection processes go, a new
+        daemon takes the socket."""
+        killed = self.stop()
+        self.start()
+        return killed
+
+    def stop(self) -> int:
+        if self.proc is None:
+            return 0
+        pids = self.connection_processes()
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc = None
+        return len(pids)
+
+    def __enter__(self) -> OwnDaemon:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
