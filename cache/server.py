@@ -39,6 +39,7 @@ log = logging.getLogger("harmonia.server")
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 TLS_HANDSHAKE_TIMEOUT = 10.0
 GRACE_SECONDS = 10.0
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn; bursts wait here, not dropped
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def open_sockets(config: Config) -> list[socket.socket]:
             # "[::]" serves IPv4 too, as harmonia's default bind does
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((bind.host if bind.host != "localhost" else "127.0.0.1", bind.port))
-    sock.listen(1024)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return [sock]
 
@@ -112,23 +113,19 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
-class RateLimiter:
-    """At most `rate` new connections a second per worker (a token bucket)."""
+ACCEPT_BATCH = 64  # connections accepted in a row before other tasks run
+ACCEPT_ERROR_PAUSE = 0.1  # after EMFILE/ENFILE/ENOBUFS: let connections close
 
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self.tokens = float(rate)
-        self.last = time.monotonic()
 
-    async def wait(self) -> None:
-        while True:
-            now = time.monotonic()
-            self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
-            self.last = now
-            if self.tokens >= 1:
-                self.tokens -= 1
-                return
-            await trio.sleep((1 - self.tokens) / self.rate)
+def dead_on_arrival(sock: socket.socket) -> bool:
+    """A connection its client already reset or closed without sending a byte: a connect flood's
+    connection costs one peek and a close, never a task."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # open, nothing sent yet: a normal client about to speak
+    except OSError:
+        return True  # ECONNRESET and friends
 
 
 class Worker:
@@ -140,20 +137,47 @@ class Worker:
         self.slots = trio.Semaphore(config.max_connections)
         self.stopping = trio.Event()
         self.idle: set[trio.CancelScope] = set()
-        self.rate = RateLimiter(config.max_connection_rate)
+        # harmonia's (actix's) meaning of max_connection_rate: TLS handshakes in progress at once
+        # per worker, which bounds the CPU spent on handshakes; it is not a rate of connections
+        self.handshakes = trio.Semaphore(config.max_connection_rate)
+        self.dropped_on_arrival = 0
 
-    async def accept_loop(self, listener: trio.socket.SocketType, conns: trio.Nursery) -> None:
+    async def accept_loop(self, listener: socket.socket, conns: trio.Nursery) -> None:
+        """Accept as fast as connections come, in batches: a connection the kernel cannot queue is
+        a normal client's dropped SYN, so the queue is drained rather than rate limited. Reset
+        connections are dropped before they cost a task; at max_connections accepting pauses
+        (connections wait in the kernel's queue, where the other workers may take them)."""
+        batch = 0
+        warned = 0.0
         while True:
-            await self.slots.acquire()
-            await self.rate.wait()
             try:
-                sock, addr = await listener.accept()
+                self.slots.acquire_nowait()  # no scheduling round per connection
+            except trio.WouldBlock:
+                await self.slots.acquire()  # max_connections open: stop accepting until one closes
+            try:
+                raw, addr = listener.accept()
+            except BlockingIOError:
+                self.slots.release()
+                batch = 0
+                await trio.lowlevel.wait_readable(listener)
+                continue
             except OSError as exc:
                 self.slots.release()
-                log.warning("accept failed: %s", exc)
-                await trio.sleep(0.1)
+                if time.monotonic() - warned > 10:  # once per 10 s, not once per connection
+                    warned = time.monotonic()
+                    log.warning("accept failed: %s", exc)
+                await trio.sleep(ACCEPT_ERROR_PAUSE)
                 continue
-            conns.start_soon(self.connection, sock, addr)
+            if dead_on_arrival(raw):
+                raw.close()
+                self.slots.release()
+                self.dropped_on_arrival += 1
+            else:
+                conns.start_soon(self.connection, trio.socket.from_stdlib_socket(raw), addr)
+            batch += 1
+            if batch >= ACCEPT_BATCH:
+                batch = 0
+                await trio.lowlevel.checkpoint()
 
     async def connection(self, sock: trio.socket.SocketType, addr: object) -> None:
         client = addr[0] if isinstance(addr, tuple) else "unix"
@@ -207,8 +231,9 @@ class Worker:
         assert self.ssl is not None
         tls = trio.SSLStream(stream, self.ssl, server_side=True)
         try:
-            with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
-                await tls.do_handshake()
+            async with self.handshakes:  # max_connection_rate handshakes at once
+                with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                    await tls.do_handshake()
         except (trio.TooSlowError, trio.BrokenResourceError):
             return
         if tls.selected_alpn_protocol() == "h2":
@@ -225,7 +250,9 @@ class Worker:
 
         A second signal during the drain ends the remaining transfers at once.
         """
-        listeners = [trio.socket.from_stdlib_socket(s.dup()) for s in sockets]
+        listeners = [s.dup() for s in sockets]
+        for listener in listeners:
+            listener.setblocking(False)
         stop = trio.Event()
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as outer:
