@@ -353,6 +353,7 @@ def run(config: Config) -> int:
     """Serve until SIGTERM/SIGINT. Returns the exit status."""
     prepared = prepare(config)
     if config.workers == 1:
+        signal.signal(signal.SIGHUP, _sighup)  # as with workers: logged, and the server keeps serving
         trio.run(serve_in_process, prepared, 0, lambda: announce(prepared))
         return 0
     return Supervisor(prepared).run()
@@ -362,6 +363,13 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 HEALTHY_SECONDS = 30.0
 HEALTHY_ENV = "HARMONIA_WORKER_HEALTHY_SECONDS"  # tuning (and tests): what counts as a healthy run
+
+
+def _sighup(signum: int, frame: object) -> None:
+    log.info(SIGHUP_MESSAGE)
+
+
+SIGHUP_MESSAGE = "received SIGHUP: nothing to reload (configuration and keys are read at start)"
 
 
 class RestartBackoff:
@@ -487,7 +495,7 @@ class Supervisor:
                 self.pending.clear()
                 return self._stop_all()
             if info.si_signo == signal.SIGHUP:
-                log.info("received SIGHUP: nothing to reload (configuration and keys are read at start)")
+                log.info(SIGHUP_MESSAGE)
             elif info.si_signo == signal.SIGCHLD:
                 self._schedule_restarts()
 

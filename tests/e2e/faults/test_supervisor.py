@@ -166,3 +166,10 @@ def answers_text(conn: object, path: str) -> str:
     body = resp.read().decode()
     assert resp.status == 200, body
     return body
+
+
+def test_sighup_keeps_a_single_process_server_serving(tmp_path: Path, nix_daemon_env: dict[str, str]) -> None:
+    with start_cache(tmp_path, workers=1) as cache:
+        cache.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: any("received SIGHUP" in line for line in cache.lines), 5, "SIGHUP to be handled")
+        assert cache.proc.poll() is None and answers(cache) == 200
