@@ -7,6 +7,7 @@ protocol 1.34 (Nix 2.8) and accept any daemon from 1.21 on.
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import struct
@@ -41,6 +42,7 @@ STDERR_STOP_ACTIVITY = 0x53544F50
 STDERR_RESULT = 0x52534C54
 
 MAX_STRING = 64 * 1024 * 1024
+log = logging.getLogger("harmonia.daemon")
 T = TypeVar("T")
 QUERY_TIMEOUT = 30.0
 RECONNECT_SECONDS = 3.0  # how long a query keeps retrying while the daemon restarts
@@ -237,7 +239,6 @@ class DaemonStore:
         # bumped when a connection turns out dead (a daemon restart kills every connection at
         # once): connections of an older generation are never reused
         self._generation = 0
-        self.stale_drops = 0  # pooled connections dropped as stale, for tests and logs
 
     async def _connect(self) -> Connection:
         try:
@@ -265,7 +266,10 @@ class DaemonStore:
         if generation != self._generation:
             return  # already done for this restart
         self._generation += 1
-        self.stale_drops += len(self._idle)
+        log.warning(
+            "a nix-daemon connection closed (a daemon restart?): dropping %d pooled connection(s), retrying",
+            len(self._idle) + 1,
+        )
         for conn in self._idle:
             conn.close_now()
         self._idle.clear()
@@ -275,7 +279,6 @@ class DaemonStore:
             conn = self._idle.pop()
             if not conn.closed_by_peer():
                 return conn
-            self.stale_drops += 1
             conn.close_now()
             self._invalidate(conn.generation)
         return await self._connect()
