@@ -140,7 +140,6 @@ class Worker:
         # harmonia's (actix's) meaning of max_connection_rate: TLS handshakes in progress at once
         # per worker, which bounds the CPU spent on handshakes; it is not a rate of connections
         self.handshakes = trio.Semaphore(config.max_connection_rate)
-        self.dropped_on_arrival = 0
 
     async def accept_loop(self, listener: socket.socket, conns: trio.Nursery) -> None:
         """Accept as fast as connections come, in batches: a connection the kernel cannot queue is
@@ -171,7 +170,6 @@ class Worker:
             if dead_on_arrival(raw):
                 raw.close()
                 self.slots.release()
-                self.dropped_on_arrival += 1
             else:
                 conns.start_soon(self.connection, trio.socket.from_stdlib_socket(raw), addr)
             batch += 1

@@ -50,7 +50,7 @@ def kill_worker(cache: CacheServer, victim: int, *, wait_restart: bool = True) -
 def test_backoff_resets_after_a_healthy_run(
     tmp_path: Path, nix_daemon_env: dict[str, str], figures: Figures
 ) -> None:
-    healthy = 3.0
+    healthy = 5.0
     env = {**os.environ, HEALTHY_ENV: str(healthy)}
     with start_cache(tmp_path, workers=2, env=env) as cache:
         victim = sorted(children(cache.proc.pid))[0]
