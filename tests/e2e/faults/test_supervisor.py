@@ -173,3 +173,33 @@ def test_sighup_keeps_a_single_process_server_serving(tmp_path: Path, nix_daemon
         cache.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: any("received SIGHUP" in line for line in cache.lines), 5, "SIGHUP to be handled")
         assert cache.proc.poll() is None and answers(cache) == 200
+
+
+def test_a_second_sigterm_ends_running_transfers_at_once(
+    tmp_path: Path, store_fixtures: Fixtures, figures: Figures
+) -> None:
+    """The supervisor passes a second SIGTERM on to the workers, which then cut what still runs."""
+    import http.client
+
+    with start_cache(tmp_path, workers=2) as cache:
+        h = Path(store_fixtures.big).name[:32]
+        host, port = hostport(cache)
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        narhash = answers_text(conn, f"/{h}.narinfo").split("NarHash: sha256:")[1][:52]
+        conn.request("GET", f"/nar/{narhash}.nar?hash={h}", headers={"Accept-Encoding": "identity"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read(65536)  # a transfer that will not end by itself soon
+        cache.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: any("received SIGTERM" in line for line in cache.lines), 5, "the first SIGTERM")
+        time.sleep(0.5)
+        sent = time.monotonic()
+        cache.proc.send_signal(signal.SIGTERM)
+        try:
+            code = cache.proc.wait(GRACE_SECONDS + 10)
+        except subprocess.TimeoutExpired:
+            code = None
+        elapsed = time.monotonic() - sent
+        conn.close()
+        figures.record(exit_after_second_sigterm_s=round(elapsed, 2), exit_code=code)
+        assert code == 0, cache.log
+        assert elapsed < GRACE_SECONDS / 2, f"the second SIGTERM took {elapsed:.1f}s"
