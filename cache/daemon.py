@@ -7,7 +7,9 @@ protocol 1.34 (Nix 2.8) and accept any daemon from 1.21 on.
 
 from __future__ import annotations
 
+import logging
 import os
+import select
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -39,9 +41,10 @@ STDERR_STOP_ACTIVITY = 0x53544F50
 STDERR_RESULT = 0x52534C54
 
 MAX_STRING = 64 * 1024 * 1024
+log = logging.getLogger("harmonia.daemon")
 T = TypeVar("T")
-CONNECT_ATTEMPTS = 5
 QUERY_TIMEOUT = 30.0
+RECONNECT_SECONDS = 3.0  # how long a query keeps retrying while the daemon restarts
 PATH_NAMES = 200_000
 
 
@@ -69,8 +72,9 @@ def wire_str(data: bytes | str) -> bytes:
 class Connection:
     """One daemon connection with a read buffer. Not safe for concurrent use."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, generation: int = 0) -> None:
         self.stream = stream
+        self.generation = generation  # the pool's generation when it was opened
         self.buf = bytearray()
         self.daemon_version = 0
         self.nix_version = ""
@@ -187,6 +191,27 @@ class Connection:
     async def aclose(self) -> None:
         await self.stream.aclose()
 
+    def close_now(self) -> None:
+        self.stream.socket.close()
+
+    def closed_by_peer(self) -> bool:
+        """An idle connection has nothing to read: readable means the daemon closed or reset it."""
+        try:
+            fd = self.stream.socket.fileno()
+        except OSError:
+            return True
+        if fd < 0:
+            return True
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(0))
+
+
+def retry_pause(attempt: int) -> float:
+    """Before retry `attempt` (1, 2, …): the first at once (a fresh connection replaces stale
+    ones), then 20 ms doubling up to 250 ms while the daemon comes back."""
+    return 0.0 if attempt <= 1 else min(0.25, 0.01 * 2 ** (attempt - 1))
+
 
 class DaemonStore:
     """Store metadata and NARs through the daemon socket: for a store this process cannot read."""
@@ -210,6 +235,9 @@ class DaemonStore:
         self._queries = trio.CapacityLimiter(pool_size)
         self.prefer_files = prefer_files
         self._path_names: dict[str, str] = {}
+        # bumped when a connection turns out dead (a daemon restart kills every connection at
+        # once): connections of an older generation are never reused
+        self._generation = 0
 
     async def _connect(self) -> Connection:
         try:
@@ -218,7 +246,7 @@ class DaemonStore:
             raise ConnectFailed(
                 f"cannot connect to the nix-daemon at {self.socket_path}: {exc.strerror}"
             ) from exc
-        conn = Connection(stream)
+        conn = Connection(stream, self._generation)
         try:
             with trio.fail_after(30):
                 await conn.handshake()
@@ -232,43 +260,69 @@ class DaemonStore:
             raise
         return conn
 
+    def _invalidate(self, generation: int) -> None:
+        """The first sign of a daemon restart: drop every pooled connection, not just this one."""
+        if generation != self._generation:
+            return  # already done for this restart
+        self._generation += 1
+        log.warning(
+            "a nix-daemon connection closed (a daemon restart?): dropping %d pooled connection(s), retrying",
+            len(self._idle) + 1,
+        )
+        for conn in self._idle:
+            conn.close_now()
+        self._idle.clear()
+
+    async def _take(self) -> Connection:
+        if self._idle:
+            conn = self._idle.pop()
+            if not conn.closed_by_peer():
+                return conn
+            conn.close_now()
+            self._invalidate(conn.generation)
+        return await self._connect()
+
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
-        conn = self._idle.pop() if self._idle else await self._connect()
+        conn = await self._take()
         ok = False
         try:
             yield conn
             ok = True
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._invalidate(conn.generation)
             raise DaemonGone(f"the nix-daemon connection broke: {exc}") from exc
+        except DaemonGone:
+            self._invalidate(conn.generation)
+            raise
         finally:
             # a connection interrupted mid-operation is in an unknown state: drop it
-            if ok and len(self._idle) < self._pool_size:
+            if ok and conn.generation == self._generation and len(self._idle) < self._pool_size:
                 self._idle.append(conn)
             else:
                 with trio.CancelScope(shield=True):
                     await conn.aclose()
 
     async def _query(self, operation: Callable[[Connection], Awaitable[T]]) -> T:
-        """Run one query on a pooled connection; a pooled connection the daemon has since closed
-        (a daemon restart) is replaced once, transparently."""
+        """Run one query on a pooled connection. The queries are reads, so one that meets a dead
+        connection (a daemon restart) or a refused connect is retried on a new connection for up
+        to RECONNECT_SECONDS: a daemon restart costs a delay, not an error."""
         async with self._queries:
-            for attempt in range(1, CONNECT_ATTEMPTS + 1):
-                reused = bool(self._idle)
+            give_up = trio.current_time() + RECONNECT_SECONDS
+            attempt = 0
+            while True:
                 try:
                     with trio.fail_after(QUERY_TIMEOUT):
                         async with self._connection() as conn:
                             return await operation(conn)
                 except trio.TooSlowError as exc:
                     raise DaemonError(f"the nix-daemon did not answer within {QUERY_TIMEOUT:.0f} s") from exc
-                except ConnectFailed:
-                    if attempt == CONNECT_ATTEMPTS:
-                        raise
-                    await trio.sleep(0.01 * 2**attempt)  # the daemon forks a worker per connection
                 except DaemonGone:
-                    if not (reused and attempt == 1):
+                    attempt += 1
+                    pause = retry_pause(attempt)
+                    if trio.current_time() + pause > give_up:
                         raise
-            raise AssertionError("unreachable")
+                    await trio.sleep(pause)
 
     async def path_from_hash_part(self, hash_part: str) -> str | None:
         async def op(conn: Connection) -> str | None:
@@ -318,22 +372,38 @@ class DaemonStore:
         )
 
     async def nar_stream(self, path: str, size: int) -> AsyncIterator[bytes]:
-        """Exactly `size` bytes of the path's NAR, as the daemon dumps it."""
-        async with self._connection() as conn:
-            await conn.send(u64(OP_NAR_FROM_PATH) + wire_str(path))
-            await conn.process_stderr()
-            left = size
-            if conn.buf:
-                head = bytes(conn.buf[:left])
-                del conn.buf[: len(head)]
-                left -= len(head)
-                yield head
-            while left:
-                data = await conn.stream.receive_some(min(left, 1 << 20))
-                if not data:
-                    raise DaemonError("the daemon closed the connection mid-NAR")
-                left -= len(data)
-                yield data
+        """Exactly `size` bytes of the path's NAR, as the daemon dumps it. A connection that dies
+        before the first byte (a daemon restart) is replaced, as for queries; one that dies later
+        fails the stream (the client's download is cut and it retries)."""
+        give_up = trio.current_time() + RECONNECT_SECONDS
+        attempt = 0
+        while True:
+            started = False
+            try:
+                async with self._connection() as conn:
+                    await conn.send(u64(OP_NAR_FROM_PATH) + wire_str(path))
+                    await conn.process_stderr()
+                    left = size
+                    if conn.buf:
+                        head = bytes(conn.buf[:left])
+                        del conn.buf[: len(head)]
+                        left -= len(head)
+                        started = True
+                        yield head
+                    while left:
+                        data = await conn.stream.receive_some(min(left, 1 << 20))
+                        if not data:
+                            raise DaemonGone("the daemon closed the connection mid-NAR")
+                        left -= len(data)
+                        started = True
+                        yield data
+                return
+            except DaemonGone:
+                attempt += 1
+                pause = retry_pause(attempt)
+                if started or trio.current_time() + pause > give_up:
+                    raise
+                await trio.sleep(pause)
 
     def real_path(self, path: str) -> bytes:
         return real_path(path, self.store_dir, self.real_store_dir)

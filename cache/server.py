@@ -3,8 +3,9 @@
 One process binds (or takes socket-activated sockets), then forks `workers` children that share
 the listening sockets. Each child runs trio: it accepts, detects the protocol (HTTP/1.1, h2c prior
 knowledge, TLS with ALPN) and serves. The parent reports readiness (`READY=1`) once every child
-is serving, pings the watchdog, restarts a child that dies, and on SIGTERM/SIGINT stops them
-gracefully: they stop accepting and let running transfers finish within a grace period.
+is serving, pings the watchdog, restarts a child that dies (with a backoff that resets after a
+healthy run), and on SIGTERM/SIGINT stops them gracefully: they stop accepting and let running
+transfers finish within a grace period.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import signal
 import socket
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import trio
@@ -47,6 +49,7 @@ ACCEPT_GONE_ERRNOS = frozenset(
 )  # fmt: skip
 TLS_HANDSHAKE_TIMEOUT = 10.0
 GRACE_SECONDS = 10.0
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn; bursts wait here, not dropped
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def open_sockets(config: Config) -> list[socket.socket]:
             # "[::]" serves IPv4 too, as harmonia's default bind does
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((bind.host if bind.host != "localhost" else "127.0.0.1", bind.port))
-    sock.listen(1024)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return [sock]
 
@@ -120,23 +123,18 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
-class RateLimiter:
-    """At most `rate` new connections a second per worker (a token bucket)."""
+ACCEPT_BATCH = 64  # connections accepted in a row before other tasks run
 
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self.tokens = float(rate)
-        self.last = time.monotonic()
 
-    async def wait(self) -> None:
-        while True:
-            now = time.monotonic()
-            self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
-            self.last = now
-            if self.tokens >= 1:
-                self.tokens -= 1
-                return
-            await trio.sleep((1 - self.tokens) / self.rate)
+def dead_on_arrival(sock: socket.socket) -> bool:
+    """A connection its client already reset or closed without sending a byte: a connect flood's
+    connection costs one peek and a close, never a task."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # open, nothing sent yet: a normal client about to speak
+    except OSError:
+        return True  # ECONNRESET and friends
 
 
 class Worker:
@@ -147,19 +145,36 @@ class Worker:
         self.slots = trio.Semaphore(config.max_connections)
         self.stopping = trio.Event()
         self.idle: set[trio.CancelScope] = set()
-        self.rate = RateLimiter(config.max_connection_rate)
+        # harmonia's (actix's) meaning of max_connection_rate: TLS handshakes in progress at once
+        # per worker, which bounds the CPU spent on handshakes; it is not a rate of connections
+        self.handshakes = trio.Semaphore(config.max_connection_rate)
 
-    async def accept_loop(self, listener: trio.socket.SocketType, conns: trio.Nursery) -> None:
+    async def accept_loop(self, listener: socket.socket, conns: trio.Nursery) -> None:
+        """Accept as fast as connections come, in batches: a connection the kernel cannot queue is
+        a normal client's dropped SYN, so the queue is drained rather than rate limited. Reset
+        connections are dropped before they cost a task; at max_connections accepting pauses
+        (connections wait in the kernel's queue, where the other workers may take them)."""
+        batch = 0
+        warned = 0.0
         while True:
-            await self.slots.acquire()
-            await self.rate.wait()
             try:
-                sock, addr = await listener.accept()
+                self.slots.acquire_nowait()  # no scheduling round per connection
+            except trio.WouldBlock:
+                await self.slots.acquire()  # max_connections open: stop accepting until one closes
+            try:
+                raw, addr = listener.accept()
+            except BlockingIOError:
+                self.slots.release()
+                batch = 0
+                await trio.lowlevel.wait_readable(listener)
+                continue
             except OSError as exc:
                 self.slots.release()
                 if exc.errno in ACCEPT_CAPACITY_ERRNOS:
                     # out of descriptors or memory: running connections will free some
-                    log.warning("accept failed, retrying in %.1fs: %s", ACCEPT_BACKOFF, exc)
+                    if time.monotonic() - warned > 10:  # once per 10 s, not once per connection
+                        warned = time.monotonic()
+                        log.warning("accept failed, retrying in %.1fs: %s", ACCEPT_BACKOFF, exc)
                     await trio.sleep(ACCEPT_BACKOFF)
                     continue
                 if exc.errno in ACCEPT_GONE_ERRNOS:
@@ -168,7 +183,15 @@ class Worker:
                 # supervisor starts a fresh one
                 log.error("accept failed on the listening socket: %s", exc)
                 raise
-            conns.start_soon(self.connection, sock, addr)
+            if dead_on_arrival(raw):
+                raw.close()
+                self.slots.release()
+            else:
+                conns.start_soon(self.connection, trio.socket.from_stdlib_socket(raw), addr)
+            batch += 1
+            if batch >= ACCEPT_BATCH:
+                batch = 0
+                await trio.lowlevel.checkpoint()
 
     async def connection(self, sock: trio.socket.SocketType, addr: object) -> None:
         client = addr[0] if isinstance(addr, tuple) else "unix"
@@ -225,8 +248,9 @@ class Worker:
         assert self.ssl is not None
         tls = trio.SSLStream(stream, self.ssl, server_side=True)
         try:
-            with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
-                await tls.do_handshake()
+            async with self.handshakes:  # max_connection_rate handshakes at once
+                with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                    await tls.do_handshake()
         except (trio.TooSlowError, trio.BrokenResourceError):
             return
         if tls.selected_alpn_protocol() == "h2":
@@ -251,7 +275,9 @@ class Worker:
 
         A second signal during the drain ends the remaining transfers at once.
         """
-        listeners = [trio.socket.from_stdlib_socket(s.dup()) for s in sockets]
+        listeners = [s.dup() for s in sockets]
+        for listener in listeners:
+            listener.setblocking(False)
         stop = trio.Event()
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with trio.open_nursery() as outer:
@@ -351,24 +377,95 @@ def run(config: Config) -> int:
     """Serve until SIGTERM/SIGINT. Returns the exit status."""
     prepared = prepare(config)
     if config.workers == 1:
+        signal.signal(signal.SIGHUP, _sighup)  # as with workers: logged, and the server keeps serving
         trio.run(serve_in_process, prepared, 0, lambda: announce(prepared))
         return 0
     return WorkerSupervisor(prepared).run()
 
 
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+HEALTHY_SECONDS = 30.0
+HEALTHY_ENV = "HARMONIA_WORKER_HEALTHY_SECONDS"  # tuning (and tests): what counts as a healthy run
+
+
+def _sighup(signum: int, frame: object) -> None:
+    log.info(SIGHUP_MESSAGE)
+
+
+SIGHUP_MESSAGE = "received SIGHUP: nothing to reload (configuration and keys are read at start)"
+
+
+class RestartBackoff:
+    """How long to wait before restarting a worker that died, per worker slot.
+
+    The delay doubles from 0.5 s up to 30 s while a slot keeps dying soon after it starts (a crash
+    loop must not burn the CPU); a worker that ran `healthy` seconds or more before it died was
+    healthy, and its slot starts again from 0.5 s.
+    """
+
+    def __init__(
+        self, first: float = BACKOFF_FIRST, ceiling: float = BACKOFF_MAX, healthy: float = HEALTHY_SECONDS
+    ) -> None:
+        self.first = first
+        self.ceiling = ceiling
+        self.healthy = healthy
+        self._next: dict[int, float] = {}
+
+    def delay(self, slot: int, uptime: float) -> float:
+        if uptime >= self.healthy:
+            self._next.pop(slot, None)
+        delay = self._next.get(slot, self.first)
+        self._next[slot] = min(delay * 2, self.ceiling)
+        return delay
+
+
+def healthy_seconds(environ: Mapping[str, str] = os.environ) -> float:
+    raw = environ.get(HEALTHY_ENV)
+    if raw is None:
+        return HEALTHY_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400:
+        log.warning(
+            "%s=%r is not a number of seconds in (0, 86400]; using %.0f", HEALTHY_ENV, raw, HEALTHY_SECONDS
+        )
+        return HEALTHY_SECONDS
+    return value
+
+
+def describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
+
+
 class WorkerSupervisor:
-    """The parent of the worker processes: starts them, restarts one that dies, stops them all."""
+    """The parent of the worker processes.
+
+    One loop waits for signals with a deadline (never a blocking sleep), so SIGTERM, SIGINT and
+    SIGHUP are answered at once, also while a worker's restart is pending; a restarted worker's
+    readiness is polled, never waited for.
+    """
+
+    HANDLED = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP})
 
     def __init__(self, prepared: Prepared) -> None:
         self.prepared = prepared
         self.children: dict[int, int] = {}  # pid -> slot
-        self.stopping = False
+        self.started: dict[int, float] = {}  # pid -> when it was forked (monotonic)
+        self.starting: dict[int, int] = {}  # pid -> read end of its readiness pipe
+        self.pending: dict[int, float] = {}  # slot -> when its restart is due (monotonic)
+        self.backoff = RestartBackoff(healthy=healthy_seconds())
 
     def _spawn(self, slot: int) -> tuple[int, int]:
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # child
             os.close(read_fd)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent owns the workers' lifecycle
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
             code = 0
 
@@ -386,11 +483,11 @@ class WorkerSupervisor:
                 os._exit(code)
         os.close(write_fd)
         self.children[pid] = slot
+        self.started[pid] = time.monotonic()
         return pid, read_fd
 
     def run(self) -> int:
-        handled = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP}
-        signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.HANDLED)
         pipes = [self._spawn(slot) for slot in range(self.prepared.config.workers)]
         for pid, fd in pipes:
             ok = os.read(fd, 1) == b"1"
@@ -401,52 +498,120 @@ class WorkerSupervisor:
                 return 1
         announce(self.prepared)
         interval = watchdog_interval()
-        backoff = 0.5
+        next_ping = time.monotonic()
         while True:
-            timeout = interval if interval else 3600.0
-            info = signal.sigtimedwait(handled, timeout)
-            if interval:
+            now = time.monotonic()
+            if interval and now >= next_ping:
                 notify("WATCHDOG=1")
+                next_ping = now + interval
+            self._start_due(now)
+            self._poll_starting()
+            info = signal.sigtimedwait(self.HANDLED, self._wait_time(now, next_ping if interval else None))
             if info is None:
                 continue
             if info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                log.info(
+                    "received %s: stopping the workers (running requests get up to %ss)",
+                    signal.Signals(info.si_signo).name,
+                    GRACE_SECONDS,
+                )
                 notify("STOPPING=1")
+                self.pending.clear()
                 return self._stop_all()
-            if info.si_signo == signal.SIGCHLD:
-                for pid, slot in self._reap():
-                    log.error("worker %d (pid %d) exited; restarting it in %.1fs", slot, pid, backoff)
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 30.0)
-                    _, fd = self._spawn(slot)
-                    os.read(fd, 1)
-                    os.close(fd)
+            if info.si_signo == signal.SIGHUP:
+                log.info(SIGHUP_MESSAGE)
+            elif info.si_signo == signal.SIGCHLD:
+                self._schedule_restarts()
 
-    def _reap(self) -> list[tuple[int, int]]:
+    def _wait_time(self, now: float, next_ping: float | None) -> float:
+        deadlines = [now + 3600.0]
+        if next_ping is not None:
+            deadlines.append(next_ping)
+        deadlines.extend(self.pending.values())
+        if self.starting:
+            deadlines.append(now + 0.1)  # readiness of a restarted worker is polled
+        return max(0.0, min(deadlines) - now)
+
+    def _schedule_restarts(self) -> None:
+        now = time.monotonic()
+        for pid, slot, status in self._reap():
+            uptime = now - self.started.pop(pid, now)
+            delay = self.backoff.delay(slot, uptime)
+            log.error(
+                "worker %d (pid %d) %s after %.1fs; restarting it in %.1fs",
+                slot,
+                pid,
+                describe_exit(status),
+                uptime,
+                delay,
+            )
+            self.pending[slot] = now + delay
+
+    def _start_due(self, now: float) -> None:
+        for slot, due in sorted(self.pending.items()):
+            if due <= now:
+                del self.pending[slot]
+                pid, fd = self._spawn(slot)
+                self.starting[pid] = fd
+
+    def _poll_starting(self) -> None:
+        if not self.starting:
+            return
+        readable, _, _ = select.select(list(self.starting.values()), [], [], 0)
+        for pid, fd in list(self.starting.items()):
+            if fd in readable:
+                if os.read(fd, 1) == b"1":
+                    log.info("worker %d (pid %d) is serving again", self.children.get(pid, -1), pid)
+                os.close(fd)
+                del self.starting[pid]
+
+    def _reap(self) -> list[tuple[int, int, int]]:
         dead = []
         while self.children:
             try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid == 0:
                 break
             slot = self.children.pop(pid, None)
+            fd = self.starting.pop(pid, None)
+            if fd is not None:
+                os.close(fd)
             if slot is not None:
-                dead.append((pid, slot))
+                dead.append((pid, slot, status))
         return dead
 
     def _stop_all(self) -> int:
-        for pid in self.children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        """SIGTERM to every worker; they drain for the grace period. A second SIGTERM/SIGINT is
+        passed on (the workers then end their transfers at once); past the grace period, SIGKILL."""
+        self._signal_children(signal.SIGTERM)
         deadline = time.monotonic() + GRACE_SECONDS + 5
         while self.children and time.monotonic() < deadline:
             self._reap()
-            time.sleep(0.05)
+            if not self.children:
+                break
+            info = signal.sigtimedwait(self.HANDLED, min(0.5, max(0.0, deadline - time.monotonic())))
+            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                log.info("received %s again: stopping now", signal.Signals(info.si_signo).name)
+                self._signal_children(signal.SIGTERM)
+        if self.children:
+            log.error(
+                "workers %s did not stop within %.0fs: killing them", sorted(self.children), GRACE_SECONDS + 5
+            )
+            self._signal_children(signal.SIGKILL)
+            for pid in list(self.children):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+        for fd in self.starting.values():
+            os.close(fd)
+        self.starting.clear()
+        return 0
+
+    def _signal_children(self, signum: int) -> None:
         for pid in self.children:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        return 0
+                os.kill(pid, signum)
 
 
 def configure_logging(level: str) -> None:

@@ -29,6 +29,8 @@ from tests.support.fixtures import Fixtures
 from tests.support.h2client import H2Client
 from tests.support.nix import build, run
 
+from .support import Figures
+
 pytestmark = pytest.mark.e2e
 
 MiB = 1024 * 1024
@@ -159,7 +161,7 @@ async def settled(target: Target, fds_before: int) -> tuple[int, dict[str, int]]
 
 
 async def test_slow_reader_keeps_the_worker_bounded(
-    target: Target, store_fixtures: Fixtures, figures: dict[str, object]
+    target: Target, store_fixtures: Fixtures, figures: Figures
 ) -> None:
     """Five streams on the big NAR, 64 KiB windows, read at ~3 MB/s in all for 8 s."""
     url = await trio.to_thread.run_sync(nar_url, target, store_fixtures.big)
@@ -193,7 +195,7 @@ async def test_slow_reader_keeps_the_worker_bounded(
             await trio.aclose_forcefully(client.stream)
             nursery.cancel_scope.cancel()
     fds_after, seen = await settled(target, fds_before)
-    figures.update(
+    figures.record(
         transport=target.kind,
         streams=streams,
         received_mib=round(received / MiB, 1),
@@ -208,7 +210,7 @@ async def test_slow_reader_keeps_the_worker_bounded(
 
 
 async def test_rapid_reset_stops_production(
-    target: Target, store_fixtures: Fixtures, figures: dict[str, object]
+    target: Target, store_fixtures: Fixtures, figures: Figures
 ) -> None:
     """2 000 streams for the big NAR, each reset at once, over as many connections as the
     server allows (it closes a connection that resets too fast)."""
@@ -248,7 +250,7 @@ async def test_rapid_reset_stops_production(
     cpu = cpu_seconds(target.pid) - cpu_before
     # a TLS client whose send failed cannot read the GOAWAY any more: the server's log says it
     closed_by_server = target.server.log.count("resets streams too fast") - warned_before
-    figures.update(
+    figures.record(
         transport=target.kind,
         resets=resets,
         connections=connections,
@@ -268,7 +270,7 @@ async def test_rapid_reset_stops_production(
 
 
 async def test_aborted_clients_leave_nothing_open(
-    target: Target, store_fixtures: Fixtures, figures: dict[str, object]
+    target: Target, store_fixtures: Fixtures, figures: Figures
 ) -> None:
     url = await trio.to_thread.run_sync(nar_url, target, store_fixtures.big)
     fds_before = open_fds(target.pid)
@@ -280,7 +282,7 @@ async def test_aborted_clients_leave_nothing_open(
                 assert await client.pump()
             await trio.aclose_forcefully(client.stream)  # gone mid-NAR, no goodbye
     fds_after, seen = await settled(target, fds_before)
-    figures.update(transport=target.kind, aborts=6, fds_before=fds_before, fds_after=fds_after, **seen)
+    figures.record(transport=target.kind, aborts=6, fds_before=fds_before, fds_after=fds_after, **seen)
     assert fds_after <= fds_before, "descriptors on the NAR stayed open"
     assert seen["harmonia_open_connections"] == 1 and seen["harmonia_nars_in_flight"] == 0
 
@@ -298,7 +300,7 @@ in mk "hc-h2-gc-{tag}" ''
 
 
 async def test_path_collected_while_streaming_resets_the_stream(
-    target: Target, nix_daemon_env: dict[str, str], figures: dict[str, object]
+    target: Target, nix_daemon_env: dict[str, str], figures: Figures
 ) -> None:
     tag = f"{target.kind}-{time.time_ns()}"
     path = (await trio.to_thread.run_sync(build, MANY_FILES.format(tag=tag), nix_daemon_env))[0]
@@ -316,6 +318,6 @@ async def test_path_collected_while_streaming_resets_the_stream(
         await client.flush()
         await client.wait(sid)
         await trio.aclose_forcefully(client.stream)
-    figures.update(transport=target.kind, received_kib=rec.received // 1024, reset=rec.reset)
+    figures.record(transport=target.kind, received_kib=rec.received // 1024, reset=rec.reset)
     assert not rec.ended, "a NAR of a collected path was ended as if whole"
     assert rec.reset == ErrorCodes.INTERNAL_ERROR

@@ -18,8 +18,7 @@ class FailingListener:
         self.errnos = errnos
         self.calls = 0
 
-    async def accept(self) -> tuple[object, object]:
-        await trio.lowlevel.checkpoint()
+    def accept(self) -> tuple[object, object]:  # the worker's listener is a non-blocking stdlib socket
         self.calls += 1
         raise OSError(self.errnos.pop(0), "accept failed")
 
