@@ -292,11 +292,20 @@ async def _command(
         old = sides[-1]
         exit_code = await stop_sidecar(old)
         sides.append(await start_sidecar(work, upstream, env))
+        # the node runs again; the builder's path to it may take a moment to come back
+        probes: list[dict[str, Any]] = []
+        with trio.move_on_after(45):
+            while not (probes and probes[-1]["ok"]):
+                if probes:
+                    await trio.sleep(0.5)
+                probes.append(await trio.to_thread.run_sync(tls_probe, forward, str(request["sni"]), ca_file))
         return {
             "old_exit": exit_code,
             "old_pid": old.proc.pid,
             "new_pid": sides[-1].proc.pid,
             "seconds": round(time.monotonic() - t0, 2),
+            "probe": probes[-1] if probes else None,
+            "failed_probes": [p.get("error") for p in probes[:-1]],
         }
     if cmd == "state":
         return {"pid": sides[-1].proc.pid, "cert_files": cert_files(work), "log_tail": sides[-1].log_tail(30)}

@@ -185,10 +185,10 @@ def test_a_restarted_sidecar_serves_its_stored_certificate(
 ) -> None:
     orders, issued = len(acme_tailnet.orders()), len(acme_tailnet.issued())
     calls = len(acme_tailnet.set_dns_calls())
-    restarted = call(stack["socket"], {"cmd": "restart-sidecar"})
+    restarted = call(stack["socket"], {"cmd": "restart-sidecar", "sni": stack["name"]})
     assert restarted.get("new_pid") and restarted["new_pid"] != restarted["old_pid"], restarted
-    probe = call(stack["socket"], {"cmd": "tls", "sni": stack["name"]})
-    assert probe["ok"], probe
+    probe = restarted["probe"]
+    assert probe and probe["ok"], restarted
     assert probe["response_head"] == "HTTP/1.1 200 OK"
     assert probe["leaf_pem"] == stack["first"]["leaf_pem"]  # the same certificate
     assert len(acme_tailnet.orders()) == orders  # no new order
