@@ -188,6 +188,7 @@ async def https_stack(
             # the first handshake waits for the certificate: ACME order, set-dns, validation
             first = await trio.to_thread.run_sync(tls_probe, forward, name, ca_file)
             mark("first certificate")
+            again = await trio.to_thread.run_sync(tls_probe, forward, name, ca_file)  # for comparison
             site = f"https://{host}:{GATEWAY_PORT}"
             # caddy-tailscale's transport cannot tell Caddy's active health checker to use https
             # (it implements no HealthCheckSchemeOverriderTransport): its probes would go to
@@ -214,6 +215,7 @@ async def https_stack(
                         "cache_public_key": cache.public_key,
                         "cache_url": cache.url,
                         "first": first,
+                        "second": again,
                         "cert_files": cert_files(work),
                         "gateway_url": site,
                         "gateway_ca": str(gateway_ca),

@@ -8,6 +8,8 @@ signatures required, trusting only pebble's root (``NIX_SSL_CERT_FILE``)."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -19,10 +21,11 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from tests.e2e.sidecar.https_stack import call
+from tests.support.clients import NixClient
 from tests.support.fixtures import Fixtures
-from tests.support.nix import nix_env, path_info, run
+from tests.support.nix import run
 from tests.tailnet.fixtures import AcmeTailnet
-from tests.tailnet.netns import READY_PREFIX, background_in_netns
+from tests.tailnet.netns import READY_PREFIX, Netns, background_in_netns
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("require_real_nodes")]
 
@@ -62,7 +65,9 @@ def stack(
         ready: dict[str, Any] = json.loads(line)
         ready["work"] = str(work)
         print(f"https stack ready in {time.monotonic() - t0:.1f} s: {ready['timings']}")
-        print(f"first certificate: {ready['first']['seconds']} s")
+        print(
+            f"first request (certificate): {ready['first']['seconds']} s, second {ready['second']['seconds']} s"
+        )
         yield ready
 
 
@@ -81,6 +86,7 @@ def test_the_first_request_gets_a_certificate_issued_by_pebble(
     # the handshake trusted only pebble's root: the chain the node serves ends there
     assert first["ok"], first
     assert first["response_head"] == "HTTP/1.1 200 OK"
+    assert stack["second"]["ok"] and stack["second"]["leaf_pem"] == first["leaf_pem"]
     leaf = _cert(first["leaf_pem"])
     root = x509.load_pem_x509_certificate(acme_tailnet.ca_file.read_bytes())
     assert "Pebble Root CA" in _cn(root.subject)
@@ -105,63 +111,100 @@ def test_the_certificate_came_through_set_dns_and_one_order(
     assert f"{stack['name']}.crt" in node_certs and f"{stack['name']}.key" in node_certs
 
 
-def _copy_env(work: Path, tag: str, public_key: str, **extra: str) -> dict[str, str]:
-    return nix_env(
-        work / f"xdg-{tag}",
-        extra_config=f"require-sigs = true\ntrusted-public-keys = {public_key}\nconnect-timeout = 10\n",
+def _copy(
+    client: NixClient,
+    ns: Netns,
+    url: str,
+    path: str,
+    directory: Path,
+    public_key: str,
+    ca_file: Path,
+    **extra: str,
+) -> tuple[subprocess.CompletedProcess[str], dict[str, str], str]:
+    """``nix copy --from url`` of ``path`` into a fresh store, run by ``client`` inside
+    the namespace, signatures required, trusting only ``ca_file`` (copied where it can see it)."""
+    trusted = directory / "trusted-ca.pem"
+    shutil.copyfile(ca_file, trusted)
+    env = client.env(
+        directory / "xdg",
+        f"require-sigs = true\ntrusted-public-keys = {public_key}\nconnect-timeout = 10\n",
+        NIX_SSL_CERT_FILE=client.inside(trusted),
         **extra,
     )
+    store = client.inside(directory / "store")
+    done = client.run(
+        ["nix", "copy", "--from", url, "--to", store, path],
+        env=env,
+        timeout=200,
+        check=False,
+        netns=ns.name,
+    )
+    return done, env, store
 
 
-def _check_copied(root: Path, env: dict[str, str], paths: list[str]) -> None:
+def _check_copied(
+    client: NixClient,
+    env: dict[str, str],
+    store: str,
+    paths: list[str],
+    host_nix_client: NixClient,
+    nix_daemon_env: dict[str, str],
+) -> None:
     for path in paths:
-        copied = path_info(path, env, store=str(root))
-        original = path_info(path, env)
+        copied = client.path_info(path, env, store=store)
+        original = host_nix_client.path_info(path, nix_daemon_env)
         assert copied["narHash"] == original["narHash"], path
-        assert any(str(s).startswith("test-cache-1:") for s in copied.get("signatures") or []), path
+        assert any(str(s).startswith("test-cache-1:") for s in copied["signatures"]), path
 
 
 def test_nix_copy_from_the_https_name_through_a_tailnet_node(
-    stack: dict[str, Any], acme_tailnet: AcmeTailnet, store_fixtures: Fixtures, tmp_path: Path
+    stack: dict[str, Any],
+    acme_tailnet: AcmeTailnet,
+    store_fixtures: Fixtures,
+    nix_client: NixClient,
+    client_dir: Path,
+    host_nix_client: NixClient,
+    nix_daemon_env: dict[str, str],
 ) -> None:
-    env = _copy_env(
-        tmp_path,
-        "node",
+    done, env, store = _copy(
+        nix_client,
+        acme_tailnet.ns,
+        f"https://{stack['name']}",
+        store_fixtures.tree,
+        client_dir,
         stack["cache_public_key"],
-        NIX_SSL_CERT_FILE=str(acme_tailnet.ca_file),  # pebble's root, nothing else
+        acme_tailnet.ca_file,  # pebble's root, nothing else
         https_proxy=stack["proxy_url"],
         HTTPS_PROXY=stack["proxy_url"],
     )
-    root = tmp_path / "client-store"
-    done = run(
-        acme_tailnet.ns.argv(
-            ["nix", "copy", "--from", f"https://{stack['name']}", "--to", str(root), store_fixtures.tree]
-        ),
-        env=env,
-        timeout=200,
-        check=False,
-    )
     assert done.returncode == 0, done.stderr[-3000:]
-    _check_copied(root, env, [store_fixtures.tree, store_fixtures.dep])
+    paths = [store_fixtures.tree, store_fixtures.dep]
+    _check_copied(nix_client, env, store, paths, host_nix_client, nix_daemon_env)
 
 
 def test_nix_copy_through_the_gateway_to_the_https_name(
-    stack: dict[str, Any], acme_tailnet: AcmeTailnet, store_fixtures: Fixtures, tmp_path: Path
+    stack: dict[str, Any],
+    acme_tailnet: AcmeTailnet,
+    store_fixtures: Fixtures,
+    nix_client: NixClient,
+    client_dir: Path,
+    host_nix_client: NixClient,
+    nix_daemon_env: dict[str, str],
 ) -> None:
     # the gateway (its own tsnet node) proxies to https://harmonia.<domain>, trusting pebble
     assert "Priority: 60" in stack["gateway_cache_info"]
-    env = _copy_env(tmp_path, "gateway", stack["cache_public_key"], NIX_SSL_CERT_FILE=stack["gateway_ca"])
-    root = tmp_path / "client-store"
-    done = run(
-        acme_tailnet.ns.argv(
-            ["nix", "copy", "--from", stack["gateway_url"], "--to", str(root), store_fixtures.tree]
-        ),
-        env=env,
-        timeout=200,
-        check=False,
+    done, env, store = _copy(
+        nix_client,
+        acme_tailnet.ns,
+        stack["gateway_url"],
+        store_fixtures.tree,
+        client_dir,
+        stack["cache_public_key"],
+        Path(stack["gateway_ca"]),  # the gateway's own (Caddy internal) CA
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    _check_copied(root, env, [store_fixtures.tree, store_fixtures.dep])
+    paths = [store_fixtures.tree, store_fixtures.dep]
+    _check_copied(nix_client, env, store, paths, host_nix_client, nix_daemon_env)
 
 
 def test_a_name_the_node_does_not_own_gets_no_certificate(
