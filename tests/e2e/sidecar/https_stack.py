@@ -2,6 +2,7 @@
 stack inside the test's network namespace, for ``tests/e2e/sidecar/test_https.py``.
 
     nix client ──https_proxy──► arkitekt-mesh node "builder" ──► https://harmonia.<domain>
+                                (tagged, as a fleet's servers)
     (ip netns exec, on the host's store)                          │  sidecar node "harmonia"
                                                                   │  (certificate: pebble, dns-01)
     nix client ──https──► gateway Caddy (its own tsnet node) ─────┘
@@ -153,6 +154,7 @@ async def https_stack(
     host: str,
     control_url: str,
     auth_key: str,
+    tagged_auth_key: str,
     domain: str,
     node_env: dict[str, str],
     ca_file: str,
@@ -178,7 +180,11 @@ async def https_stack(
         sides.append(await start_sidecar(work, cache.url, env))
         mark("sidecar node running")
         async with mesh_node(
-            work / "builder", "builder", control_url=control_url, auth_key=auth_key
+            # tagged, like a fleet's servers: served through the sidecar's 401 error route
+            work / "builder",
+            "builder",
+            control_url=control_url,
+            auth_key=tagged_auth_key,
         ) as builder:
 
             async def open_forward() -> str:

@@ -49,6 +49,7 @@ def stack(
         "host": acme_tailnet.ns.address,
         "control_url": acme_tailnet.control_url,
         "auth_key": acme_tailnet.auth_key,
+        "tagged_auth_key": str(acme_tailnet.info["tagged_auth_key"]),
         "domain": acme_tailnet.domain,
         "node_env": acme_tailnet.env,
         "ca_file": str(acme_tailnet.ca_file),
