@@ -6,6 +6,10 @@ Two listeners on ``config.host``:
 * relay (HTTPS with a throwaway CA's certificate): ``GET /derp`` (upgrade), ``/derp/latency-check``,
   ``/generate_204``, the API (so the ``tailscale`` package can reach it as ``https://…``).
 
+With ``TailnetConfig.acme`` also a DNS responder (UDP, :mod:`.dns`) for the TXT records nodes set
+through ``/machine/set-dns``, and pebble validating against it (:mod:`.acme`): nodes get HTTPS
+certificates the way Tailscale's do (docs/tailnet.md, *HTTPS certificates*).
+
 Every connection is handled on its own; a peer that misbehaves gets a refusal and a log line, and
 the others are not disturbed.
 """
@@ -73,7 +77,8 @@ class TailnetConfig:
     acme: bool = False
     """HTTPS certificates the way Tailscale issues them: a DNS responder for the dns-01 records
     nodes set through ``/machine/set-dns``, and pebble (an ACME server) validating against it.
-    Use a ``*.ts.net``-shaped ``domain`` (caddy-tailscale asks for certificates only there)."""
+    Use a ``*.ts.net``-shaped ``domain``: caddy-tailscale's ``get_certificate tailscale`` asks only
+    for such names (the ``tailscale+tls`` listener does not care)."""
     dns: bool = False
     """Run the DNS responder (always on with ``acme``): set-dns TXT records, nodes' addresses."""
     dns_port: int = 0
