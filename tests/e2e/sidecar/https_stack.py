@@ -20,7 +20,10 @@ sockets are not namespaced, so the test on the host can call it) until its stdin
   trusting only pebble's root: whether it succeeded, the error, the leaf certificate (PEM);
 * ``{"cmd": "restart-sidecar"}``: SIGTERM the sidecar, start it again on the same state, wait
   until its node runs;
-* ``{"cmd": "state"}``: the sidecar's pid and the certificate files in its node state.
+* ``{"cmd": "state"}``: the sidecar's pid and the certificate files in its node state;
+* ``{"cmd": "intruder-set-dns", "name": NAME}``: another node (our Python control client,
+  registered as "intruder") asks the control server to set ``NAME``'s TXT record: the status and
+  body it got, and what the tailnet's DNS responder answers for ``NAME`` before and after.
 """
 
 from __future__ import annotations
@@ -315,9 +318,63 @@ async def _command(
             "probe": probes[-1] if probes else None,
             "failed_probes": [p.get("error") for p in probes[:-1]],
         }
+    if cmd == "intruder-set-dns":
+        with trio.fail_after(30):
+            return await _intruder_set_dns(
+                str(request["name"]), request["control_url"], request["auth_key"], request["dns_server"]
+            )
     if cmd == "state":
         return {"pid": sides[-1].proc.pid, "cert_files": cert_files(work), "log_tail": sides[-1].log_tail(30)}
     return {"error": f"unknown command {cmd!r}"}
+
+
+async def _dns_txt(server: str, name: str) -> list[str]:
+    """The TXT values the tailnet's DNS responder gives for ``name`` (empty: none, or NXDOMAIN)."""
+    from tests.tailnet import dns
+
+    host, port = server.rsplit(":", 1)
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    with sock:
+        query = (
+            b"\x00\x07\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + dns.encode_name(name) + b"\x00\x10\x00\x01"
+        )
+        await sock.sendto(query, (host, int(port)))
+        reply, _ = await sock.recvfrom(4096)
+    values, offset = [], len(query)
+    for _ in range(int.from_bytes(reply[6:8], "big")):
+        length = int.from_bytes(reply[offset + 10 : offset + 12], "big")
+        rdata = reply[offset + 12 : offset + 12 + length]
+        values.append(rdata[1 : 1 + rdata[0]].decode())
+        offset += 12 + length
+    return values
+
+
+async def _intruder_set_dns(name: str, control_url: str, auth_key: str, dns_server: str) -> dict[str, Any]:
+    from tests.tailnet import keys
+    from tests.tailnet.client import CAPVER, control_session
+    from tests.tailnet.keys import PrivateKey
+
+    host, port = control_url.split("//", 1)[1].rsplit(":", 1)
+    node_key = PrivateKey.generate()
+    before = await _dns_txt(dns_server, name)
+    async with control_session(host, int(port)) as client:
+        await client.register(node_key, auth_key, "intruder")
+        status, body = await client.post(
+            "/machine/set-dns",
+            {
+                "Version": CAPVER,
+                "NodeKey": keys.format_public(node_key.public, keys.NODE),
+                "Name": name,
+                "Type": "TXT",
+                "Value": "forged-" + "x" * 36,
+            },
+        )
+    return {
+        "status": status,
+        "body": json.loads(body),
+        "before": before,
+        "after": await _dns_txt(dns_server, name),
+    }
 
 
 def call(socket_path: str, request: dict[str, Any], timeout: float = 150) -> dict[str, Any]:

@@ -224,6 +224,32 @@ def test_a_name_the_node_does_not_own_gets_no_certificate(
     assert not [f for f in state["cert_files"] if "builder." in f or "other." in f]
 
 
+def test_another_node_cannot_set_the_challenge_record_of_a_name_it_does_not_own(
+    stack: dict[str, Any], acme_tailnet: AcmeTailnet
+) -> None:
+    name = f"_acme-challenge.{stack['name']}"
+    tried = call(
+        stack["socket"],
+        {
+            "cmd": "intruder-set-dns",
+            "name": name,
+            "control_url": acme_tailnet.control_url,
+            "auth_key": acme_tailnet.auth_key,
+            "dns_server": acme_tailnet.info["dns_server"],
+        },
+    )
+    assert tried["status"] == 403, tried
+    assert "may only set '_acme-challenge.intruder." in tried["body"]["error"]
+    assert tried["after"] == tried["before"]  # the forged value never reaches DNS
+    assert not any(v.startswith("forged-") for v in tried["after"])
+    assert acme_tailnet.set_dns_calls()[-1] == {
+        "node": "intruder",
+        "name": name,
+        "type": "TXT",
+        "granted": False,
+    }
+
+
 def test_a_restarted_sidecar_serves_its_stored_certificate(
     stack: dict[str, Any], acme_tailnet: AcmeTailnet
 ) -> None:
