@@ -100,6 +100,7 @@ def tls_probe(address: str, sni: str, ca_file: str) -> dict[str, Any]:
     ``GET /nix-cache-info`` over it. Blocking (run it in a thread)."""
     host, port = address.rsplit(":", 1)
     context = ssl.create_default_context(cafile=ca_file)
+    context.set_alpn_protocols(["h2", "http/1.1"])  # as curl offers them
     out: dict[str, Any] = {"sni": sni, "ok": False}
     t0 = time.monotonic()
     try:
@@ -216,6 +217,7 @@ async def https_stack(
                     await _wait_for_file(gateway_ca)
                     gateway_info = await _until_gateway_ok(f"{site}/nix-cache-info", gateway_ca, gateway)
                 mark("gateway answers")
+                listener = await _command_listener(work / "stack.sock")  # before the test may call
                 report_ready(
                     {
                         "name": name,
@@ -233,7 +235,7 @@ async def https_stack(
                         "timings": timings,
                     }
                 )
-                await _serve_commands(work, cache.url, env, sides, forward, ca_file)
+                await _serve_commands(listener, work, cache.url, env, sides, forward, ca_file)
                 seen: dict[str, Any] = {"gateway_log_panics": "panic" in gateway.log_text()}
     finally:
         for side in sides:
@@ -243,14 +245,23 @@ async def https_stack(
     return seen
 
 
-async def _serve_commands(
-    work: Path, upstream: str, env: dict[str, str], sides: list[Sidecar], forward: str, ca_file: str
-) -> None:
-    path = work / "stack.sock"
+async def _command_listener(path: Path) -> trio.SocketListener:
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await sock.bind(str(path))
     sock.listen(4)
-    listener = trio.SocketListener(sock)
+    return trio.SocketListener(sock)
+
+
+async def _serve_commands(
+    listener: trio.SocketListener,
+    work: Path,
+    upstream: str,
+    env: dict[str, str],
+    sides: list[Sidecar],
+    forward: str,
+    ca_file: str,
+) -> None:
+    path = work / "stack.sock"
 
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
@@ -324,7 +335,16 @@ async def _command(
                 str(request["name"]), request["control_url"], request["auth_key"], request["dns_server"]
             )
     if cmd == "state":
-        return {"pid": sides[-1].proc.pid, "cert_files": cert_files(work), "log_tail": sides[-1].log_tail(30)}
+        log_text = sides[-1].log_tail(100000)
+        return {
+            "pid": sides[-1].proc.pid,
+            "cert_files": cert_files(work),
+            "http_warnings": [
+                line
+                for line in log_text.splitlines()
+                if '"level":"warn"' in line and '"logger":"http"' in line
+            ],
+        }
     return {"error": f"unknown command {cmd!r}"}
 
 

@@ -88,6 +88,10 @@ def test_the_first_request_gets_a_certificate_issued_by_pebble(
     assert first["ok"], first
     assert first["response_head"] == "HTTP/1.1 200 OK"
     assert stack["second"]["ok"] and stack["second"]["leaf_pem"] == first["leaf_pem"]
+    # the node's TLS listener negotiates no ALPN (HTTP/1.1 only, as tsnsrv's), and the engine's
+    # config says so: Caddy does not warn that it skipped HTTP/2
+    assert first["alpn"] is None
+    assert call(stack["socket"], {"cmd": "state"})["http_warnings"] == []
     leaf = _cert(first["leaf_pem"])
     root = x509.load_pem_x509_certificate(acme_tailnet.ca_file.read_bytes())
     assert "Pebble Root CA" in _cn(root.subject)
