@@ -133,5 +133,8 @@ def acme_tailnet(netns_module: Netns, tmp_path_factory: pytest.TempPathFactory) 
     log_path = state / "tailnet.log"
     argv = [sys.executable, "-m", "tests.tailnet", "--acme", "--host", netns_module.address]
     argv += ["--state-dir", str(state), "--ephemeral-grace", "1"]
-    with background_in_netns(netns_module, argv, ready_prefix="", log_path=log_path, timeout=60) as line:
+    # the CLI stops on SIGTERM (stop_grace=0: no waiting for it to notice its stdin close)
+    with background_in_netns(
+        netns_module, argv, ready_prefix="", log_path=log_path, timeout=60, stop_grace=0
+    ) as line:
         yield AcmeTailnet(netns_module, json.loads(line), log_path, state / "acme" / "pebble.log")

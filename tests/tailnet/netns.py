@@ -236,8 +236,9 @@ def background_in_netns(
     """Run ``argv`` (a command, e.g. ``[sys.executable, "-m", …]``) inside ``ns`` in the
     background; yield the rest of its first stdout line that starts with ``ready_prefix``
     (within ``timeout`` s, else :class:`ChildFailed` with its log). Its stderr goes to
-    ``log_path``. On exit its stdin is closed and it gets SIGTERM; after ``stop_grace`` s its
-    whole process group is killed (also anything it started)."""
+    ``log_path``. On exit its stdin is closed (its cue to stop); if it has not ended after
+    ``stop_grace`` s it gets SIGTERM, and then its whole process group is killed (also anything
+    it started)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log_file:
         proc = subprocess.Popen(
@@ -263,10 +264,13 @@ def background_in_netns(
         with contextlib.suppress(OSError):
             assert proc.stdin is not None
             proc.stdin.close()
-        with contextlib.suppress(ProcessLookupError):
-            proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
+        try:
             proc.wait(timeout=stop_grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
         _kill_group(proc.pid)
         proc.wait()
         if proc.stdout is not None:
