@@ -95,7 +95,7 @@ async def stop_sidecar(side: Sidecar) -> int | None:
     return side.proc.returncode
 
 
-def tls_probe(address: str, sni: str, ca_file: str) -> dict[str, Any]:
+def tls_probe(address: str, sni: str, ca_file: str, timeout: float = 90) -> dict[str, Any]:
     """A TLS handshake with ``address`` for ``sni``, trusting only ``ca_file``; then
     ``GET /nix-cache-info`` over it. Blocking (run it in a thread)."""
     host, port = address.rsplit(":", 1)
@@ -105,7 +105,7 @@ def tls_probe(address: str, sni: str, ca_file: str) -> dict[str, Any]:
     t0 = time.monotonic()
     try:
         with (
-            socket.create_connection((host, int(port)), timeout=90) as raw,
+            socket.create_connection((host, int(port)), timeout=timeout) as raw,
             context.wrap_socket(raw, server_hostname=sni) as tls,
         ):
             der = tls.getpeercert(binary_form=True)
@@ -314,13 +314,17 @@ async def _command(
         old = sides[-1]
         exit_code = await stop_sidecar(old)
         sides.append(await start_sidecar(work, upstream, env))
-        # the node runs again; the builder's path to it may take a moment to come back
+        # the node runs again, but the builder's WireGuard session with it must be made anew: a
+        # connection opened before that stalls in SYN retransmits (seen: 30 s), so probe with
+        # short timeouts until one gets through
         probes: list[dict[str, Any]] = []
-        with trio.move_on_after(45):
+        with trio.move_on_after(60):
             while not (probes and probes[-1]["ok"]):
                 if probes:
                     await trio.sleep(0.5)
-                probes.append(await trio.to_thread.run_sync(tls_probe, forward, str(request["sni"]), ca_file))
+                probes.append(
+                    await trio.to_thread.run_sync(tls_probe, forward, str(request["sni"]), ca_file, 6)
+                )
         return {
             "old_exit": exit_code,
             "old_pid": old.proc.pid,

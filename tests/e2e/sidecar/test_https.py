@@ -261,6 +261,7 @@ def test_a_restarted_sidecar_serves_its_stored_certificate(
     calls = len(acme_tailnet.set_dns_calls())
     restarted = call(stack["socket"], {"cmd": "restart-sidecar", "sni": stack["name"]})
     assert restarted.get("new_pid") and restarted["new_pid"] != restarted["old_pid"], restarted
+    print(f"restart: {restarted['seconds']} s, probes that failed first: {restarted['failed_probes']}")
     probe = restarted["probe"]
     assert probe and probe["ok"], restarted
     assert probe["response_head"] == "HTTP/1.1 200 OK"
