@@ -1,9 +1,10 @@
 """The sidecar in its default mode: ``https://harmonia.<domain>`` with a certificate the node got
 the way Tailscale nodes do — ACME dns-01 through the control server's ``/machine/set-dns`` — from
 pebble on the module's ``acme_tailnet``. One stack per module (tests/e2e/sidecar/https_stack.py):
-the real cache, the real ``harmonia-sidecar`` without ``--plaintext``, an arkitekt-mesh node
-"builder", and the gateway Caddy as its own tsnet node. Real Nix clients copy through it with
-signatures required, trusting only pebble's root (``NIX_SSL_CERT_FILE``)."""
+the real cache, the real ``harmonia-sidecar`` without ``--plaintext``, a tagged arkitekt-mesh
+node "builder" (a fleet's server), and the gateway Caddy as its own tsnet node. Both real Nix
+clients copy through it inside the namespace with signatures required, trusting only pebble's root
+(``NIX_SSL_CERT_FILE``), or only the gateway's CA for the gateway's site."""
 
 from __future__ import annotations
 
