@@ -342,6 +342,10 @@ def _server(service: ValidService, listen: str, whois_socket: str | None = None)
     server["routes"] = routes
     if service.listen.tls is TLSMode.CUSTOM:
         server["tls_connection_policies"] = [{"certificate_selection": {"any_tag": [cert_tag(service.name)]}}]
+    elif service.listen.tls is TLSMode.TAILSCALE:
+        # the tailscale+tls listener does TLS itself (tsnet's certificate, no ALPN): Caddy can
+        # only speak HTTP/1.1 on it; saying so spares a misleading "HTTP/2 skipped" warning
+        server["protocols"] = ["h1"]
     return server
 
 

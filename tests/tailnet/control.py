@@ -1,6 +1,7 @@
 """The control API inside a ts2021 connection: HTTP/2 (server side) over the Noise stream.
 
-Routes: ``POST /machine/register`` and ``POST /machine/map``. Map requests come in three kinds:
+Routes: ``POST /machine/register``, ``POST /machine/map`` and ``POST /machine/set-dns`` (the ACME
+dns-01 TXT record for the asking node's own name, see :meth:`Registry.set_dns`). Map requests come in three kinds:
 a streaming poll (``Stream: true``: a full map now and whenever the tailnet changes, keep-alives in
 between), an endpoint update (``Stream: false, OmitPeers: true``: 200 with an empty body), and a
 one-shot fetch (one frame, then the end of the body).
@@ -175,6 +176,7 @@ class ControlConnection:
         routes: dict[str, Callable[[_Request, dict[str, Any]], Awaitable[None]]] = {
             "/machine/register": self._register,
             "/machine/map": self._map,
+            "/machine/set-dns": self._set_dns,
         }
         handler = routes.get(path.split("?")[0])
         with req.cancel:
@@ -227,6 +229,17 @@ class ControlConnection:
             await self._respond_json(req, 200, mapresp.refusal(exc.reason))
             return
         await self._respond_json(req, 200, mapresp.register_response(reg, node))
+
+    async def _set_dns(self, req: _Request, body: dict[str, Any]) -> None:
+        reg = self._settings.registry
+        node = reg.node_for_request(self._machine, keys.parse_public(body.get("NodeKey"), keys.NODE))
+        try:
+            reg.set_dns(node, name=body.get("Name"), rtype=body.get("Type"), value=body.get("Value"))
+        except Refused as exc:
+            log.warning("%s: set-dns refused (%d): %s", self._who, exc.status, exc.reason)
+            await self._respond_json(req, exc.status, {"error": exc.reason})
+            return
+        await self._respond_json(req, 200, {})  # SetDNSResponse: the node needs a JSON body
 
     async def _map(self, req: _Request, body: dict[str, Any]) -> None:
         reg = self._settings.registry

@@ -98,8 +98,16 @@ def node_record(reg: Registry, node: Node, derp: DerpNode, *, self_view: bool = 
     }
 
 
-def dns_config(reg: Registry) -> dict[str, Any]:
-    return {"Resolvers": [], "Routes": {}, "Domains": [reg.domain], "Proxied": True}
+def dns_config(reg: Registry, node: Node) -> dict[str, Any]:
+    """MagicDNS on, and ``CertDomains``: the names this node may get a TLS certificate for (its
+    own MagicDNS name, as Tailscale sends with HTTPS enabled; nodes refuse any other name)."""
+    return {
+        "Resolvers": [],
+        "Routes": {},
+        "Domains": [reg.domain],
+        "Proxied": True,
+        "CertDomains": [reg.cert_domain(node)],
+    }
 
 
 def map_response(
@@ -113,7 +121,7 @@ def map_response(
         "Node": node_record(reg, node, derp, self_view=True),
         "Peers": [node_record(reg, p, derp) for p in peers],
         "DERPMap": derp_map(derp),
-        "DNSConfig": dns_config(reg),
+        "DNSConfig": dns_config(reg, node),
         "Domain": reg.domain,
         "CollectServices": False,
         "PacketFilter": ALLOW_ALL_FILTER,

@@ -25,10 +25,12 @@ import contextlib
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ import trio
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULT_PREFIX = "NETNS-RESULT "
+READY_PREFIX = "NETNS-READY "
 
 
 class NetnsUnavailable(RuntimeError):
@@ -189,3 +192,86 @@ async def run_in_netns(ns: Netns, target: str, kwargs: dict[str, Any] | None = N
             tail = "\n".join(err.decode(errors="replace").splitlines()[-60:])
             sys.stderr.write(f"{target} in namespace {ns.name} stopped early; stderr tail:\n{tail}\n")
     return _parse_result(out.decode(errors="replace"), err.decode(errors="replace"), proc.returncode, target)
+
+
+def report_ready(data: Any) -> None:
+    """For a long-running function under :func:`background_in_netns`: say it is ready (one
+    ``NETNS-READY <json>`` line on stdout) and hand ``data`` to the parent."""
+    sys.stdout.write(READY_PREFIX + json.dumps(data) + "\n")
+    sys.stdout.flush()
+
+
+def _read_line_until(proc: subprocess.Popen[str], prefix: str, deadline: float) -> str | None:
+    """The first stdout line of ``proc`` starting with ``prefix`` (``None`` at EOF)."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    buffer = b""
+    while True:
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            text = line.decode(errors="replace")
+            if text.startswith(prefix):
+                return text[len(prefix) :]
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            buffer += chunk
+
+
+@contextlib.contextmanager
+def background_in_netns(
+    ns: Netns,
+    argv: Sequence[str],
+    *,
+    ready_prefix: str,
+    log_path: Path,
+    timeout: float,
+    stop_grace: float = 15,
+) -> Iterator[str]:
+    """Run ``argv`` (a command, e.g. ``[sys.executable, "-m", …]``) inside ``ns`` in the
+    background; yield the rest of its first stdout line that starts with ``ready_prefix``
+    (within ``timeout`` s, else :class:`ChildFailed` with its log). Its stderr goes to
+    ``log_path``. On exit its stdin is closed (its cue to stop); if it has not ended after
+    ``stop_grace`` s it gets SIGTERM, and then its whole process group is killed (also anything
+    it started)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen(
+            ns.argv(argv),
+            cwd=REPO_ROOT,
+            env=child_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            text=True,
+            start_new_session=True,
+        )
+    try:
+        try:
+            line = _read_line_until(proc, ready_prefix, time.monotonic() + timeout)
+        except TimeoutError:
+            line = None
+        if line is None:
+            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-60:])
+            raise ChildFailed(f"{' '.join(argv)} did not get ready within {timeout}s; log tail:\n{tail}")
+        yield line
+    finally:
+        with contextlib.suppress(OSError):
+            assert proc.stdin is not None
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=stop_grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        _kill_group(proc.pid)
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

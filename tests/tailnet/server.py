@@ -6,6 +6,10 @@ Two listeners on ``config.host``:
 * relay (HTTPS with a throwaway CA's certificate): ``GET /derp`` (upgrade), ``/derp/latency-check``,
   ``/generate_204``, the API (so the ``tailscale`` package can reach it as ``https://…``).
 
+With ``TailnetConfig.acme`` also a DNS responder (UDP, :mod:`.dns`) for the TXT records nodes set
+through ``/machine/set-dns``, and pebble validating against it (:mod:`.acme`): nodes get HTTPS
+certificates the way Tailscale's do (docs/tailnet.md, *HTTPS certificates*).
+
 Every connection is handled on its own; a peer that misbehaves gets a refusal and a log line, and
 the others are not disturbed.
 """
@@ -14,11 +18,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import ipaddress
 import json
 import logging
 import secrets
 import ssl
+import tempfile
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
@@ -31,7 +37,8 @@ import h11
 import trio
 import trustme
 
-from . import keys, mapresp, noise
+from . import dns, keys, mapresp, noise
+from .acme import AcmeServer, serve_pebble
 from .api import Api, OAuthClient
 from .control import ControlConnection, ControlSettings
 from .derp import DerpServer
@@ -67,6 +74,17 @@ class TailnetConfig:
     """Answer STUN on the relay's port number (UDP): nodes then finish netcheck at once."""
     state_path: Path | None = None
     """Persist users, keys and nodes here (JSON) so a restarted server still knows its nodes."""
+    acme: bool = False
+    """HTTPS certificates the way Tailscale issues them: a DNS responder for the dns-01 records
+    nodes set through ``/machine/set-dns``, and pebble (an ACME server) validating against it.
+    Use a ``*.ts.net``-shaped ``domain``: caddy-tailscale's ``get_certificate tailscale`` asks only
+    for such names (the ``tailscale+tls`` listener does not care)."""
+    dns: bool = False
+    """Run the DNS responder (always on with ``acme``): set-dns TXT records, nodes' addresses."""
+    dns_port: int = 0
+    """UDP port of the DNS responder."""
+    acme_dir: Path | None = None
+    """Where pebble's config, log and root go (with ``acme``); a temporary directory if unset."""
 
 
 @dataclass
@@ -86,6 +104,10 @@ class Tailnet:
     tagged_auth_key: AuthKey
     oauth_client: OAuthClient
     api_key: str = field(repr=False)
+    acme: AcmeServer | None = None
+    """pebble, with ``TailnetConfig.acme``."""
+    dns_server: str | None = None
+    """``host:port`` of the DNS responder (UDP), with ``TailnetConfig.acme`` or ``dns``."""
 
     @property
     def ca_cert_pem(self) -> bytes:
@@ -109,7 +131,17 @@ class Tailnet:
         }
         if ca_cert_path is not None:
             out["ca_cert"] = ca_cert_path
+        if self.acme is not None:
+            out["ca_file"] = str(self.acme.root_path)
+            out["env"] = self.acme.node_env()
+            out["acme_directory_url"] = self.acme.directory_url
+            out["dns_server"] = self.dns_server
         return out
+
+    def lookup_dns(self, query: dns.Query) -> tuple[int, list[dns.Record]]:
+        """The DNS responder's answer: set-dns TXT records and the nodes' addresses."""
+        reg = self.registry
+        return dns.answer(query, domain=reg.domain, txt=reg.dns_txt, hosts=reg.dns_hosts())
 
     def mint_key(
         self,
@@ -449,19 +481,33 @@ async def serve_tailnet(
     )
     stun_port = stun_sock.getsockname()[1] if stun_sock is not None else -1
     service = _Service(tailnet, PrivateKey.generate(), PrivateKey.generate(), tls, stun_port)
-    async with trio.open_nursery() as nursery:
-        if stun_sock is not None:
-            nursery.start_soon(serve_stun, stun_sock)
-        nursery.start_soon(_reaper, tailnet)
-        nursery.start_soon(trio.serve_listeners, service.on_control, control_listeners)
-        nursery.start_soon(trio.serve_listeners, service.on_relay, relay_listeners)
-        log.info(
-            "local tailnet: control %s, relay %s, domain %s",
-            tailnet.control_url,
-            tailnet.derp_url,
-            config.domain,
-        )
-        task_status.started(tailnet)
+    with contextlib.ExitStack() as cleanup:
+        async with trio.open_nursery() as nursery:
+            if stun_sock is not None:
+                nursery.start_soon(serve_stun, stun_sock)
+            nursery.start_soon(_reaper, tailnet)
+            nursery.start_soon(trio.serve_listeners, service.on_control, control_listeners)
+            nursery.start_soon(trio.serve_listeners, service.on_relay, relay_listeners)
+            if config.acme or config.dns:
+                dns_sock = await dns.bind_dns(config.host, config.dns_port)
+                tailnet.dns_server = f"{host}:{dns_sock.getsockname()[1]}"
+                nursery.start_soon(dns.serve_dns, dns_sock, tailnet.lookup_dns)
+            if config.acme:
+                assert tailnet.dns_server is not None
+                acme_dir = config.acme_dir or Path(
+                    cleanup.enter_context(tempfile.TemporaryDirectory(prefix="tailnet-acme-"))
+                )
+                tailnet.acme = await nursery.start(
+                    serve_pebble, acme_dir, config.host, tailnet.dns_server, ca, cert
+                )
+            log.info(
+                "local tailnet: control %s, relay %s, domain %s%s",
+                tailnet.control_url,
+                tailnet.derp_url,
+                config.domain,
+                f", ACME {tailnet.acme.directory_url}" if tailnet.acme else "",
+            )
+            task_status.started(tailnet)
 
 
 @asynccontextmanager

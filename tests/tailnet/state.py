@@ -122,6 +122,14 @@ def _address(prefix: ipaddress.IPv4Network | ipaddress.IPv6Network, index: int) 
     return str(prefix.network_address + index)
 
 
+@dataclass
+class SetDnsCall:
+    node: str
+    name: str
+    type: str
+    granted: bool
+
+
 class Registry:
     def __init__(self, *, domain: str, default_user: User, state_path: Path | None = None) -> None:
         self.domain = domain
@@ -132,6 +140,10 @@ class Registry:
         self.version = 0
         self.sent_peers: dict[str, list[str]] = {}
         """Node name → peer names in the last full map actually sent on its stream."""
+        self.dns_txt: dict[str, list[str]] = {}
+        """Lower-case ``_acme-challenge.<node>.<domain>`` → TXT values stored through set-dns."""
+        self.set_dns_calls: list[SetDnsCall] = []
+        """Every ``/machine/set-dns`` request, granted or refused, in order."""
         self._next_node_id = 1
         self._next_address = 1
         self._changed = trio.Event()
@@ -333,6 +345,51 @@ class Registry:
 
     def fqdn(self, node: Node) -> str:
         return f"{node.name}.{self.domain}."
+
+    def cert_domain(self, node: Node) -> str:
+        """The one name ``node`` may get a certificate for (its MagicDNS name, no trailing dot)."""
+        return self.fqdn(node).rstrip(".")
+
+    # -- DNS records for ACME dns-01 ----------------------------------------------------------
+
+    def set_dns(self, node: Node, *, name: object, rtype: object, value: object) -> None:
+        """``POST /machine/set-dns``: store a TXT record, only ``_acme-challenge.<node's name>``.
+
+        Raises :class:`Refused` (400 for a malformed request, 403 for another node's name). Every
+        call is recorded in :attr:`set_dns_calls` and logged as ``set-dns {json}`` (``node``,
+        ``name``, ``type``, ``granted``), which is how a test counts them in the CLI's log."""
+        call = SetDnsCall(node=node.name, name=str(name), type=str(rtype), granted=False)
+        self.set_dns_calls.append(call)
+        try:
+            wanted = self._check_set_dns(node, name, rtype, value)
+        except Refused:
+            log.warning("set-dns %s", json.dumps(asdict(call)))
+            raise
+        values = self.dns_txt.setdefault(wanted, [])
+        if value not in values:
+            values.append(str(value))
+            del values[:-4]  # a new order's challenge; a few stale values do no harm
+        call.granted = True
+        log.info("set-dns %s", json.dumps(asdict(call)))
+
+    def _check_set_dns(self, node: Node, name: object, rtype: object, value: object) -> str:
+        allowed = "_acme-challenge." + self.cert_domain(node).lower()
+        if not isinstance(name, str) or not name:
+            raise Refused("set-dns: 'Name' must be a non-empty string", 400)
+        if rtype != "TXT":
+            raise Refused(f"set-dns: only TXT records can be set, not {rtype!r}", 400)
+        if not isinstance(value, str) or not value or len(value) > 255:
+            raise Refused("set-dns: 'Value' must be a string of 1 to 255 characters", 400)
+        wanted = name.lower().rstrip(".")
+        if wanted != allowed:
+            raise Refused(f"set-dns: node {node.name!r} may only set {allowed!r}, not {name!r}", 403)
+        return wanted
+
+    def dns_hosts(self) -> dict[str, list[str]]:
+        """Lower-case node names (``web.<domain>``) → their tailnet addresses."""
+        return {
+            self.cert_domain(n).lower(): [n.ipv4, n.ipv6] for n in self.nodes.values() if not n.logged_out
+        }
 
     # -- persistence -------------------------------------------------------------------------
 

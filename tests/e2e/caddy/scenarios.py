@@ -76,7 +76,9 @@ def gateway_global_options(work: Path, control_url: str) -> str:
     )
 
 
-async def render_gateway_cli(site: str, host: str, extra: list[str]) -> str:
+async def render_gateway_cli(
+    site: str, host: str, extra: list[str], upstream: str = f"http://{SIDECAR_NODE}"
+) -> str:
     """The real console script's output."""
     script = Path(sys.executable).parent / "harmonia-caddy"
     done = await trio.run_process(
@@ -86,7 +88,7 @@ async def render_gateway_cli(site: str, host: str, extra: list[str]) -> str:
             "--site",
             site,
             "--upstream",
-            f"http://{SIDECAR_NODE}",
+            upstream,
             "--via-tailnet",
             GATEWAY_NODE,
             "--tls",

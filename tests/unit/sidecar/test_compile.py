@@ -63,6 +63,9 @@ def test_one_node_per_service_with_its_own_state() -> None:
     servers = j["apps"]["http"]["servers"]
     assert servers["harmonia"]["listen"] == ["tailscale/harmonia:80"]
     assert servers["echo"]["listen"] == ["tailscale+tls/echo:443"]
+    # the node's TLS listener negotiates no ALPN: HTTP/1.1 is all Caddy can serve there
+    assert servers["echo"]["protocols"] == ["h1"]
+    assert "protocols" not in servers["harmonia"]
     assert j["admin"] == {"listen": "unix//r/_engine/admin.sock", "config": {"persist": False}}
 
 

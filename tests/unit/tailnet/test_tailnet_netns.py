@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -85,3 +88,45 @@ async def test_run_in_netns_reports_failures_and_timeouts(ns: Netns) -> None:
     with trio.move_on_after(1) as scope:
         await run_in_netns(ns, f"{__name__}:sleeps_forever")
     assert scope.cancelled_caught
+
+
+def reports_then_waits(marker: str) -> None:
+    """Runs inside the namespace: says it is ready, then runs until its stdin closes."""
+    import sys
+    from pathlib import Path
+
+    netns_mod.report_ready({"names": sorted(name for _, name in socket.if_nameindex())})
+    sys.stdin.read()
+    Path(marker).write_text("stopped cleanly")
+
+
+def test_background_in_netns_yields_the_ready_line_and_stops_the_child(ns: Netns, tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    argv = [sys.executable, "-m", "tests.tailnet.child", f"{__name__}:reports_then_waits"]
+    argv.append(json.dumps({"marker": str(marker)}))
+    with netns_mod.background_in_netns(
+        ns, argv, ready_prefix=netns_mod.READY_PREFIX, log_path=tmp_path / "log", timeout=30
+    ) as line:
+        assert json.loads(line)["names"] == ["lo", "veth0", "veth1"]
+        assert not marker.exists()
+    assert marker.read_text() == "stopped cleanly"  # stdin closed: it ended on its own
+
+
+def test_background_in_netns_that_never_gets_ready_fails_with_its_log(ns: Netns, tmp_path: Path) -> None:
+    argv = [
+        sys.executable,
+        "-c",
+        "import sys, time; print('starting', file=sys.stderr, flush=True); time.sleep(60)",
+    ]
+    with (
+        pytest.raises(ChildFailed, match=r"did not get ready within 1\.5s(.|\n)*starting"),
+        netns_mod.background_in_netns(
+            ns,
+            argv,
+            ready_prefix=netns_mod.READY_PREFIX,
+            log_path=tmp_path / "log",
+            timeout=1.5,
+            stop_grace=1,
+        ),
+    ):
+        pass
