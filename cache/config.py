@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .push.config import PushConfig, push_config_from_mapping
+
 DEFAULT_BIND = "[::]:5000"
 
 
@@ -75,6 +77,7 @@ class Config:
     compressed_cache_max_bytes: int = 20 * 1024**3
     narinfo_cache_entries: int = 65536
     log_level: str = "info"
+    push: PushConfig = field(default_factory=PushConfig)
 
     @property
     def tls(self) -> bool:
@@ -86,7 +89,7 @@ _KEYS = {
     "virtual_nix_store", "real_nix_store", "enable_compression", "zstd", "sign_key_paths",
     "sign_key_path", "tls_cert_path", "tls_key_path", "nix_db_path", "store_backend",
     "daemon_socket", "nar_source", "state_directory", "compressed_cache_max_bytes", "narinfo_cache_entries",
-    "log_level",
+    "log_level", "push",
 }  # fmt: skip
 
 
@@ -191,6 +194,8 @@ def config_from_mapping(raw: Mapping[str, Any], env: Mapping[str, str]) -> Confi
     keys += [Path(p) for p in env.get("SIGN_KEY_PATH", "").split()]
     kw["sign_key_paths"] = tuple(dict.fromkeys(keys))
 
+    if "push" in raw:
+        kw["push"] = push_config_from_mapping(raw["push"], problems)
     if "state_directory" not in kw and env.get("STATE_DIRECTORY"):
         kw["state_directory"] = Path(env["STATE_DIRECTORY"].split(":")[0])
     if problems:
