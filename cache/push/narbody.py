@@ -115,6 +115,9 @@ class _Incremental:
 
 
 class _Zstd:
+    """Bounded output through the stream writer. A frame cut short goes unnoticed here; the NAR
+    hash check against the narinfo refuses it."""
+
     def __init__(self, sink: _Sink) -> None:
         self.writer = zstandard.ZstdDecompressor().stream_writer(
             sink,  # type: ignore[arg-type]  # any object with write() is accepted
