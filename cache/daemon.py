@@ -266,9 +266,14 @@ class Connection:
                     await self.send(u64(len(piece)) + piece)
             await self.send(u64(0))
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(frames)
-            await self.process_stderr()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(frames)
+                await self.process_stderr()
+        except BaseExceptionGroup as group:
+            # the daemon's own word (an error message) explains more than a broken send
+            errors = [e for e in group.exceptions if isinstance(e, DaemonError)] or list(group.exceptions)
+            raise errors[0] from None
 
 
 async def connect(socket_path: Path) -> Connection:
