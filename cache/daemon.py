@@ -272,8 +272,8 @@ class Connection:
                 await self.process_stderr()
         except BaseExceptionGroup as group:
             # the daemon's own word (an error message) explains more than a broken send
-            errors = [e for e in group.exceptions if isinstance(e, DaemonError)] or list(group.exceptions)
-            raise errors[0] from None
+            errors: list[BaseException] = [e for e in group.exceptions if isinstance(e, DaemonError)]
+            raise (errors or list(group.exceptions))[0] from None
 
 
 async def connect(socket_path: Path) -> Connection:
