@@ -1,4 +1,7 @@
-"""The application: configuration, store, keys and caches, and the dispatch of requests to routes."""
+"""The application: configuration, store, keys and caches, and the dispatch of requests to routes.
+
+`App` implements `context.Context`, the interface the routes are written against.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -14,24 +16,18 @@ import trio
 from . import __version__
 from .compression import CompressedNar, ZstdCache
 from .config import Config
+from .context import Resolved
 from .daemon import DaemonStore
 from .hashes import nix32_encode
 from .http import Request, Response, error
 from .metrics import Metrics
 from .narinfo import NarInfo, NarLocation, PathInfo, signatures
 from .push.service import PushService
+from .routes import dispatch
 from .signing import PublicKey, Signer
 from .store import DbStore, Store, StoreError
 
 log = logging.getLogger("harmonia.app")
-
-
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    """A valid store path a client asked for, with its metadata."""
-
-    hash_part: str
-    info: PathInfo
 
 
 class NarinfoCache:
@@ -85,7 +81,7 @@ class App:
         self.config = config
         self.store = store if store is not None else make_store(config)
         self.signers = signers
-        self.public_keys: list[PublicKey] = []
+        self.public_keys: list[PublicKey] = [signer.public_key() for signer in signers]
         self.metrics = metrics or Metrics(1)
         self.narinfo_cache = NarinfoCache(config.narinfo_cache_entries)
         self.started = time.time()
@@ -181,8 +177,6 @@ class App:
     # --- dispatch ---------------------------------------------------------------------
 
     async def handle(self, request: Request) -> Response:
-        from .routes import dispatch
-
         try:
             return await dispatch(self, request)
         except StoreError as exc:

@@ -21,19 +21,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import TYPE_CHECKING
 
 import trio
 
+from ..context import Context
 from ..http import Request, Response, error, text
 from ..narinfo import cache_info
 from ..push.narbody import NarBodyError
 from ..push.service import BodySource, PushService
 from ..push.upload import MAX_NARINFO_BYTES, UploadRefused, check_signed, parse_nar_name, parse_uploaded
 from ..storepath import StorePath, StorePathError, is_hash_part
-
-if TYPE_CHECKING:
-    from ..app import App
 
 log = logging.getLogger("harmonia.push")
 
@@ -59,19 +56,19 @@ def _body(request: Request) -> BodySource | None:
 class _Counted:
     """The request body, counting what it delivers into the metrics."""
 
-    def __init__(self, app: App, body: BodySource) -> None:
-        self._app = app
+    def __init__(self, ctx: Context, body: BodySource) -> None:
+        self._ctx = ctx
         self._body = body
         self.length = body.length
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         data = await self._body.receive(max_bytes)
-        self._app.metrics.bytes_received(len(data))
+        self._ctx.metrics.bytes_received(len(data))
         return data
 
 
-async def handle_push(app: App, request: Request, match: re.Match[str]) -> Response:
-    service = app.push
+async def handle_push(ctx: Context, request: Request, match: re.Match[str]) -> Response:
+    service = ctx.push
     if service is None:
         return error(404, "pushing is not enabled on this cache (set [push] enable = true)")
     rest = match["rest"] or "/"
@@ -82,35 +79,35 @@ async def handle_push(app: App, request: Request, match: re.Match[str]) -> Respo
         name = None
     if name is None:
         if request.method == "PUT":
-            app.metrics.push_outcome("unauthorized")
+            ctx.metrics.push_outcome("unauthorized")
         return error(
             401,
             "pushing needs a push token: put it in netrc as the password (harmonia-cache push-token create NAME)",
             [("WWW-Authenticate", 'Basic realm="harmonia push"')],
         )
     if request.method in ("GET", "HEAD"):
-        return await _read(app, service, request, rest)
+        return await _read(ctx, service, request, rest)
     if request.method != "PUT":
         return error(405, f"method {request.method} not allowed here", [("Allow", "GET, HEAD, PUT")])
-    resp = await _put(app, service, request, rest, name)
+    resp = await _put(ctx, service, request, rest, name)
     if resp.status >= 400 and (outcome := _OUTCOME_BY_STATUS.get(resp.status)):
-        app.metrics.push_outcome(outcome)
+        ctx.metrics.push_outcome(outcome)
     return resp
 
 
-async def _read(app: App, service: PushService, request: Request, rest: str) -> Response:
+async def _read(ctx: Context, service: PushService, request: Request, rest: str) -> Response:
     if rest == "/nix-cache-info":
-        body = cache_info(app.config.virtual_nix_store, app.config.priority, want_mass_query=False)
+        body = cache_info(ctx.config.virtual_nix_store, ctx.config.priority, want_mass_query=False)
         return text(200, body, "text/x-nix-cache-info", [("Cache-Control", "no-store")])
     if m := _NARINFO.fullmatch(rest):
         hash_part = m["hash"]
         if not is_hash_part(hash_part):
             return error(400, "a narinfo name is the 32-character hash of a store path")
-        resolved = await app.resolve(hash_part)
+        resolved = await ctx.resolve(hash_part)
         if resolved is None or not service.retained(resolved.info.path):
             return error(404, "not pushed here (or its retention ended): upload it")
         return text(
-            200, app.narinfo(resolved).render(), "text/x-nix-narinfo", [("Cache-Control", "no-store")]
+            200, ctx.narinfo(resolved).render(), "text/x-nix-narinfo", [("Cache-Control", "no-store")]
         )
     if m := _NAR.fullmatch(rest):
         nar = parse_nar_name(m["name"])
@@ -121,11 +118,11 @@ async def _read(app: App, service: PushService, request: Request, rest: str) -> 
     return error(404, "not a push endpoint")
 
 
-async def _put(app: App, service: PushService, request: Request, rest: str, who: str) -> Response:
+async def _put(ctx: Context, service: PushService, request: Request, rest: str, who: str) -> Response:
     raw_body = _body(request)
     if raw_body is None:
         return error(400, "this transport cannot receive request bodies")
-    body = _Counted(app, raw_body)
+    body = _Counted(ctx, raw_body)
     if m := _NAR.fullmatch(rest):
         nar = parse_nar_name(m["name"])
         if nar is None:
@@ -165,13 +162,13 @@ async def _put(app: App, service: PushService, request: Request, rest: str, who:
         if data is None:
             return error(413, f"a narinfo is at most {MAX_NARINFO_BYTES} bytes")
         try:
-            uploaded = parse_uploaded(data, m["hash"], app.config.virtual_nix_store)
+            uploaded = parse_uploaded(data, m["hash"], ctx.config.virtual_nix_store)
             check_signed(uploaded.info, service.config.trusted_keys)
             outcome = await service.import_path(uploaded)
         except UploadRefused as exc:
             log.info("%s: push of %s refused (%d): %s", who, m["hash"], exc.status, exc.message)
             return error(exc.status, exc.message)
-        app.metrics.push_outcome("imported" if outcome == "imported" else "already_valid")
+        ctx.metrics.push_outcome("imported" if outcome == "imported" else "already_valid")
         log.info("%s pushed %s (%s)", who, uploaded.info.path, outcome)
         return text(200, f"{outcome}: {uploaded.info.path}\n")
     if m := _LOG.fullmatch(rest):
