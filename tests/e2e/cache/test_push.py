@@ -1,0 +1,350 @@
+"""`nix copy --to http://…/push` with the real Nix client, into the host store through a real
+nix-daemon that trusts no user (as the cache's service user is never trusted).
+
+The pusher's store is a store of its own (`local?root=…`): its paths are built in the host store,
+copied there and deleted from the host again, so the cache really imports them. After a push the
+pusher's store is thrown away and a fresh client fetches from the cache's root URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import lzma
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cache.hashes import nix32_encode
+from cache.narinfo import NarInfo, NarLocation
+from cache.signing import SecretKey
+from tests.support.cache_server import CacheServer, generate_key, start_cache
+from tests.support.nix import build, nix_env, run
+from tests.support.push import PushDaemon, basic_auth, closure_expr, made_path, untrusting_daemon
+
+pytestmark = pytest.mark.e2e
+MAX_NAR = 20_000_000
+
+
+@dataclass
+class Pushing:
+    cache: CacheServer
+    daemon: PushDaemon
+    token: str
+    pusher_secret: Path
+    pusher_public: str
+    stranger_secret: Path
+    host_env: dict[str, str]  # the system daemon, where the test paths are built
+    tmp: Path
+
+    @property
+    def push_url(self) -> str:
+        return f"{self.cache.url}/push"
+
+    def client_env(self, name: str, extra: str = "") -> dict[str, str]:
+        home = self.tmp / "clients" / f"{name}-{time.monotonic_ns()}"
+        netrc = home / "netrc"
+        home.mkdir(parents=True)
+        netrc.write_text(f"machine 127.0.0.1 login {name} password {self.token}\n")
+        return nix_env(home / "xdg", f"netrc-file = {netrc}\n{extra}")
+
+    def metric(self, name: str) -> int:
+        text = httpx.get(f"{self.cache.url}/metrics", timeout=10).text
+        m = re.search(rf"^{re.escape(name)} (\d+)$", text, re.M)
+        assert m is not None, f"{name} not in /metrics"
+        return int(m.group(1))
+
+
+@pytest.fixture(scope="module", params=["db", "daemon"])
+def pushing(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, nix_daemon_env: dict[str, str]
+) -> Iterator[Pushing]:
+    tmp = tmp_path_factory.mktemp(f"push-{request.param}")
+    pusher_secret, pusher_public = generate_key(tmp / "keys", "test-pusher-1")
+    stranger_secret, _ = generate_key(tmp / "keys", "test-stranger-1")
+    with untrusting_daemon(tmp / "daemon", [pusher_public]) as daemon:
+        push = {
+            "enable": True,
+            "trusted_keys": [pusher_public],
+            "max_nar_bytes": MAX_NAR,
+            "retention_days": 30,
+        }
+        with start_cache(
+            tmp / "cache",
+            store_backend=request.param,
+            daemon_socket=str(daemon.socket),
+            enable_compression=False,
+            push=push,
+        ) as cache:
+            made = run(
+                [
+                    sys.executable,
+                    "-m",
+                    "cache",
+                    "--config",
+                    str(cache.config_file),
+                    "push-token",
+                    "create",
+                    "ci-1",
+                ],
+                env=nix_daemon_env,
+            )
+            token = made.stdout.strip()
+            assert (
+                token.startswith("hcp_")
+                and token not in (tmp / "cache" / "state" / "push" / "tokens.json").read_text()
+            )
+            yield Pushing(
+                cache, daemon, token, pusher_secret, pusher_public, stranger_secret, nix_daemon_env, tmp
+            )
+            assert token not in cache.log  # never logged
+        roots = tmp / "cache" / "state" / "push" / "roots"
+        pushed = [str(p.readlink()) for p in roots.iterdir()] if roots.exists() else []
+        shutil.rmtree(roots, ignore_errors=True)
+        if pushed:
+            subprocess.run(
+                ["nix-store", "--delete", *pushed], env=daemon.env, capture_output=True, check=False
+            )
+
+
+def pusher_store(p: Pushing, tag: str, count: int = 1) -> tuple[str, list[str]]:
+    """A store of the pusher's own holding a fresh closure that the host store no longer has."""
+    paths = build(closure_expr(tag, count), p.host_env)
+    root = p.tmp / "pushers" / f"{tag}-{time.monotonic_ns()}"
+    store = f"local?root={root}"
+    run(["nix", "copy", "--no-check-sigs", "--to", store, *paths], env=p.host_env)
+    run(["nix-store", "--delete", *reversed(paths)], env=p.host_env)
+    return store, paths
+
+
+def valid_on_host(p: Pushing, path: str) -> bool:
+    probe = subprocess.run(
+        ["nix-store", "--check-validity", path], env=p.daemon.env, capture_output=True, check=False
+    )
+    return probe.returncode == 0
+
+
+def nix_copy_to_cache(
+    p: Pushing, store: str, paths: list[str], query: str, check: bool = True, name: str = "ci-1"
+):  # type: ignore[no-untyped-def]
+    return run(
+        ["nix", "copy", "--from", store, "--to", f"{p.push_url}?{query}", *paths],
+        env=p.client_env(name),
+        check=check,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("compression", ["zstd", "xz", "none"])
+def test_push_gc_then_fetch_signed_by_both(pushing: Pushing, compression: str) -> None:
+    p = pushing
+    store, paths = pusher_store(p, f"c-{compression}")
+    nix_copy_to_cache(p, store, paths, f"compression={compression}&secret-key={p.pusher_secret}")
+    for path in paths:
+        assert valid_on_host(p, path)
+    # the pusher's store goes away; the cache still has the closure, rooted
+    shutil.rmtree(store.removeprefix("local?root="))
+    for path in paths:
+        refused = subprocess.run(
+            ["nix-store", "--delete", path], env=p.daemon.env, capture_output=True, text=True, check=False
+        )
+        assert refused.returncode != 0 and "alive" in refused.stderr
+    top = paths[-1]
+    narinfo = httpx.get(f"{p.cache.url}/{Path(top).name[:32]}.narinfo", timeout=10).text
+    sigs = [
+        line.split(": ", 1)[1].split(":", 1)[0] for line in narinfo.splitlines() if line.startswith("Sig: ")
+    ]
+    assert sorted(sigs) == ["test-cache-1", "test-pusher-1"]
+    # a fresh client trusting only the cache's key fetches the closure
+    fetch_root = p.tmp / "fetch" / f"{compression}-{time.monotonic_ns()}"
+    env = nix_env(
+        p.tmp / "fetch-xdg" / str(time.monotonic_ns()), f"trusted-public-keys = {p.cache.public_key}\n"
+    )
+    run(["nix", "copy", "--from", p.cache.url, "--to", f"local?root={fetch_root}", top], env=env)
+    fetched = run(
+        ["nix", "path-info", "--store", f"local?root={fetch_root}", "-r", top], env=env
+    ).stdout.split()
+    assert sorted(fetched) == sorted(paths)
+
+
+def test_unsigned_and_unknown_key_are_403_then_a_rerun_succeeds(pushing: Pushing) -> None:
+    p = pushing
+    store, paths = pusher_store(p, "sig")
+    unsigned = nix_copy_to_cache(p, store, paths, "compression=none", check=False)
+    assert unsigned.returncode != 0
+    assert "403" in unsigned.stderr
+    stranger = nix_copy_to_cache(
+        p, store, paths, f"compression=none&secret-key={p.stranger_secret}", check=False
+    )
+    assert stranger.returncode != 0 and "403" in stranger.stderr
+    assert not valid_on_host(p, paths[0])
+    # the NAR of the first path is uploaded and waits; the re-run's narinfo PUT imports it
+    before = p.metric("harmonia_push_bytes_received_total")
+    nix_copy_to_cache(p, store, paths, f"compression=none&secret-key={p.pusher_secret}")
+    assert all(valid_on_host(p, path) for path in paths)
+    assert p.metric('harmonia_push_total{outcome="bad_signature"}') >= 2
+    assert p.metric('harmonia_push_total{outcome="imported"}') >= 2
+    assert p.metric("harmonia_push_bytes_received_total") > before
+
+
+def test_pushing_again_is_idempotent(pushing: Pushing) -> None:
+    p = pushing
+    store, paths = pusher_store(p, "again")
+    query = f"compression=zstd&secret-key={p.pusher_secret}"
+    nix_copy_to_cache(p, store, paths, query)
+    nix_copy_to_cache(p, store, paths, query)  # a fresh client (its own narinfo cache) asks again
+    assert all(valid_on_host(p, path) for path in paths)
+
+
+def test_two_concurrent_pushes_of_one_closure(pushing: Pushing) -> None:
+    p = pushing
+    store, paths = pusher_store(p, "concurrent")
+    query = f"compression=xz&secret-key={p.pusher_secret}"
+    args = ["nix", "copy", "--from", store, "--to", f"{p.push_url}?{query}", *paths]
+    procs = [
+        subprocess.Popen(args, env=p.client_env(f"c{i}"), stderr=subprocess.PIPE, text=True) for i in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    assert all(valid_on_host(p, path) for path in paths)
+
+
+def test_fifty_small_paths(pushing: Pushing) -> None:
+    p = pushing
+    store, paths = pusher_store(p, "fifty", count=50)
+    started = time.monotonic()
+    nix_copy_to_cache(p, store, paths, f"compression=zstd&secret-key={p.pusher_secret}")
+    elapsed = time.monotonic() - started
+    assert all(valid_on_host(p, path) for path in paths)
+    # 51 paths, two PUTs each: a server that never sends 100 Continue costs a second per PUT
+    assert elapsed < 50, f"{len(paths)} paths took {elapsed:.1f} s"
+    print(f"pushed {len(paths)} paths in {elapsed:.2f} s")
+
+
+# --- refusals seen on the wire ---------------------------------------------------------------
+
+
+def raw_put(
+    url: str, target: str, headers: dict[str, str], body: bytes, *, send_body: bool = True
+) -> tuple[int, bool, str]:
+    """A PUT with `Expect: 100-continue`; the body goes only after `100 Continue`.
+    Returns (final status, whether 100 came, final body)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        head = f"PUT {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        sock.sendall(head.encode())
+        buf = b""
+        saw_continue = False
+        while True:
+            while b"\r\n\r\n" not in buf:
+                data = sock.recv(65536)
+                if not data:
+                    raise AssertionError(f"connection closed after {buf!r}")
+                buf += data
+            status_head, _, buf = buf.partition(b"\r\n\r\n")
+            status = int(status_head.split()[1])
+            if status == 100:
+                saw_continue = True
+                if send_body:
+                    sock.sendall(body)
+                continue
+            length = int(re.search(rb"(?i)content-length: (\d+)", status_head).group(1))  # type: ignore[union-attr]
+            while len(buf) < length:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                buf += data
+            return status, saw_continue, buf[:length].decode()
+
+
+def test_wrong_token_is_401_and_no_body_is_read(pushing: Pushing) -> None:
+    p = pushing
+    before = p.metric("harmonia_push_bytes_received_total")
+    body = b"x" * 1_000_000
+    target = f"/push/nar/{nix32_encode(hashlib.sha256(body).digest())}.nar"
+    for auth in ({}, {"Authorization": basic_auth("hcp_wrong")}):
+        status, saw_continue, text = raw_put(p.cache.url, target, auth, body)
+        assert (status, saw_continue) == (401, False), text
+        assert "push token" in text
+    assert p.metric("harmonia_push_bytes_received_total") == before
+    assert httpx.get(f"{p.push_url}/nix-cache-info", timeout=10).status_code == 401
+
+
+def test_too_large_is_413_before_the_body(pushing: Pushing) -> None:
+    p = pushing
+    before = p.metric("harmonia_push_bytes_received_total")
+    body = b"\0" * (MAX_NAR + 1)
+    target = f"/push/nar/{nix32_encode(hashlib.sha256(body).digest())}.nar"
+    status, saw_continue, text = raw_put(p.cache.url, target, {"Authorization": basic_auth(p.token)}, body)
+    assert (status, saw_continue) == (413, False), text
+    assert p.metric("harmonia_push_bytes_received_total") == before
+
+
+def _put_path(p: Pushing, made, key_name: str = "nar") -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    auth = {"Authorization": basic_auth(p.token)}
+    packed = lzma.compress(made.nar)
+    file_hash = hashlib.sha256(packed).digest()
+    name = f"{nix32_encode(file_hash)}.nar.xz"
+    status, _, text = raw_put(p.cache.url, f"/push/nar/{name}", auth, packed)
+    assert status == 200, text
+    narinfo = NarInfo(
+        made.info, NarLocation(f"nar/{name}", "xz", file_hash, len(packed)), made.info.sigs
+    ).render()
+    status, saw_continue, text = raw_put(
+        p.cache.url, f"/push/{made.info.hash_part}.narinfo", auth, narinfo.encode()
+    )
+    assert saw_continue
+    return status, text
+
+
+def test_tampered_nar_is_400(pushing: Pushing) -> None:
+    p = pushing
+    key = SecretKey.parse(p.pusher_secret.read_text())
+    auth = {"Authorization": basic_auth(p.token)}
+    made = made_path(p.tmp / "made", "push-tampered", "original\n", key)
+    tampered = made.nar.replace(b"original", b"0riginal")
+    name = f"{nix32_encode(hashlib.sha256(made.nar).digest())}.nar"
+    # bytes changed on the way: their hash is not the name they were PUT under
+    status, _, text = raw_put(p.cache.url, f"/push/nar/{name}", auth, tampered)
+    assert status == 400 and "changed on the way" in text
+    # bytes that match their name, under a narinfo for other bytes
+    other = f"{nix32_encode(hashlib.sha256(tampered).digest())}.nar"
+    assert raw_put(p.cache.url, f"/push/nar/{other}", auth, tampered)[0] == 200
+    narinfo = NarInfo(made.info, NarLocation(f"nar/{other}", "none"), made.info.sigs).render()
+    status, _, text = raw_put(p.cache.url, f"/push/{made.info.hash_part}.narinfo", auth, narinfo.encode())
+    assert status == 400 and "tampered" in text
+    assert not valid_on_host(p, made.info.path)
+
+
+def test_missing_reference_is_409_naming_it(pushing: Pushing) -> None:
+    p = pushing
+    key = SecretKey.parse(p.pusher_secret.read_text())
+    absent = made_path(p.tmp / "made", "push-absent", "never pushed\n", key)
+    top = made_path(p.tmp / "made", "push-needs-absent", "x\n", key, (absent.info.path,))
+    status, text = _put_path(p, top)
+    assert status == 409 and absent.info.path in text
+    assert not valid_on_host(p, top.info.path)
+    assert p.metric('harmonia_push_total{outcome="conflict"}') >= 1
+
+
+def test_head_of_an_absent_nar_is_404_and_side_files_are_accepted(pushing: Pushing) -> None:
+    p = pushing
+    auth = {"Authorization": basic_auth(p.token)}
+    with httpx.Client(base_url=p.push_url, headers=auth, timeout=10) as client:
+        for ext in (".nar", ".nar.zst", ".nar.xz"):
+            assert client.head(f"/nar/{'0' * 52}{ext}").status_code == 404
+        assert client.get(f"/{'0' * 32}.narinfo").status_code == 404
+        info = client.get("/nix-cache-info")
+        assert info.status_code == 200 and "StoreDir: /nix/store" in info.text
+        for target in (f"/{'0' * 32}.ls", f"/realisations/sha256:{'0' * 52}!out.doi", "/debuginfo/abc"):
+            assert client.put(target, content=b"{}").status_code == 200
