@@ -54,10 +54,15 @@ def test_every_push_problem_at_once() -> None:
             },
             {},
         )
-    text = "\n".join(info.value.problems)
+    text = "\n".join(str(p) for p in info.value.problems)
     for key in ("push.enable", "push.retention_days", "push.trusted_keys", "push.max_nar_bytes",
                 "push.tokens_file", "push.retention: unknown key"):  # fmt: skip
         assert key in text
+
+
+def test_push_must_be_a_table() -> None:
+    with pytest.raises(ConfigError, match=r"push: expected a table like \[push\] enable = false"):
+        config_from_mapping({"push": True}, {})
 
 
 def test_enabled_without_keys_is_an_error() -> None:
