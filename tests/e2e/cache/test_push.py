@@ -387,3 +387,19 @@ def test_head_of_an_absent_nar_is_404_and_side_files_are_accepted(pushing: Pushi
         assert info.status_code == 200 and "StoreDir: /nix/store" in info.text
         for target in (f"/{'0' * 32}.ls", f"/realisations/sha256:{'0' * 52}!out.doi", "/debuginfo/abc"):
             assert client.put(target, content=b"{}").status_code == 200
+
+
+def test_a_pushed_build_log_is_served_by_log(pushing: Pushing) -> None:
+    p = pushing
+    drv = f"{'1' * 32}-hello-2.12.drv"
+    auth = {"Authorization": basic_auth(p.token)}
+    status, _, text = raw_put(p.cache.url, f"/push/log/{drv}", auth, b"building hello\nok\n")
+    assert status == 200, text
+    served = httpx.get(f"{p.cache.url}/log/{drv}", timeout=10)
+    assert served.status_code == 200 and served.text == "building hello\nok\n"
+
+
+def test_push_is_off_unless_enabled(tmp_path: Path, nix_daemon_env: dict[str, str]) -> None:
+    with start_cache(tmp_path / "off") as cache:
+        status, saw_continue, text = raw_put(cache.url, f"/push/nar/{'0' * 52}.nar", {}, b"x" * 1000)
+        assert (status, saw_continue) == (404, False) and "[push] enable = true" in text
