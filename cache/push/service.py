@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import trio
 
@@ -197,12 +197,23 @@ class PushService:
             self._forget(uploaded.nar)
             return "already valid"
         pending = self.pending(uploaded.nar)
-        if pending is None:
+        data = _open(pending.data) if pending is not None else None
+        if pending is None or data is None:
+            # another worker may have imported the same path since the check above
+            if await conn.query_valid_paths([info.path]):
+                await self._root(conn, info.path)
+                return "already valid"
             raise UploadRefused(
                 409, f"the NAR nar/{uploaded.nar.name} of {info.path} has not been uploaded (PUT it first)"
             )
+        with data:
+            return await self._import_pending(conn, uploaded, pending, data)
+
+    async def _import_pending(
+        self, conn: Connection, uploaded: UploadedNarInfo, pending: PendingNar, data: BinaryIO
+    ) -> str:
+        info = uploaded.info
         if pending.nar_hash != info.nar_hash or pending.nar_size != info.nar_size:
-            self._forget(uploaded.nar)
             raise UploadRefused(
                 400,
                 f"the uploaded NAR of {info.path} has NarHash sha256:{nix32_encode(pending.nar_hash)} and "
@@ -225,7 +236,7 @@ class PushService:
                 "push the references first (nix copy pushes a whole closure)",
             )
         await self._root(conn, info.path)
-        await conn.add_to_store_nar(_registered(info), lambda: _file_chunks(pending.data))
+        await conn.add_to_store_nar(_registered(info), lambda: _file_chunks(data))
         self._forget(uploaded.nar)
         return "imported"
 
@@ -272,8 +283,14 @@ def _registered(info: PathInfo) -> PathInfo:
     )
 
 
-async def _file_chunks(path: Path, size: int = 1 << 20) -> AsyncIterator[bytes]:
-    f = await trio.open_file(path, "rb")
-    async with f:
-        while chunk := await f.read(size):
-            yield chunk
+def _open(path: Path) -> BinaryIO | None:
+    """The upload, opened: it stays readable if a concurrent import removes its name."""
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        return None
+
+
+async def _file_chunks(data: BinaryIO, size: int = 1 << 20) -> AsyncIterator[bytes]:
+    while chunk := await trio.to_thread.run_sync(data.read, size):
+        yield chunk
