@@ -403,3 +403,58 @@ def test_push_is_off_unless_enabled(tmp_path: Path, nix_daemon_env: dict[str, st
     with start_cache(tmp_path / "off") as cache:
         status, saw_continue, text = raw_put(cache.url, f"/push/nar/{'0' * 52}.nar", {}, b"x" * 1000)
         assert (status, saw_continue) == (404, False) and "[push] enable = true" in text
+
+
+def test_retention_ends_then_gc_may_collect(
+    tmp_path: Path, nix_daemon_env: dict[str, str], host_nix_client: NixClient
+) -> None:
+    """A short retention and a fast sweep in the real server: rooted first, collectable after."""
+    pusher_secret, pusher_public = generate_key(tmp_path / "keys", "test-pusher-1")
+    with untrusting_daemon(tmp_path / "daemon", [pusher_public]) as daemon:
+        push = {
+            "enable": True,
+            "trusted_keys": [pusher_public],
+            "retention_days": 3 / 86400,
+            "sweep_interval": 0.5,
+        }
+        with start_cache(tmp_path / "cache", daemon_socket=str(daemon.socket), push=push) as cache:
+            token = run(
+                [
+                    sys.executable,
+                    "-m",
+                    "cache",
+                    "--config",
+                    str(cache.config_file),
+                    "push-token",
+                    "create",
+                    "ci-1",
+                ],
+                env=nix_daemon_env,
+            ).stdout.strip()
+            p = Pushing(
+                cache, daemon, token, pusher_secret, pusher_public, pusher_secret, nix_daemon_env, tmp_path
+            )
+            client_dir = tmp_path / "client"
+            client_dir.mkdir()
+            pusher = Pusher(host_nix_client, client_dir, p)
+            store, paths = pusher.store_with("retention")
+            pusher.copy(store, paths, f"compression=zstd&secret-key={pusher.key(pusher_secret)}")
+            assert all(valid_on_host(p, path) for path in paths)
+            kept = subprocess.run(
+                ["nix-store", "--delete", paths[-1]],
+                env=daemon.env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert kept.returncode != 0 and "alive" in kept.stderr
+            deadline = time.monotonic() + 30
+            while (tmp_path / "cache" / "state" / "push" / "roots").exists() and any(
+                (tmp_path / "cache" / "state" / "push" / "roots").iterdir()
+            ):
+                assert time.monotonic() < deadline, "the sweep did not remove the expired roots"
+                time.sleep(0.3)
+            assert "retention of" in cache.log
+            # the roots are gone: the daemon deletes the paths (only these, not a whole GC)
+            run(["nix-store", "--delete", *reversed(paths)], env=daemon.env)
+            assert not any(valid_on_host(p, path) for path in paths)
