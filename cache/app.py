@@ -19,13 +19,13 @@ from .config import Config
 from .context import Resolved
 from .daemon import DaemonStore
 from .hashes import nix32_encode
-from .http import Request, Response, error
 from .metrics import Metrics
 from .narinfo import NarInfo, NarLocation, PathInfo, signatures
 from .push.service import PushService
 from .routes import dispatch
 from .signing import PublicKey, Signer
 from .store import DbStore, Store, StoreError
+from .transport.messages import Request, Response, error
 
 log = logging.getLogger("harmonia.app")
 

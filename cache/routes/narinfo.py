@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 from ..context import Context
-from ..http import Request, Response, error, text
 from ..storepath import is_hash_part
+from ..transport.messages import Request, Response, error, text
 
 POSITIVE_CACHE = "public, max-age=3600"
 

@@ -25,12 +25,12 @@ import re
 import trio
 
 from ..context import Context
-from ..http import Request, Response, error, text
 from ..narinfo import cache_info
 from ..push.narbody import NarBodyError
-from ..push.service import BodySource, PushService
+from ..push.service import DAEMON_DOWN_STATUS, PushService
 from ..push.upload import MAX_NARINFO_BYTES, UploadRefused, check_signed, parse_nar_name, parse_uploaded
 from ..storepath import StorePath, StorePathError, is_hash_part
+from ..transport.messages import Request, RequestBody, RequestBodyError, Response, error, text
 
 log = logging.getLogger("harmonia.push")
 
@@ -48,15 +48,10 @@ _OUTCOME_BY_STATUS = {
 }
 
 
-def _body(request: Request) -> BodySource | None:
-    body: BodySource | None = getattr(request, "body", None)
-    return body
-
-
 class _Counted:
     """The request body, counting what it delivers into the metrics."""
 
-    def __init__(self, ctx: Context, body: BodySource) -> None:
+    def __init__(self, ctx: Context, body: RequestBody) -> None:
         self._ctx = ctx
         self._body = body
         self.length = body.length
@@ -89,7 +84,14 @@ async def handle_push(ctx: Context, request: Request, match: re.Match[str]) -> R
         return await _read(ctx, service, request, rest)
     if request.method != "PUT":
         return error(405, f"method {request.method} not allowed here", [("Allow", "GET, HEAD, PUT")])
-    resp = await _put(ctx, service, request, rest, name)
+    try:
+        resp = await _put(ctx, service, request, rest, name)
+    except Exception:
+        # a fault of ours; a 500 would make Nix ≤ 2.33.1 retry the PUT without its body and hang
+        log.exception("push %s %s failed", request.method, request.raw_path)
+        resp = error(
+            DAEMON_DOWN_STATUS, "the cache failed to take this upload (its log says why); not your fault"
+        )
     if resp.status >= 400 and (outcome := _OUTCOME_BY_STATUS.get(resp.status)):
         ctx.metrics.push_outcome(outcome)
     return resp
@@ -119,10 +121,7 @@ async def _read(ctx: Context, service: PushService, request: Request, rest: str)
 
 
 async def _put(ctx: Context, service: PushService, request: Request, rest: str, who: str) -> Response:
-    raw_body = _body(request)
-    if raw_body is None:
-        return error(400, "this transport cannot receive request bodies")
-    body = _Counted(ctx, raw_body)
+    body = _Counted(ctx, request.body)
     if m := _NAR.fullmatch(rest):
         nar = parse_nar_name(m["name"])
         if nar is None:
@@ -231,6 +230,6 @@ def _body_failure(exc: Exception, what: str) -> Response:
     """A body that broke off, went idle or was too long: the client's side of the wire."""
     if isinstance(exc, trio.TooSlowError):
         return error(400, f"the {what} body stopped arriving (idle timeout)")
-    if type(exc).__name__ == "RequestBodyError":
+    if isinstance(exc, RequestBodyError):
         return error(400, f"the {what} body is incomplete: {exc}")
     raise exc

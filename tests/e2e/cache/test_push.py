@@ -25,7 +25,6 @@ import httpx
 import pytest
 
 from cache.hashes import nix32_encode
-from cache.http import Request
 from cache.narinfo import NarInfo, NarLocation
 from cache.signing import SecretKey
 from tests.support.cache_server import CacheServer, generate_key, start_cache
@@ -33,11 +32,7 @@ from tests.support.clients import NixClient, remove_tree
 from tests.support.nix import build, run
 from tests.support.push import PushDaemon, basic_auth, closure_expr, made_path, untrusting_daemon
 
-pytestmark = [
-    pytest.mark.e2e,
-    # until the transport hands request bodies to the routes (branch transport)
-    pytest.mark.skipif("body" not in Request.__dataclass_fields__, reason="no request bodies yet"),
-]
+pytestmark = pytest.mark.e2e
 MAX_NAR = 20_000_000
 
 
