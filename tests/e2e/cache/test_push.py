@@ -453,3 +453,82 @@ def test_retention_ends_then_gc_may_collect(
             # the roots are gone: the daemon deletes the paths (only these, not a whole GC)
             run(["nix-store", "--delete", *reversed(paths)], env=daemon.env)
             assert not any(valid_on_host(p, path) for path in paths)
+
+
+def test_push_over_tls(
+    tmp_path: Path, nix_daemon_env: dict[str, str], nix_client: NixClient, client_dir: Path
+) -> None:
+    """https, as through the sidecar's tailnet node: HTTP/2 for curl's Nix where it negotiates it."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "chain.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    ca.cert_pem.write_to_path(str(client_dir / "ca.pem"))
+    pusher_secret, pusher_public = generate_key(tmp_path / "keys", "test-pusher-1")
+    with untrusting_daemon(tmp_path / "daemon", [pusher_public]) as daemon:
+        with start_cache(
+            tmp_path / "cache",
+            daemon_socket=str(daemon.socket),
+            tls_cert_path=str(tmp_path / "chain.pem"),
+            tls_key_path=str(tmp_path / "key.pem"),
+            push={"enable": True, "trusted_keys": [pusher_public]},
+        ) as cache:
+            assert cache.url.startswith("https://")
+            token = run(
+                [
+                    sys.executable,
+                    "-m",
+                    "cache",
+                    "--config",
+                    str(cache.config_file),
+                    "push-token",
+                    "create",
+                    "ci-1",
+                ],
+                env=nix_daemon_env,
+            ).stdout.strip()
+            p = Pushing(
+                cache, daemon, token, pusher_secret, pusher_public, pusher_secret, nix_daemon_env, tmp_path
+            )
+            pusher = Pusher(nix_client, client_dir, p)
+            store, paths = pusher.store_with("tls", count=3)
+            ca_inside = nix_client.inside(client_dir / "ca.pem")
+            source = ["--from", store] if store else []
+            nix_client.run(
+                [
+                    "nix",
+                    "copy",
+                    *source,
+                    "--to",
+                    f"{p.push_url}?compression=zstd&secret-key={pusher.key(pusher_secret)}",
+                    *paths,
+                ],
+                env={**pusher.env(), "NIX_SSL_CERT_FILE": ca_inside},
+            )
+            assert all(valid_on_host(p, path) for path in paths)
+            # HTTP/2 request bodies reach the routes (streamed, checked) as HTTP/1.1 ones do
+            import ssl
+
+            verify = ssl.create_default_context(cafile=str(client_dir / "ca.pem"))
+            nar = b"nix-archive-1 " * 10000
+            target = f"/push/nar/{nix32_encode(hashlib.sha256(nar).digest())}.nar"
+            with httpx.Client(base_url=cache.url, verify=verify, http2=True, timeout=20) as h2:
+                refused = h2.put(target, content=nar)
+                assert (refused.http_version, refused.status_code) == ("HTTP/2", 401)
+                taken = h2.put(target, content=nar, headers={"Authorization": basic_auth(token)})
+                assert (taken.http_version, taken.status_code) == ("HTTP/2", 200)
+                assert h2.head(target, headers={"Authorization": basic_auth(token)}).status_code == 200
+                wrong = h2.put(
+                    target.replace(".nar", ".nar.xz"),
+                    content=nar,
+                    headers={"Authorization": basic_auth(token)},
+                )
+                assert wrong.status_code == 400
+            roots = tmp_path / "cache" / "state" / "push" / "roots"
+            for link in roots.iterdir():
+                link.unlink()
+        subprocess.run(
+            ["nix-store", "--delete", *reversed(paths)], env=daemon.env, capture_output=True, check=False
+        )
