@@ -231,7 +231,8 @@ def test_unsigned_and_unknown_key_are_403_then_a_rerun_succeeds(pusher: Pusher) 
 def test_pushing_again_is_idempotent(pusher: Pusher) -> None:
     p = pusher.p
     store, paths = pusher.store_with("again")
-    query = f"compression=zstd&secret-key={pusher.key(p.pusher_secret)}"
+    # write-nar-listing: the client also PUTs <hash>.ls, accepted (the cache makes its own)
+    query = f"compression=zstd&write-nar-listing=true&secret-key={pusher.key(p.pusher_secret)}"
     pusher.copy(store, paths, query)
     before = p.metric('harmonia_push_total{outcome="imported"}')
     pusher.copy(store, paths, query)  # a fresh narinfo cache: the client asks the cache again
@@ -304,6 +305,7 @@ def raw_put(
 def test_wrong_token_is_401_and_no_body_is_read(pushing: Pushing) -> None:
     p = pushing
     before = p.metric("harmonia_push_bytes_received_total")
+    refused_before = p.metric('harmonia_push_total{outcome="unauthorized"}')
     body = b"x" * 1_000_000
     target = f"/push/nar/{nix32_encode(hashlib.sha256(body).digest())}.nar"
     for auth in ({}, {"Authorization": basic_auth("hcp_wrong")}):
@@ -311,6 +313,7 @@ def test_wrong_token_is_401_and_no_body_is_read(pushing: Pushing) -> None:
         assert (status, saw_continue) == (401, False), text
         assert "push token" in text
     assert p.metric("harmonia_push_bytes_received_total") == before
+    assert p.metric('harmonia_push_total{outcome="unauthorized"}') == refused_before + 2
     assert httpx.get(f"{p.push_url}/nix-cache-info", timeout=10).status_code == 401
 
 
