@@ -216,10 +216,12 @@ def test_unsigned_and_unknown_key_are_403_then_a_rerun_succeeds(pusher: Pusher) 
     unsigned = pusher.copy(store, paths, "compression=none", check=False)
     assert unsigned.returncode != 0
     assert "403" in unsigned.stderr
+    assert "sign it with one of these keys: test-pusher-1" in unsigned.stderr  # Nix shows our answer
     stranger = pusher.copy(
         store, paths, f"compression=none&secret-key={pusher.key(p.stranger_secret)}", check=False
     )
     assert stranger.returncode != 0 and "403" in stranger.stderr
+    assert "signed by test-stranger-1, expected one of: test-pusher-1" in stranger.stderr
     assert not valid_on_host(p, paths[0])
     # the NAR of the first path is uploaded and waits; the re-run's narinfo PUT imports it
     pusher.copy(store, paths, f"compression=none&secret-key={pusher.key(p.pusher_secret)}")
@@ -535,3 +537,39 @@ def test_push_over_tls(
         subprocess.run(
             ["nix-store", "--delete", *reversed(paths)], env=daemon.env, capture_output=True, check=False
         )
+
+
+def test_a_daemon_that_is_down_fails_the_copy_at_once(
+    tmp_path: Path, nix_daemon_env: dict[str, str], nix_client: NixClient, client_dir: Path
+) -> None:
+    """424, a final error for Nix: the copy stops with the reason instead of retrying (a 5xx on a
+    PUT makes Nix ≤ 2.33.1 retry without a body and hang)."""
+    pusher_secret, pusher_public = generate_key(tmp_path / "keys", "test-pusher-1")
+    push = {"enable": True, "trusted_keys": [pusher_public]}
+    with start_cache(
+        tmp_path / "cache", daemon_socket=str(tmp_path / "no-daemon.socket"), push=push
+    ) as cache:
+        token = run(
+            [
+                sys.executable,
+                "-m",
+                "cache",
+                "--config",
+                str(cache.config_file),
+                "push-token",
+                "create",
+                "ci-1",
+            ],
+            env=nix_daemon_env,
+        ).stdout.strip()
+        p = Pushing(cache, None, token, pusher_secret, pusher_public, pusher_secret, nix_daemon_env, tmp_path)  # type: ignore[arg-type]
+        pusher = Pusher(nix_client, client_dir, p)
+        store, paths = pusher.store_with("nodaemon")
+        started = time.monotonic()
+        failed = pusher.copy(
+            store, paths, f"compression=zstd&secret-key={pusher.key(pusher_secret)}", check=False
+        )
+        assert failed.returncode != 0
+        assert "424" in failed.stderr and "cannot reach its nix-daemon" in failed.stderr
+        assert time.monotonic() - started < 60  # no retries: Nix retries transient errors for minutes
+        assert p.metric('harmonia_push_total{outcome="daemon_failed"}') == 1
