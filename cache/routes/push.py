@@ -1,6 +1,7 @@
 """`/push/…`: the binary-cache protocol a pushing `nix copy --to …/push` needs.
 
-Every request needs a push token (HTTP Basic, the password; netrc gives it to curl). Checks that
+Every request but `GET nix-cache-info` needs a push token (HTTP Basic, the password; netrc gives
+it to curl). Checks that
 need no body come first, so a refused PUT never gets `100 Continue` and sends no body: a bad
 token is 401, a declared NAR over `max_nar_bytes` 413. A PUT is never answered 5xx, 408 or 429:
 Nix ≤ 2.33.1 then retries it with an empty body and hangs (NixOS/nix #15023); a cache-side
@@ -67,6 +68,10 @@ async def handle_push(ctx: Context, request: Request, match: re.Match[str]) -> R
     if service is None:
         return error(404, "pushing is not enabled on this cache (set [push] enable = true)")
     rest = match["rest"] or "/"
+    if rest == "/nix-cache-info" and request.method in ("GET", "HEAD"):
+        # public facts (StoreDir): answered without a token, so a pusher with a wrong token
+        # sees our 401 with its reason at its first upload, not "does not appear to be a binary cache"
+        return _cache_info(ctx)
     try:
         name = service.tokens.authenticate(request.header("authorization"))
     except Exception as exc:  # an unreadable token file: the operator's problem, said once in the log
@@ -98,9 +103,6 @@ async def handle_push(ctx: Context, request: Request, match: re.Match[str]) -> R
 
 
 async def _read(ctx: Context, service: PushService, request: Request, rest: str) -> Response:
-    if rest == "/nix-cache-info":
-        body = cache_info(ctx.config.virtual_nix_store, ctx.config.priority, want_mass_query=False)
-        return text(200, body, "text/x-nix-cache-info", [("Cache-Control", "no-store")])
     if m := _NARINFO.fullmatch(rest):
         hash_part = m["hash"]
         if not is_hash_part(hash_part):
@@ -224,6 +226,11 @@ async def _read_all(body: _Counted, limit: int, idle_timeout: float) -> bytes | 
             parts.append(data)
         else:
             parts.clear()
+
+
+def _cache_info(ctx: Context) -> Response:
+    body = cache_info(ctx.config.virtual_nix_store, ctx.config.priority, want_mass_query=False)
+    return text(200, body, "text/x-nix-cache-info", [("Cache-Control", "no-store")])
 
 
 def _body_failure(exc: Exception, what: str) -> Response:

@@ -316,7 +316,9 @@ def test_wrong_token_is_401_and_no_body_is_read(pushing: Pushing) -> None:
         assert "push token" in text
     assert p.metric("harmonia_push_bytes_received_total") == before
     assert p.metric('harmonia_push_total{outcome="unauthorized"}') == refused_before + 2
-    assert httpx.get(f"{p.push_url}/nix-cache-info", timeout=10).status_code == 401
+    assert httpx.get(f"{p.push_url}/{'0' * 32}.narinfo", timeout=10).status_code == 401
+    # nix-cache-info is public (StoreDir), so Nix reaches the upload and shows the 401's reason
+    assert httpx.get(f"{p.push_url}/nix-cache-info", timeout=10).status_code == 200
 
 
 def test_too_large_is_413_before_the_body(pushing: Pushing) -> None:
@@ -573,3 +575,21 @@ def test_a_daemon_that_is_down_fails_the_copy_at_once(
         assert "424" in failed.stderr and "cannot reach its nix-daemon" in failed.stderr
         assert time.monotonic() - started < 60  # no retries: Nix retries transient errors for minutes
         assert p.metric('harmonia_push_total{outcome="daemon_failed"}') == 1
+
+
+def test_nix_copy_with_a_wrong_token_says_why(pusher: Pusher) -> None:
+    p = pusher.p
+    store, paths = pusher.store_with("badtoken")
+    home = pusher.dir / "bad-token"
+    home.mkdir()
+    (home / "netrc").write_text("machine 127.0.0.1 login ci-1 password hcp_revoked-or-wrong\n")
+    env = pusher.client.env(home / "xdg", f"netrc-file = {pusher.client.inside(home / 'netrc')}\n")
+    source = ["--from", store] if store else []
+    failed = pusher.client.run(
+        ["nix", "copy", *source, "--to", f"{p.push_url}?secret-key={pusher.key(p.pusher_secret)}", *paths],
+        env=env,
+        check=False,
+    )
+    assert failed.returncode != 0
+    assert "401" in failed.stderr and "push token" in failed.stderr
+    assert not any(valid_on_host(p, path) for path in paths)
