@@ -99,6 +99,21 @@ def find_token(entries: list[TokenEntry], token: str) -> str | None:
     return found
 
 
+def _owner_of_nearest(directory: Path) -> tuple[int, int]:
+    """uid and gid of `directory`, or of its nearest existing ancestor."""
+    for candidate in (directory, *directory.parents):
+        try:
+            st = os.stat(candidate)
+        except FileNotFoundError:
+            continue
+        return st.st_uid, st.st_gid
+    return 0, 0
+
+
+def _missing_dirs(directory: Path) -> list[Path]:
+    return [d for d in (directory, *directory.parents) if not d.exists()]
+
+
 class TokenStore:
     """The token file. Reads are cached until the file's (mtime, size, inode) changes."""
 
@@ -135,6 +150,8 @@ class TokenStore:
     def _write(self, entries: list[TokenEntry]) -> None:
         directory = self.path.parent
         try:
+            owner = _owner_of_nearest(directory)
+            created = _missing_dirs(directory)
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             tmp = directory / f".{self.path.name}.{os.getpid()}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -143,6 +160,11 @@ class TokenStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o600)  # an existing temporary file keeps its mode otherwise
+            # root managing tokens for a service user (systemd's DynamicUser owns the state
+            # directory): the file must stay readable by the server, so it takes that owner
+            if os.geteuid() == 0 and owner != (0, 0):
+                for path in (*created, tmp):
+                    os.chown(path, *owner)
             os.replace(tmp, self.path)
         except OSError as exc:
             raise TokenError(f"cannot write {self.path}: {exc.strerror}") from exc

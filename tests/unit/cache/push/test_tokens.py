@@ -99,3 +99,16 @@ def test_missing_file_means_no_tokens(tmp_path: Path) -> None:
     store = TokenStore(tmp_path / "absent.json")
     assert store.entries() == []
     assert store.authenticate(basic("u", "hcp_x")) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_root_gives_the_file_to_the_state_directorys_owner(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    os.chown(state, 61234, 61234)  # as systemd's DynamicUser owns /var/lib/private/harmonia
+    store = TokenStore(state / "push" / "tokens.json")
+    store.create("ci")
+    for path in (state / "push", store.path):
+        st = path.stat()
+        assert (st.st_uid, st.st_gid) == (61234, 61234), path
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
