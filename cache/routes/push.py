@@ -137,13 +137,13 @@ async def _put(ctx: Context, service: PushService, request: Request, rest: str, 
             )
         try:
             received = await service.store_nar(nar, body)
-        except UploadRefused as exc:
-            return error(exc.status, exc.message)
-        except NarBodyError as exc:
-            return error(exc.status, str(exc))
+        except (UploadRefused, NarBodyError) as exc:
+            message = exc.message if isinstance(exc, UploadRefused) else str(exc)
+            log.info("%s: upload of nar/%s refused (%d): %s", who, nar.name, exc.status, message)
+            return error(exc.status, message)
         except Exception as exc:
             return _body_failure(exc, "NAR")
-        log.info(
+        log.debug(
             "%s uploaded nar/%s (%d bytes, NAR %d bytes)",
             who,
             nar.name,
