@@ -74,7 +74,7 @@ async def handle_push(ctx: Context, request: Request, match: re.Match[str]) -> R
         return _cache_info(ctx)
     try:
         name = service.tokens.authenticate(request.header("authorization"))
-    except Exception as exc:  # an unreadable token file: the operator's problem, said once in the log
+    except Exception as exc:  # an unreadable token file: the operator's problem, said in the log
         log.error("push tokens cannot be read: %s", exc)
         name = None
     if name is None:
