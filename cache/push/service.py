@@ -36,6 +36,7 @@ log = logging.getLogger("harmonia.push")
 
 ABANDONED_UPLOAD_SECONDS = 86400.0
 IMPORT_TIMEOUT = 3600.0
+IMPORTS_AT_ONCE = 8
 DAEMON_DOWN_STATUS = 424  # a 4xx Nix does not retry: 5xx/408/429 make Nix ≤ 2.33.1 hang on a PUT
 
 
@@ -69,6 +70,8 @@ class PushService:
         self.store_dir = store_dir
         self.tokens = TokenStore(tokens_path(config, state_directory))
         self._locks: dict[str, trio.Lock] = {}
+        # the daemon forks a process per connection: parallel uploads (Nix ≥ 2.35) queue here
+        self._imports = trio.CapacityLimiter(IMPORTS_AT_ONCE)
 
     # --- NAR uploads ------------------------------------------------------------------
 
@@ -138,7 +141,7 @@ class PushService:
         info = uploaded.info
         lock = self._locks.setdefault(info.path, trio.Lock())
         try:
-            async with lock:
+            async with lock, self._imports:
                 return await self._import_locked(uploaded)
         finally:
             if not lock.locked() and not lock.statistics().tasks_waiting:
