@@ -206,7 +206,7 @@ class Config:
     )
     #: seconds without a byte of a request body before the upload is refused
     push_idle_timeout: float = field(
-        default=60.0, metadata=setting(positive_number(86400), key="push.idle_timeout")
+        default=30.0, metadata=setting(positive_number(86400), key="push.idle_timeout")
     )
     #: seconds between sweeps of expired retention roots
     push_sweep_interval: float = field(

@@ -23,7 +23,7 @@ class PushConfig:
     max_nar_bytes: int = 8 * 1024**3
     # None: <state_directory>/push/tokens.json
     tokens_file: Path | None = None
-    idle_timeout: float = 60.0  # seconds without a byte of a request body
+    idle_timeout: float = 30.0  # seconds without a byte of a request body
     sweep_interval: float = 3600.0  # seconds between removals of expired retention roots
 
     @property
