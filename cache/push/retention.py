@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def make_root(roots_dir: Path, store_path: str) -> Path:
     """Create or renew the root of `store_path` atomically (a GC sees the old link or the new)."""
     roots_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     link = root_link(roots_dir, store_path)
-    tmp = roots_dir / f".{link.name}.{os.getpid()}.{id(link)}.tmp"
+    tmp = roots_dir / f".{link.name}.{secrets.token_hex(8)}.tmp"  # pushes of one path may race
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
     os.symlink(store_path, tmp)

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -122,7 +123,7 @@ class PushService:
         self.nars.mkdir(mode=0o700, parents=True, exist_ok=True)
         # data first, then the record that says it is complete; both atomic renames
         os.replace(data, self.nars / f"{name.name}.data")
-        tmp = self.tmp / f"{name.name}.{os.getpid()}.json"
+        tmp = self.tmp / f"{name.name}.{secrets.token_hex(8)}.json"  # uploads of one NAR may race
         tmp.write_text(json.dumps(doc))
         os.replace(tmp, self.nars / f"{name.name}.json")
 
