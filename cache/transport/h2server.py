@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import h2.config
@@ -33,7 +34,6 @@ import h2.exceptions
 import h2.settings
 import trio
 from h2.errors import ErrorCodes
-from hyperframe.frame import GoAwayFrame
 
 from ..metrics import Metrics
 from ..nar import FileRegion
@@ -148,9 +148,12 @@ class H2Sink:
         view = memoryview(chunk)
         while view:
             n = await self.conn.window(self.stream, len(view))
-            self.conn.h2_call(self.stream, "send_data", self.stream.id, bytes(view[:n]))
+            frame = self.conn.h2.max_outbound_frame_size
+            for start in range(0, n, frame):
+                piece = bytes(view[start : min(start + frame, n)])
+                self.conn.h2_call(self.stream, "send_data", self.stream.id, piece)
             view = view[n:]
-            await self.conn.flush()
+            await self.conn.flush()  # all the frames the window allowed, in one write
 
     async def region(self, region: FileRegion) -> int:
         try:
@@ -208,10 +211,14 @@ class H2Connection:
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             },
         )
+        # settings given at construction count as in force: h2 applies the header-list limit
+        # to its decoder only on a later change, so set it here
+        self.h2.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
         self.streams: dict[int, _Stream] = {}
         self.send_lock = trio.Lock()
         self.window_opened = trio.Event()
         self.no_streams = trio.Event()
+        self.preface_sent = trio.Event()
         self.going_away = False
         self.reset_allowance = float(RESET_BURST)
         self.reset_checked = trio.current_time()
@@ -234,12 +241,6 @@ class H2Connection:
                 with trio.fail_after(SEND_TIMEOUT):
                     await self.stream.send_all(data)
 
-    async def send_raw(self, data: bytes) -> None:
-        async with self.send_lock:
-            pending = self.h2.data_to_send() + data
-            with trio.fail_after(SEND_TIMEOUT):
-                await self.stream.send_all(pending)
-
     async def window(self, stream: _Stream, want: int) -> int:
         """Wait until the client lets us send on `stream`; how many bytes (≤ want) it may take."""
         with trio.move_on_after(SEND_TIMEOUT):
@@ -251,7 +252,7 @@ class H2Connection:
                 except h2.exceptions.StreamClosedError as exc:
                     raise _StreamGone from exc
                 if open_ > 0:
-                    return min(want, open_, self.h2.max_outbound_frame_size)
+                    return min(want, open_)
                 await self.window_opened.wait()
         raise BodyFailed(f"the client opened no flow-control window for {SEND_TIMEOUT:.0f} s")
 
@@ -273,22 +274,34 @@ class H2Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
-                self.h2.initiate_connection()
-                self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
-                await self.flush()
-                nursery.start_soon(self._go_away_on_stop)
-                await self._read_loop()
+                nursery.start_soon(self._guarded, self._go_away_on_stop)
+                await self._guarded(self._start_and_read)
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-            pass
-        except OSError as exc:
-            log.debug("HTTP/2 connection from %s: %s", self.client, exc)
         finally:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(5) as closing:
                     await self.stream.aclose()
                 if closing.cancelled_caught:
                     await trio.aclose_forcefully(self.stream)
+
+    async def _start_and_read(self) -> None:
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        await self.flush()
+        self.preface_sent.set()
+        await self._read_loop()
+
+    async def _guarded(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run `work`; a connection that broke or stalled ends quietly (inside the nursery, so
+        that it is not wrapped in an exception group)."""
+        try:
+            await work()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+            pass
+        except OSError as exc:
+            log.debug("HTTP/2 connection from %s: %s", self.client, exc)
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
 
     async def _read_loop(self) -> None:
         data: bytes | bytearray = self.prefix
@@ -432,15 +445,14 @@ class H2Connection:
             await self.flush()
 
     async def _go_away_on_stop(self) -> None:
-        """On shutdown: refuse new streams (GOAWAY), finish the running ones, then close."""
+        """On shutdown: refuse new streams, finish the running ones, then GOAWAY and close.
+
+        The GOAWAY goes last: clients built on h2 (httpx) cannot read a response that follows it.
+        A refused stream (REFUSED_STREAM) is one a client may safely retry elsewhere."""
         await self.stopping.wait()
+        await self.preface_sent.wait()  # a GOAWAY may not precede our SETTINGS
         self.going_away = True
-        frame = GoAwayFrame(0)
-        frame.last_stream_id = self.h2.highest_inbound_stream_id
-        frame.error_code = ErrorCodes.NO_ERROR
-        # sent beside h2's state machine, which would refuse any frame after its own GOAWAY
-        await self.send_raw(frame.serialize())
         if self.streams:
             await self.no_streams.wait()
-        assert self.nursery is not None
-        self.nursery.cancel_scope.cancel()
+        self.h2.close_connection(ErrorCodes.NO_ERROR)
+        await self.flush()

@@ -50,18 +50,20 @@ class H2Client:
         self.streams: dict[int, StreamRecord] = {}
         self.terminated: int | None = None  # GOAWAY error code
         self.closed = False
+        self._sending = trio.Lock()
 
     async def start(self) -> None:
         self.conn.initiate_connection()
         await self.flush()
 
     async def flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data and not self.closed:
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                self.closed = True  # the server went away; what it sent is still to be read
+        async with self._sending:  # a reader task and the test's task both send
+            data = self.conn.data_to_send()
+            if data and not self.closed:
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    self.closed = True  # the server went away; what it sent may still be read
 
     async def request(
         self,
@@ -132,6 +134,12 @@ class H2Client:
             rec.reset = int(event.error_code)  # type: ignore[arg-type]
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.terminated = int(event.error_code)  # type: ignore[arg-type]
+
+    async def read_forever(self) -> None:
+        """Pump until the connection ends: run it as a task instead of cancelling `pump()`, since a
+        TLS stream whose read was cancelled half-way is broken for good."""
+        while await self.pump():
+            pass
 
     async def wait(self, sid: int) -> StreamRecord:
         rec = self.streams[sid]

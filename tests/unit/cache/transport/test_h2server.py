@@ -209,3 +209,35 @@ async def test_rapid_resets_close_the_connection() -> None:
         while client.terminated is None and await client.pump():
             pass
         assert client.terminated == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+async def test_shutdown_finishes_running_streams_then_goes_away() -> None:
+    stopping = trio.Event()
+
+    async def slow(request: Request) -> Response:
+        stopping.set()  # shutdown begins while this request is being answered
+        await trio.sleep(0.2)
+        return text(200, "finished")
+
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    conn = H2Connection(server_stream, slow, Metrics(1), client="test", stopping=stopping)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.run)
+            client = H2Client(client_stream)
+            await client.start()
+            rec = await client.get("/")
+            assert rec.status == 200 and rec.ended and bytes(rec.data) == b"finished"
+            while await client.pump():
+                pass
+            assert client.terminated == ErrorCodes.NO_ERROR  # GOAWAY, then the connection closed
+
+
+async def test_oversized_header_list_ends_the_connection_not_the_server() -> None:
+    async with connected(echo) as client:
+        ok = await client.get("/first")  # our SETTINGS (32 KiB header lists) are acknowledged by now
+        assert ok.status == 200
+        await client.request("/big", headers=[("x-big", "a" * 40_000)])
+        while await client.pump():
+            pass
+        assert client.terminated is not None and client.terminated != ErrorCodes.NO_ERROR
