@@ -593,3 +593,21 @@ def test_nix_copy_with_a_wrong_token_says_why(pusher: Pusher) -> None:
     assert failed.returncode != 0
     assert "401" in failed.stderr and "push token" in failed.stderr
     assert not any(valid_on_host(p, path) for path in paths)
+
+
+def test_copy_log_to_the_cache(pusher: Pusher) -> None:
+    """`nix store copy-log --to …/push`: the log is kept and `/log/<drv>` serves it."""
+    if not pusher.client.chrooted:
+        pytest.skip("nix-2.8 builds in the cache's own store, whose logs /log serves already")
+    p = pusher.p
+    marker = f"log-line-{time.monotonic_ns()}"
+    expr = (
+        'builtins.derivation { name = "hc-push-log"; system = builtins.currentSystem; builder = "/bin/sh";'
+        f' args = [ "-c" "/bin/echo {marker}; /bin/echo done > $out" ]; }}'
+    )
+    env = pusher.env()
+    out = pusher.client.run(["nix-build", "-E", expr, "--no-out-link"], env=env).stdout.split()[-1]
+    drv = pusher.client.run(["nix-store", "-q", "--deriver", out], env=env).stdout.strip()
+    pusher.client.run(["nix", "store", "copy-log", "--to", p.push_url, drv], env=env)
+    served = httpx.get(f"{p.cache.url}/log/{Path(drv).name}", timeout=10)
+    assert served.status_code == 200 and marker in served.text
