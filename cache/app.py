@@ -21,6 +21,7 @@ from .daemon import DaemonStore
 from .hashes import nix32_encode
 from .metrics import Metrics
 from .narinfo import NarInfo, NarLocation, PathInfo, signatures
+from .push.service import PushService
 from .routes import dispatch
 from .signing import PublicKey, Signer
 from .store import DbStore, Store, StoreError
@@ -95,6 +96,11 @@ class App:
         # <state>/nix/db/db.sqlite beside <state>/log/nix/drvs, as Nix lays them out
         parents = config.nix_db_path.parents
         self.log_dir = (parents[2] if len(parents) > 2 else Path("/nix/var")) / "log" / "nix" / "drvs"
+        self.push: PushService | None = None
+        if config.push.enable:
+            self.push = PushService(
+                config.push, default_state_directory(config), config.daemon_socket, config.virtual_nix_store
+            )
         self._nursery: trio.Nursery | None = None
 
     async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -109,6 +115,8 @@ class App:
                 self.zstd = None
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.push is not None:
+                await nursery.start(self.push.run_sweeps)
             task_status.started()
             await trio.sleep_forever()
 

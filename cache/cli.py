@@ -6,10 +6,11 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 from .keys import KeyFileError, read_secret_key, write_key_pair
 
 PIN_COMMANDS = ("pin", "unpin", "pins")
@@ -40,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     pub = key_sub.add_parser("public", help="print the public key of a secret key file")
     pub.add_argument("secret_file", type=Path)
 
+    token = sub.add_parser("push-token", help="tokens that allow pushing (nix copy --to …/push)")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    create = token_sub.add_parser("create", help="make a token and print it (only once: keep it in netrc)")
+    create.add_argument("name", help="who pushes with it, e.g. ci-runner-1")
+    token_sub.add_parser("list", help="list the tokens' names and dates")
+    revoke = token_sub.add_parser("revoke", help="remove a token: its pushes are refused from now on")
+    revoke.add_argument("name")
+
     for name, text in (
         ("pin", "keep store paths alive across garbage collection"),
         ("unpin", "release pinned store paths"),
@@ -64,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"harmonia-cache: {exc}", file=sys.stderr)
         return 2
+    if args.command == "push-token":
+        return _push_token(args, config)
     from .server import configure_logging, load_signers, run
 
     configure_logging(config.log_level)
@@ -86,6 +97,36 @@ def main(argv: list[str] | None = None) -> int:
     except KeyFileError as exc:
         print(f"harmonia-cache: {exc}", file=sys.stderr)
         return 2
+
+
+def _push_token(args: argparse.Namespace, config: Config) -> int:
+    from .app import default_state_directory
+    from .push.config import tokens_path
+    from .push.tokens import TokenError, TokenStore
+
+    store = TokenStore(tokens_path(config.push, default_state_directory(config)))
+    try:
+        if args.token_command == "create":
+            token = store.create(args.name)
+            print(token)
+            print(
+                f"token {args.name!r} created; it is shown only now. In the pusher's netrc "
+                "(nix.conf netrc-file, default /etc/nix/netrc):\n"
+                f"  machine <cache host> login {args.name} password {token}",
+                file=sys.stderr,
+            )
+        elif args.token_command == "list":
+            for entry in store.entries():
+                print(
+                    f"{entry.name}\tcreated {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(entry.created))}"
+                )
+        else:
+            store.revoke(args.name)
+            print(f"token {args.name!r} revoked")
+    except TokenError as exc:
+        print(f"harmonia-cache push-token: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _key(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from .compression import CompressedNar, ZstdCache
 from .config import Config
 from .metrics import Metrics
 from .narinfo import NarInfo, PathInfo
+from .push.service import PushService
 from .signing import PublicKey
 from .store import Store
 
@@ -50,6 +51,11 @@ class Context(Protocol):
 
     @property
     def version(self) -> str: ...
+
+    @property
+    def push(self) -> PushService | None:
+        """The push service (`/push/…` uploads), None unless `[push] enable = true`."""
+        ...
 
     @property
     def log_dir(self) -> Path:

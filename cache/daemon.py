@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import select
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
@@ -27,9 +28,15 @@ WORKER_MAGIC_2 = 0x6478696F
 CLIENT_VERSION = (1 << 8) | 34
 MIN_DAEMON_MINOR = 21
 
+OP_ADD_TEMP_ROOT = 11
+OP_ADD_INDIRECT_ROOT = 12
 OP_QUERY_PATH_INFO = 26
 OP_QUERY_PATH_FROM_HASH_PART = 29
+OP_QUERY_VALID_PATHS = 31
 OP_NAR_FROM_PATH = 38
+OP_ADD_TO_STORE_NAR = 39
+FRAMED_NAR_MINOR = 23  # AddToStoreNar with a framed NAR, no STDERR_READ round trips
+FRAME = 1 << 20
 
 STDERR_NEXT = 0x6F6C6D67
 STDERR_READ = 0x64617461
@@ -67,6 +74,39 @@ def u64(n: int) -> bytes:
 def wire_str(data: bytes | str) -> bytes:
     raw = data.encode() if isinstance(data, str) else data
     return u64(len(raw)) + raw + b"\0" * ((-len(raw)) % 8)
+
+
+def wire_strings(items: Iterable[str]) -> bytes:
+    listed = list(items)
+    return u64(len(listed)) + b"".join(wire_str(item) for item in listed)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def plain_text(message: str) -> str:
+    """A daemon message without its terminal colour codes."""
+    return _ANSI.sub("", message)
+
+
+def add_to_store_nar_header(info: PathInfo, *, repair: bool = False) -> bytes:
+    """AddToStoreNar's fields before the framed NAR (the daemon checks signatures and hash)."""
+    return b"".join(
+        (
+            u64(OP_ADD_TO_STORE_NAR),
+            wire_str(info.path),
+            wire_str(info.deriver or ""),
+            wire_str(info.nar_hash.hex()),
+            wire_strings(sorted(info.references)),
+            u64(info.registration_time),
+            u64(info.nar_size),
+            u64(0),  # ultimate: not built here
+            wire_strings(info.sigs),
+            wire_str(info.ca or ""),
+            u64(1 if repair else 0),
+            u64(0),  # dontCheckSigs: never (and the daemon ignores it for untrusted users)
+        )
+    )
 
 
 class Connection:
@@ -142,7 +182,7 @@ class Connection:
             if msg == STDERR_NEXT:
                 await self.read_bytes()
             elif msg == STDERR_ERROR:
-                raise DaemonError(await self._read_error())
+                raise DaemonError(plain_text(await self._read_error()))
             elif msg == STDERR_START_ACTIVITY:
                 await self.read_u64()  # id
                 await self.read_u64()  # level
@@ -206,11 +246,77 @@ class Connection:
         poller.register(fd, select.POLLIN)
         return bool(poller.poll(0))
 
+    # --- operations for imports (push) ------------------------------------------------
+
+    async def add_temp_root(self, path: str) -> None:
+        """Keep `path` from garbage collection for as long as this connection lives."""
+        await self.send(u64(OP_ADD_TEMP_ROOT) + wire_str(path))
+        await self.process_stderr()
+        await self.read_u64()
+
+    async def add_indirect_root(self, link: str) -> None:
+        """Make the symlink `link` (outside the store, into it) a GC root."""
+        await self.send(u64(OP_ADD_INDIRECT_ROOT) + wire_str(link))
+        await self.process_stderr()
+        await self.read_u64()
+
+    async def query_valid_paths(self, paths: Iterable[str]) -> set[str]:
+        message = u64(OP_QUERY_VALID_PATHS) + wire_strings(paths)
+        if self.minor >= 27:
+            message += u64(0)  # do not substitute
+        await self.send(message)
+        await self.process_stderr()
+        return set(await self.read_strings())
+
+    async def add_to_store_nar(self, info: PathInfo, nar: Callable[[], AsyncIterator[bytes]]) -> None:
+        """Import a NAR. The daemon's log messages are read while the frames go out (a daemon
+        that fails early drains the remaining frames, then reports the error)."""
+        if self.minor < FRAMED_NAR_MINOR:
+            raise DaemonError(
+                f"the nix-daemon speaks protocol 1.{self.minor}; imports need 1.{FRAMED_NAR_MINOR} (Nix 2.4) or newer"
+            )
+        await self.send(add_to_store_nar_header(info))
+
+        async def frames() -> None:
+            async for chunk in nar():
+                for start in range(0, len(chunk), FRAME):
+                    piece = chunk[start : start + FRAME]
+                    await self.send(u64(len(piece)) + piece)
+            await self.send(u64(0))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(frames)
+                await self.process_stderr()
+        except BaseExceptionGroup as group:
+            # the daemon's own word (an error message) explains more than a broken send
+            errors: list[BaseException] = [e for e in group.exceptions if isinstance(e, DaemonError)]
+            raise (errors or list(group.exceptions))[0] from None
+
 
 def retry_pause(attempt: int) -> float:
     """Before retry `attempt` (1, 2, …): the first at once (a fresh connection replaces stale
     ones), then 20 ms doubling up to 250 ms while the daemon comes back."""
     return 0.0 if attempt <= 1 else min(0.25, 0.01 * 2 ** (attempt - 1))
+
+
+async def connect(socket_path: Path, generation: int = 0) -> Connection:
+    """A new connection, handshake done; `ConnectFailed` when the daemon is not there."""
+    try:
+        stream = await trio.open_unix_socket(str(socket_path))
+    except OSError as exc:
+        raise ConnectFailed(f"cannot connect to the nix-daemon at {socket_path}: {exc.strerror}") from exc
+    conn = Connection(stream, generation)
+    try:
+        with trio.fail_after(30):
+            await conn.handshake()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, DaemonGone) as exc:
+        await conn.aclose()
+        raise ConnectFailed(f"the nix-daemon at {socket_path} dropped the connection: {exc}") from exc
+    except BaseException:
+        await conn.aclose()
+        raise
+    return conn
 
 
 class DaemonStore:
@@ -240,25 +346,7 @@ class DaemonStore:
         self._generation = 0
 
     async def _connect(self) -> Connection:
-        try:
-            stream = await trio.open_unix_socket(str(self.socket_path))
-        except OSError as exc:
-            raise ConnectFailed(
-                f"cannot connect to the nix-daemon at {self.socket_path}: {exc.strerror}"
-            ) from exc
-        conn = Connection(stream, self._generation)
-        try:
-            with trio.fail_after(30):
-                await conn.handshake()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, DaemonGone) as exc:
-            await conn.aclose()
-            raise ConnectFailed(
-                f"the nix-daemon at {self.socket_path} dropped the connection: {exc}"
-            ) from exc
-        except BaseException:
-            await conn.aclose()
-            raise
-        return conn
+        return await connect(self.socket_path, self._generation)
 
     def _invalidate(self, generation: int) -> None:
         """The first sign of a daemon restart: drop every pooled connection, not just this one."""

@@ -10,9 +10,33 @@ import mmap
 
 ROUTES = (
     "landing", "nix-cache-info", "narinfo", "nar", "ls", "log", "serve", "version", "health",
-    "metrics", "other",
+    "metrics", "push", "other",
 )  # fmt: skip
-STATUSES = (200, 206, 304, 400, 404, 405, 413, 416, 429, 431, 500, 502, 503, 0)  # 0: any other
+STATUSES = (
+    200,
+    206,
+    304,
+    400,
+    401,
+    403,
+    404,
+    405,
+    409,
+    413,
+    416,
+    424,
+    429,
+    431,
+    500,
+    502,
+    503,
+    0,
+)  # 0: any other
+# what became of a pushed path (its narinfo PUT), or of a refused upload
+PUSH_OUTCOMES = (
+    "imported", "already_valid", "unauthorized", "bad_signature", "bad_request", "conflict",
+    "too_large", "daemon_failed",
+)  # fmt: skip
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0)
 
 _R, _S, _B = len(ROUTES), len(STATUSES), len(BUCKETS) + 1
@@ -22,7 +46,9 @@ _SUM_US = _HIST + _R * _B
 _BYTES = _SUM_US + _R
 _INFLIGHT = _BYTES + _R
 _CONNS = _INFLIGHT + 1
-SLOT_WORDS = _CONNS + 1
+_PUSHES = _CONNS + 1
+_RECEIVED = _PUSHES + len(PUSH_OUTCOMES)
+SLOT_WORDS = _RECEIVED + 1
 
 _ROUTE_INDEX = {r: i for i, r in enumerate(ROUTES)}
 _STATUS_INDEX = {s: i for i, s in enumerate(STATUSES)}
@@ -66,6 +92,12 @@ class Metrics:
 
     def connection_opened(self) -> None:
         self._all[self._base() + _CONNS] += 1
+
+    def push_outcome(self, outcome: str) -> None:
+        self._all[self._base() + _PUSHES + PUSH_OUTCOMES.index(outcome)] += 1
+
+    def bytes_received(self, n: int) -> None:
+        self._all[self._base() + _RECEIVED] += n
 
     def connection_closed(self) -> None:
         self._all[self._base() + _CONNS] -= 1
@@ -118,6 +150,15 @@ class Metrics:
             "# HELP harmonia_open_connections Client connections open right now.",
             "# TYPE harmonia_open_connections gauge",
             f"harmonia_open_connections {self._sum(_CONNS)}",
+            "# HELP harmonia_push_total Pushed paths and refused uploads, by outcome.",
+            "# TYPE harmonia_push_total counter",
+            *(
+                f'harmonia_push_total{{outcome="{outcome}"}} {self._sum(_PUSHES + i)}'
+                for i, outcome in enumerate(PUSH_OUTCOMES)
+            ),
+            "# HELP harmonia_push_bytes_received_total Request body bytes received by push uploads.",
+            "# TYPE harmonia_push_bytes_received_total counter",
+            f"harmonia_push_bytes_received_total {self._sum(_RECEIVED)}",
             "# HELP harmonia_workers Worker processes serving.",
             "# TYPE harmonia_workers gauge",
             f"harmonia_workers {self.workers}",

@@ -1,4 +1,5 @@
-"""The small parts of systemd's protocols a service needs: sd_notify, the watchdog, LISTEN_FDS."""
+"""The small parts of systemd's protocols the cache needs: sd_notify (the bundle's shared one, from
+``common.systemd``), the watchdog, LISTEN_FDS."""
 
 from __future__ import annotations
 
@@ -6,24 +7,11 @@ import os
 import socket
 from collections.abc import Mapping
 
+from common.systemd import notify
+
+__all__ = ["SD_LISTEN_FDS_START", "listen_fds", "notify", "watchdog_interval"]
+
 SD_LISTEN_FDS_START = 3
-
-
-def notify(message: str, env: Mapping[str, str] | None = None) -> bool:
-    """Send `message` (e.g. "READY=1") to $NOTIFY_SOCKET; False when there is none."""
-    env = os.environ if env is None else env
-    address = env.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        try:
-            sock.connect(address)
-            sock.sendall(message.encode())
-        except OSError:
-            return False
-    return True
 
 
 def watchdog_interval(env: Mapping[str, str] | None = None) -> float | None:

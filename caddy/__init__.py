@@ -11,8 +11,8 @@
 Nothing here touches sockets or files except :mod:`caddy.cli` and :mod:`caddy.binaries`.
 """
 
-from caddy.errors import ConfigError
 from caddy.model import GatewaySite, Upstream
 from caddy.policy import Policy
+from common.problems import ConfigError
 
 __all__ = ["ConfigError", "GatewaySite", "Policy", "Upstream"]

@@ -28,9 +28,9 @@ from caddy.client import (
     render_nix_conf,
     render_nixos,
 )
-from caddy.errors import ConfigError
 from caddy.model import GatewaySite, Upstream
 from caddy.policy import Policy
+from common.problems import ConfigError, Problem
 
 __all__ = ["main", "parse_size"]
 
@@ -164,14 +164,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _gateway(args: argparse.Namespace) -> str:
-    problems: list[str] = []
+    problems: list[Problem] = []
     node = args.via_tailnet
     if node is not None:
         try:
             Upstream("127.0.0.1:5000", node)
         except ConfigError:
             problems.append(
-                f"--via-tailnet: {node!r} is not a node name (letters, digits and '-', at most 63 characters)"
+                Problem(
+                    "--via-tailnet",
+                    f"{node!r} is not a node name (letters, digits and '-', at most 63 characters)",
+                )
             )
             node = None
     upstreams: tuple[Upstream, ...] = ()
@@ -183,7 +186,7 @@ def _gateway(args: argparse.Namespace) -> str:
     try:
         max_body = parse_size(args.max_body)
     except ValueError as exc:
-        problems.append(f"--max-body: {exc}")
+        problems.append(Problem("--max-body", str(exc)))
     policy = Policy(
         expose_serve="serve" in args.expose,
         expose_log="log" in args.expose,
@@ -214,37 +217,42 @@ def _gateway(args: argparse.Namespace) -> str:
     return render_gateway(site)
 
 
-def _flag_names(problems: Sequence[str]) -> list[str]:
-    renames = {
-        "site:": "--site:",
-        "upstreams:": "--upstream:",
-        "snippet_name:": "--snippet-name:",
-        "tls:": "--tls:",
-        "log_output:": "--log-output:",
-    }
+#: GatewaySite's keys as the gateway command's flags
+_GATEWAY_FLAGS = {
+    "site": "--site",
+    "upstreams": "--upstream",
+    "snippet_name": "--snippet-name",
+    "tls": "--tls",
+    "log_output": "--log-output",
+}
+
+
+def _flag_names(problems: Sequence[Problem]) -> list[Problem]:
     out = []
     for problem in problems:
-        for old, new in renames.items():
-            if problem.startswith(old):
-                problem = new + problem[len(old) :]
-                break
-        problem = re.sub(r"^bind\[(\d+)\]:", r"--bind #\1:", problem)
+        if problem.key in _GATEWAY_FLAGS:
+            problem = problem.renamed(_GATEWAY_FLAGS[problem.key])
+        elif bind := re.fullmatch(r"bind\[(\d+)\]", problem.key):
+            problem = problem.renamed(f"--bind #{bind.group(1)}")
         out.append(problem)
     return out
 
 
 def _client(args: argparse.Namespace) -> str:
-    problems: list[str] = []
+    problems: list[Problem] = []
     substituters: list[str] = list(args.substituter)
     if args.tailnet is not None:
         try:
             substituters = [*default_substituters(args.tailnet), *substituters]
         except ConfigError as exc:
-            problems.extend(f"--{p}" for p in exc.problems)
+            problems.extend(p.renamed(f"--{p.key}") for p in exc.problems)
     elif not substituters:
         problems.append(
-            "--tailnet: give the tailnet name (for https://harmonia.<tailnet>.ts.net) "
-            "or list frontends with --substituter"
+            Problem(
+                "--tailnet",
+                "give the tailnet name (for https://harmonia.<tailnet>.ts.net) "
+                "or list frontends with --substituter",
+            )
         )
     keys: list[str] = []
     for i, text in enumerate(args.public_key):
@@ -256,14 +264,14 @@ def _client(args: argparse.Namespace) -> str:
         try:
             text = Path(name).read_text()
         except OSError as exc:
-            problems.append(f"--public-key-file {name}: cannot read: {exc.strerror}")
+            problems.append(Problem(f"--public-key-file {name}", f"cannot read: {exc.strerror}"))
             continue
         try:
             keys.append(normalize_public_key(text, args.key_name, where=f"--public-key-file {name}"))
         except ConfigError as exc:
             problems.extend(exc.problems)
     if not args.public_key and not args.public_key_file:
-        problems.append("--public-key: give the cache's public key(s) (or --public-key-file)")
+        problems.append(Problem("--public-key", "give the cache's public key(s) (or --public-key-file)"))
     if problems:
         raise ConfigError(problems)
     try:
@@ -274,7 +282,9 @@ def _client(args: argparse.Namespace) -> str:
             include_cache_nixos_org=not args.no_cache_nixos_org,
         )
     except ConfigError as exc:
-        raise ConfigError([p.replace("priority:", "--priority:") for p in exc.problems]) from None
+        raise ConfigError(
+            [p.renamed("--priority") if p.key == "priority" else p for p in exc.problems]
+        ) from None
     if args.format == "nix.conf":
         return render_nix_conf(settings)
     if args.format == "nixos":

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from caddy.errors import raise_if
+from common.problems import ConfigError, Problem, raise_if
 
 __all__ = [
     "CACHE_NIXOS_ORG",
@@ -46,19 +46,19 @@ _NIX_STRING_UNSAFE = re.compile(r'["\\$\s]')
 def default_substituters(tailnet: str) -> tuple[str, str]:
     """The fleet's two frontends: the public name, then ``harmonia.<tailnet>.ts.net``."""
     if not _TAILNET.match(tailnet):
-        raise_if([f"tailnet: {tailnet!r} is not a tailnet name such as 'tail1234'"])
+        raise_if([Problem("tailnet", f"{tailnet!r} is not a tailnet name such as 'tail1234'")])
     return (PUBLIC_FRONTEND, f"https://harmonia.{tailnet}.ts.net")
 
 
 def normalize_public_key(text: str, key_name: str = DEFAULT_KEY_NAME, where: str = "key") -> str:
     """``name:base64`` of a 32-byte ed25519 key; a bare base64 key gets ``key_name``."""
-    problems: list[str] = []
+    problems: list[Problem] = []
     value = text.strip()
     name, sep, b64 = value.partition(":")
     if not sep:
         name, b64 = key_name, value
     if not _KEY_NAME.match(name):
-        problems.append(f"{where}: key name {name!r} must be letters, digits, '.', '_' or '-'")
+        problems.append(Problem(where, f"key name {name!r} must be letters, digits, '.', '_' or '-'"))
     try:
         raw = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
@@ -66,7 +66,7 @@ def normalize_public_key(text: str, key_name: str = DEFAULT_KEY_NAME, where: str
     if len(raw) != 32:
         # a secret key is 64 bytes: say so without echoing it
         hint = " (this looks like a SECRET key: use the public one)" if len(raw) == 64 else ""
-        problems.append(f"{where}: not a public key (expected name:base64 of 32 bytes){hint}")
+        problems.append(Problem(where, f"not a public key (expected name:base64 of 32 bytes){hint}"))
     raise_if(problems)
     return f"{name}:{b64}"
 
@@ -81,9 +81,9 @@ class ClientSettings:
     include_cache_nixos_org: bool = True
 
     def __post_init__(self) -> None:
-        problems: list[str] = []
+        problems: list[Problem] = []
         if not self.substituters:
-            problems.append("substituters: at least one is required")
+            problems.append(Problem("substituters", "at least one is required"))
         for i, url in enumerate(self.substituters):
             parts = urlsplit(url)
             if (
@@ -95,22 +95,25 @@ class ClientSettings:
                 or _NIX_STRING_UNSAFE.search(url)
             ):
                 problems.append(
-                    f"substituters[{i}]: {url if '@' not in url else '<redacted>'!r} is not an "
-                    "http(s) URL without query, credentials or spaces"
+                    Problem(
+                        f"substituters[{i}]",
+                        f"{url if '@' not in url else '<redacted>'!r} is not an "
+                        "http(s) URL without query, credentials or spaces",
+                    )
                 )
         if not self.public_keys:
-            problems.append("public_keys: at least one trusted public key is required")
+            problems.append(Problem("public_keys", "at least one trusted public key is required"))
         for i, key in enumerate(self.public_keys):
             try:
                 normalize_public_key(key, where=f"public_keys[{i}]")
-            except ValueError as exc:
-                problems.extend(getattr(exc, "problems", (str(exc),)))
+            except ConfigError as exc:
+                problems.extend(exc.problems)
         if self.priority is not None and (
             isinstance(self.priority, bool)
             or not isinstance(self.priority, int)
             or not 0 <= self.priority <= 1000
         ):
-            problems.append(f"priority: {self.priority!r} must be an integer in 0..1000")
+            problems.append(Problem("priority", f"{self.priority!r} must be an integer in 0..1000"))
         raise_if(problems)
 
     def substituter_urls(self) -> list[str]:

@@ -1,7 +1,7 @@
 """The small model a frontend of the cache is rendered from: upstreams and the gateway site.
 
 Pure data, validated on construction; every problem is reported at once in a
-:class:`~caddy.errors.ConfigError` whose messages name the offending key.
+:class:`~common.problems.ConfigError` whose messages name the offending key.
 
 - :class:`Upstream` — one address of the cache (``http://100.64.0.5:5000``,
   ``https://harmonia.tail1234.ts.net``), optionally dialled through a caddy-tailscale node
@@ -23,8 +23,8 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from caddy.errors import ConfigError, raise_if
 from caddy.policy import Policy
+from common.problems import ConfigError, Problem, raise_if
 
 __all__ = ["MAX_TRANSPORT_GROUPS", "GatewaySite", "Upstream", "transport_groups"]
 
@@ -62,10 +62,10 @@ def _host_problem(host: str) -> str | None:
     return None
 
 
-def _upstream_problems(url: str, tailnet_node: str | None) -> list[str]:
-    problems: list[str] = []
+def _upstream_problems(url: str, tailnet_node: str | None) -> list[Problem]:
+    problems: list[Problem] = []
     if not isinstance(url, str) or not url:
-        return ["url: must be a non-empty string such as http://127.0.0.1:5000"]
+        return [Problem("url", "must be a non-empty string such as http://127.0.0.1:5000")]
     scheme, _, rest = (url if "://" in url else f"http://{url}").partition("://")
     netloc, _, tail = rest.partition("/")
     for mark in "?#":
@@ -74,11 +74,13 @@ def _upstream_problems(url: str, tailnet_node: str | None) -> list[str]:
             tail = tail or extra or mark
     if "@" in netloc:
         # never echo the value: it may hold a password
-        return ["url: credentials in an upstream URL are not supported"]
+        return [Problem("url", "credentials in an upstream URL are not supported")]
     if scheme.lower() not in _DEFAULT_PORTS:
-        problems.append(f"url: scheme {scheme!r} of {url!r} is not http or https")
+        problems.append(Problem("url", f"scheme {scheme!r} of {url!r} is not http or https"))
     if tail:
-        problems.append(f"url: {url!r} must be scheme://host[:port] without a path, query or fragment")
+        problems.append(
+            Problem("url", f"{url!r} must be scheme://host[:port] without a path, query or fragment")
+        )
     hostport = netloc
     host, port_text = hostport, ""
     if hostport.startswith("["):
@@ -87,18 +89,20 @@ def _upstream_problems(url: str, tailnet_node: str | None) -> list[str]:
         after = hostport[end + 1 :] if end >= 0 else ""
         port_text = after[1:] if after.startswith(":") else ""
         if after and not after.startswith(":"):
-            problems.append(f"url: {url!r} has junk after the IPv6 address")
+            problems.append(Problem("url", f"{url!r} has junk after the IPv6 address"))
     elif ":" in hostport:
         host, _, port_text = hostport.rpartition(":")
     host_problem = _host_problem(host)
     if host_problem:
-        problems.append(f"url: {url!r} {host_problem}")
+        problems.append(Problem("url", f"{url!r} {host_problem}"))
     if (port_text or hostport.endswith(":")) and (not port_text.isdigit() or not 0 < int(port_text) < 65536):
-        problems.append(f"url: port {port_text!r} of {url!r} is not in 1..65535")
+        problems.append(Problem("url", f"port {port_text!r} of {url!r} is not in 1..65535"))
     if tailnet_node is not None and (not isinstance(tailnet_node, str) or not _NODE_NAME.match(tailnet_node)):
         problems.append(
-            f"tailnet_node: {tailnet_node!r} is not a node name (letters, digits and '-', "
-            "at most 63 characters)"
+            Problem(
+                "tailnet_node",
+                f"{tailnet_node!r} is not a node name (letters, digits and '-', at most 63 characters)",
+            )
         )
     return problems
 
@@ -157,15 +161,15 @@ class Upstream:
         cls, urls: list[str] | tuple[str, ...], tailnet_node: str | None = None, key: str = "upstreams"
     ) -> tuple[Upstream, ...]:
         """Build several upstreams, reporting the problems of all of them at once."""
-        problems: list[str] = []
+        problems: list[Problem] = []
         built: list[Upstream] = []
         if not urls:
-            problems.append(f"{key}: at least one upstream is required")
+            problems.append(Problem(key, "at least one upstream is required"))
         for i, url in enumerate(urls):
             try:
                 built.append(cls(url, tailnet_node))
             except ConfigError as exc:
-                problems.extend(f"{key}[{i}].{p}" for p in exc.problems)
+                problems.extend(p.under(f"{key}[{i}]") for p in exc.problems)
         raise_if(problems)
         return tuple(built)
 
@@ -205,15 +209,18 @@ class GatewaySite:
     log_output: str | None = None
 
     def __post_init__(self) -> None:
-        problems: list[str] = []
+        problems: list[Problem] = []
         if not isinstance(self.site, str) or not self.site or _SITE_FORBIDDEN.search(self.site):
             problems.append(
-                f"site: {self.site!r} is not a Caddy site address (no spaces, braces, quotes, '#' or ';')"
+                Problem(
+                    "site",
+                    f"{self.site!r} is not a Caddy site address (no spaces, braces, quotes, '#' or ';')",
+                )
             )
         if not isinstance(self.upstreams, tuple) or not all(isinstance(u, Upstream) for u in self.upstreams):
-            problems.append("upstreams: must be a tuple of Upstream")
+            problems.append(Problem("upstreams", "must be a tuple of Upstream"))
         elif not self.upstreams:
-            problems.append("upstreams: at least one upstream is required")
+            problems.append(Problem("upstreams", "at least one upstream is required"))
         else:
             groups = transport_groups(self.upstreams)
             if len(groups) > MAX_TRANSPORT_GROUPS:
@@ -221,33 +228,40 @@ class GatewaySite:
                     f"{g[0].scheme}{' via ' + g[0].tailnet_node if g[0].tailnet_node else ''}" for g in groups
                 )
                 problems.append(
-                    f"upstreams: {len(groups)} transport groups ({described}); a gateway fails "
-                    f"over across at most {MAX_TRANSPORT_GROUPS}: list upstreams with the same "
-                    "scheme (and tailnet node) next to each other"
+                    Problem(
+                        "upstreams",
+                        f"{len(groups)} transport groups ({described}); a gateway fails "
+                        f"over across at most {MAX_TRANSPORT_GROUPS}: list upstreams with the same "
+                        "scheme (and tailnet node) next to each other",
+                    )
                 )
         if not isinstance(self.policy, Policy):
-            problems.append("policy: must be a caddy.policy.Policy")
+            problems.append(Problem("policy", "must be a caddy.policy.Policy"))
         if not isinstance(self.snippet_name, str) or not _SNIPPET_NAME.match(self.snippet_name):
-            problems.append(f"snippet_name: {self.snippet_name!r} must be 1-64 letters, digits, '_' or '-'")
+            problems.append(
+                Problem("snippet_name", f"{self.snippet_name!r} must be 1-64 letters, digits, '_' or '-'")
+            )
         if (
             self.tls is not None
             and self.tls != "internal"
             and not (isinstance(self.tls, str) and _EMAIL.match(self.tls))
         ):
-            problems.append(f"tls: {self.tls!r} must be 'internal' or an ACME e-mail address")
+            problems.append(Problem("tls", f"{self.tls!r} must be 'internal' or an ACME e-mail address"))
         if not isinstance(self.bind, tuple):
-            problems.append("bind: must be a tuple of addresses")
+            problems.append(Problem("bind", "must be a tuple of addresses"))
         else:
             for i, address in enumerate(self.bind):
                 if not isinstance(address, str) or not address or _SITE_FORBIDDEN.search(address):
-                    problems.append(f"bind[{i}]: {address!r} is not an interface address")
+                    problems.append(Problem(f"bind[{i}]", f"{address!r} is not an interface address"))
         if self.log_output is not None and (
             not isinstance(self.log_output, str)
             or _LOG_PATH_FORBIDDEN.search(self.log_output)
             or not (self.log_output in ("stdout", "stderr") or self.log_output.startswith("/"))
         ):
             problems.append(
-                f"log_output: {self.log_output!r} must be 'stdout', 'stderr' or an absolute path "
-                "without spaces"
+                Problem(
+                    "log_output",
+                    f"{self.log_output!r} must be 'stdout', 'stderr' or an absolute path without spaces",
+                )
             )
         raise_if(problems)

@@ -66,7 +66,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from caddy.errors import ConfigError, raise_if
+from common.problems import ConfigError, Problem, raise_if
 
 if TYPE_CHECKING:
     from caddy.model import Upstream
@@ -182,15 +182,15 @@ class Policy:
     def __post_init__(self) -> None:
         raise_if(self.problems())
 
-    def problems(self, key: str = "policy") -> list[str]:
+    def problems(self, key: str = "policy") -> list[Problem]:
         """Every reason this policy cannot be rendered, each naming its key."""
-        problems: list[str] = []
+        problems: list[Problem] = []
         for f in fields(self):
             value = getattr(self, f.name)
             where = f"{key}.{f.name}"
             if f.type == "bool":
                 if not isinstance(value, bool):
-                    problems.append(f"{where}: must be true or false, not {value!r}")
+                    problems.append(Problem(where, f"must be true or false, not {value!r}"))
             elif f.name.endswith("_s"):
                 optional = "None" in str(f.type)
                 if value is None and optional:
@@ -201,14 +201,14 @@ class Policy:
                     or not math.isfinite(value)
                     or value <= 0
                 ):
-                    problems.append(f"{where}: must be a positive number of seconds, not {value!r}")
+                    problems.append(Problem(where, f"must be a positive number of seconds, not {value!r}"))
                 elif value > 86400 * 365:
-                    problems.append(f"{where}: {value!r} seconds is unreasonably long")
+                    problems.append(Problem(where, f"{value!r} seconds is unreasonably long"))
             elif f.name in ("max_request_body_bytes", "compress_min_bytes", "max_fails"):
                 if value is None and f.name == "max_request_body_bytes":
                     continue
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    problems.append(f"{where}: must be a positive integer, not {value!r}")
+                    problems.append(Problem(where, f"must be a positive integer, not {value!r}"))
         path = self.health_path
         if (
             not isinstance(path, str)
@@ -216,8 +216,10 @@ class Policy:
             or any(c.isspace() or c in "{}\"'`#?" for c in path)
         ):
             problems.append(
-                f"{key}.health_path: {path!r} must be an absolute path without spaces, "
-                "braces, quotes or a query"
+                Problem(
+                    f"{key}.health_path",
+                    f"{path!r} must be an absolute path without spaces, braces, quotes or a query",
+                )
             )
         return problems
 
@@ -246,10 +248,10 @@ class Policy:
         Unknown keys and bad values are all reported at once, each with its key.
         """
         if not isinstance(data, Mapping):
-            raise ConfigError([f"{key}: must be a table of settings, not {type(data).__name__}"])
+            raise ConfigError([Problem(key, f"must be a table of settings, not {type(data).__name__}")])
         known = {f.name for f in fields(cls)}
         problems = [
-            f"{key}.{name}: unknown setting (known: {', '.join(sorted(known))})"
+            Problem(f"{key}.{name}", f"unknown setting (known: {', '.join(sorted(known))})")
             for name in data
             if name not in known
         ]
@@ -437,18 +439,22 @@ def reverse_proxy_handler(
     """The ``"handler": "reverse_proxy"`` object for upstreams sharing one transport.
 
     ``fallback_follows``: another group takes over when this one fails (see
-    :func:`load_balancing`). Raises :class:`~caddy.errors.ConfigError` for an empty list or mixed
+    :func:`load_balancing`). Raises :class:`~common.problems.ConfigError` for an empty list or mixed
     transports (Caddy puts one transport on a handler; :func:`caddy.model.transport_groups`
     splits such lists).
     """
-    problems: list[str] = []
+    problems: list[Problem] = []
     if not upstreams:
-        problems.append("upstreams: at least one upstream is required")
+        problems.append(Problem("upstreams", "at least one upstream is required"))
     elif len({u.transport_key for u in upstreams}) > 1:
         problems.append(
-            "upstreams: all upstreams of one reverse_proxy need the same scheme and tailnet node; "
-            "got "
-            + ", ".join(f"{u.url}{' via ' + u.tailnet_node if u.tailnet_node else ''}" for u in upstreams)
+            Problem(
+                "upstreams",
+                "all upstreams of one reverse_proxy need the same scheme and tailnet node; got "
+                + ", ".join(
+                    f"{u.url}{' via ' + u.tailnet_node if u.tailnet_node else ''}" for u in upstreams
+                ),
+            )
         )
     raise_if(problems)
     handler: dict[str, Any] = {

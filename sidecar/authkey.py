@@ -20,7 +20,9 @@ from urllib.parse import parse_qs
 
 import trio
 
-from .model import OAUTH_PREFIX, ConfigError, Problem, Secret, ValidConfig, ValidService
+from common.problems import ConfigError, Problem
+
+from .model import OAUTH_PREFIX, Secret, ValidConfig, ValidService
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,15 @@ from pathlib import Path
 
 import trio
 
+from common.problems import ConfigError, Problem
+from common.systemd import notify
+
 from .authkey import API_ADDR_ENV, api_session_factory
 from .engine import CaddyEngine, EngineError, find_caddy
 from .http1 import request_unix
-from .model import ConfigError, Problem, Secret, SidecarSpec, ValidConfig, default_state_root, validate
+from .model import Secret, SidecarSpec, ValidConfig, default_state_root, validate
 from .spec import spec_from_argv, spec_from_toml
-from .supervisor import Sidecar, StartupTimeout, sd_notify
+from .supervisor import Sidecar, StartupTimeout
 
 log = logging.getLogger("harmonia-sidecar")
 
@@ -69,6 +72,12 @@ def flag_problem(problem: Problem, service_names: set[str]) -> Problem:
     if option == "upstream":
         return Problem("upstream URL", problem.message)
     return Problem("--" + option.replace("_", "-"), problem.message)
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify); a failed send is logged, never fatal."""
+    if not notify(message) and os.environ.get("NOTIFY_SOCKET"):
+        log.warning("sd_notify %r: could not reach $NOTIFY_SOCKET", message.split("\n", 1)[0])
 
 
 def _status(argv: Sequence[str], env: Mapping[str, str]) -> int:

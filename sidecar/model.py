@@ -11,15 +11,15 @@ camelCase flags, and the config-file keys are their snake_case forms.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
-from caddy.errors import ConfigError as PolicyError
 from caddy.policy import Policy
+from common.problems import ConfigError, Problem
 
 HOSTNAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 TAG_RE = re.compile(r"^tag:[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -62,26 +62,6 @@ class Secret:
     @property
     def is_oauth_client_secret(self) -> bool:
         return self._value.startswith(OAUTH_PREFIX)
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with the configuration; ``key`` names the option (``service.option``)."""
-
-    key: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.key}: {self.message}"
-
-
-class ConfigError(Exception):
-    """Invalid configuration: carries every problem found, not just the first."""
-
-    def __init__(self, problems: Sequence[Problem]) -> None:
-        self.problems = tuple(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
 
 
 # --------------------------------------------------------------------------- raw specification
@@ -534,8 +514,8 @@ def _validate_service(
     policy = SERVICE_POLICY
     try:
         policy = Policy.from_mapping(spec.policy or {}, key=f"{key}.policy", base=policy)
-    except PolicyError as exc:
-        problems.extend(Problem(p.split(":", 1)[0], p.split(":", 1)[1].strip()) for p in exc.problems)
+    except ConfigError as exc:  # its keys already name the service: "<name>.policy.<setting>"
+        problems.extend(exc.problems)
     env_key = env.get("TS_AUTHKEY") or None
     if (
         spec.authkey_path is None

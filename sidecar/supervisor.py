@@ -22,11 +22,13 @@ from typing import IO
 
 import trio
 
+from common.problems import ConfigError, Problem
+
 from . import metrics
 from .authkey import SessionFactory, resolve_auth_keys
 from .engine import CaddyEngine, EngineError, NodeState, NodeStatus
 from .http1 import Handler, Reply, serve_listeners
-from .model import ConfigError, Problem, Secret, ValidConfig
+from .model import Secret, ValidConfig
 from .whois import DeviceSource, Directory, node_headers, read_api_credentials, whois_address
 
 log = logging.getLogger(__name__)
@@ -108,21 +110,6 @@ def engine_errors(exc: BaseException) -> list[EngineError] | None:
                 out.extend(inner)
             return out
     return None
-
-
-def sd_notify(message: str, env: dict[str, str] | None = None) -> None:
-    """systemd's notify protocol (Type=notify), if NOTIFY_SOCKET is set."""
-    path = (env or dict(os.environ)).get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(path)
-            s.sendall(message.encode())
-        except OSError as exc:
-            log.warning("sd_notify failed: %s", exc)
 
 
 @dataclass

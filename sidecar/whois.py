@@ -29,8 +29,10 @@ from typing import Any, TypeVar
 
 import trio
 
+from common.problems import ConfigError, Problem
+
 from .authkey import SessionFactory, split_client_secret
-from .model import ApiKeySource, ConfigError, Problem, Secret, api_credentials_problem
+from .model import ApiKeySource, Secret, api_credentials_problem
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@
 | /nar/<hash>-<narhash>.nar              | nar       | nix-serve's legacy form                |
 | /log/<drv>                             | logs      | build logs                             |
 | /serve/<hash>/<path>                   | serve     | browse a store path                    |
+| /push/…                                | push      | uploads (`nix copy --to …/push`), PUT  |
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Awaitable, Callable
 
 from ..context import Context
 from ..transport.messages import Request, Response, error
-from . import info, listing, logs, nar, narinfo, serve
+from . import info, listing, logs, nar, narinfo, push, serve
 
 Handler = Callable[[Context, Request, "re.Match[str]"], Awaitable[Response]]
 
@@ -39,7 +40,9 @@ ROUTES: list[tuple[re.Pattern[str], str, Handler]] = [
     (re.compile(r"/nar/(?P<hash>[^/]*)-(?P<narhash>[^/]*)\.nar"), "nar", nar.get_nar_legacy),
     (re.compile(r"/log/(?P<drv>[^/]+)"), "log", logs.get_log),
     (re.compile(r"/serve/(?P<hash>[^/]+)(?P<rest>/.*)?"), "serve", serve.get_serve),
+    (re.compile(r"/push(?P<rest>/.*)?"), "push", push.handle_push),
 ]
+TAKES_UPLOADS = {"push"}  # routes that answer every method themselves
 
 ALLOWED = "GET, HEAD"
 
@@ -50,7 +53,7 @@ async def dispatch(ctx: Context, request: Request) -> Response:
         match = pattern.fullmatch(path)
         if match is None:
             continue
-        if request.method not in ("GET", "HEAD"):
+        if request.method not in ("GET", "HEAD") and route not in TAKES_UPLOADS:
             if request.method == "PUT":
                 resp = error(
                     405,

@@ -50,6 +50,8 @@ async def get_log(ctx: Context, request: Request, match: re.Match[str]) -> Respo
     wants_bz2 = request.accepts_encoding("bzip2")
     try:
         found = await trio.to_thread.run_sync(_read_log, ctx.log_dir, base, not wants_bz2)
+        if found is None and ctx.push is not None:  # logs pushed with `nix store copy-log`
+            found = await trio.to_thread.run_sync(_read_log, ctx.push.logs, base, not wants_bz2)
     except (OSError, ValueError, EOFError):
         return error(404, "the build log cannot be read")
     if found is None:

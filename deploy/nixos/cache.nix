@@ -11,6 +11,7 @@ let
   toml = pkgs.formats.toml { };
   settings = hlib.cacheSettings {
     inherit (cfg) address port priority compression zstdLevel storeBackend;
+    push = if cfg.push.enable then { inherit (cfg.push) trustedKeys retentionDays maxNarBytes; } else null;
     extra = cfg.settings;
   };
   configFile = toml.generate "harmonia.toml" settings;
@@ -77,6 +78,30 @@ in
           service's dynamic user), or "db" straight from /nix/var/nix/db (faster, but Nix's
           WAL-mode database cannot be opened reliably by a user without write access to it).
         '';
+      };
+
+      push = {
+        enable = mkEnableOption "pushes with `nix copy --to http(s)://<cache>/push` (docs/push.md)";
+        trustedKeys = mkOption {
+          type = types.listOf types.str;
+          default = [ ];
+          example = [ "ci-builders-1:base64…" ];
+          description = ''
+            The pushers' public keys: a pushed narinfo needs a Sig by one of them. They are added
+            to nix.settings.trusted-public-keys too, since the nix-daemon checks them again when it
+            imports a path for the cache's (untrusted) user.
+          '';
+        };
+        retentionDays = mkOption {
+          type = types.number;
+          default = 30;
+          description = "Pushed paths stay GC roots this long after their last push.";
+        };
+        maxNarBytes = mkOption {
+          type = types.nullOr types.ints.positive;
+          default = null;
+          description = "Largest NAR accepted (413 before the body); null keeps the server's default (8 GiB).";
+        };
       };
 
       settings = mkOption {
@@ -184,7 +209,10 @@ in
         }
       ];
 
-      environment.systemPackages = [ cfg.package ]; # harmonia-cache pin|unpin|pins, key generate
+      environment.systemPackages = [ cfg.package ]; # harmonia-cache pin|unpin|pins, key generate, push-token
+
+      # the daemon imports pushed paths for the cache's untrusted user only when it trusts their Sig
+      nix.settings.trusted-public-keys = mkIf cfg.push.enable cfg.push.trustedKeys;
 
       # With store_backend = "daemon" the service user talks to nix-daemon: if the fleet narrows
       # nix.settings.allowed-users (default "*"), add "harmonia" there.

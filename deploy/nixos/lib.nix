@@ -67,8 +67,9 @@ let
   # The TOML settings of harmonia-cache (harmonia's keys). `extra` wins over the generated keys.
   # storeBackend "daemon": the service's dynamic user cannot read Nix's WAL-mode database
   # reliably (see deploy/systemd/harmonia.toml), so it asks nix-daemon.
+  # push: null (off) or { trustedKeys; retentionDays ? 30; maxNarBytes ? null; } -> [push] (docs/push.md).
   cacheSettings = { address ? "[::]", port ? 5000, priority ? 60, compression ? "zstd"
-                  , zstdLevel ? null, storeBackend ? "daemon", extra ? { } }:
+                  , zstdLevel ? null, storeBackend ? "daemon", push ? null, extra ? { } }:
     check (elem compression [ "zstd" "none" ]) "compression must be \"zstd\" or \"none\" (got ${toJSON compression})"
       (check (isInt priority && priority >= 0) "priority must be a non-negative integer"
         (check (elem storeBackend [ "daemon" "db" ]) "storeBackend must be \"daemon\" or \"db\" (got ${toJSON storeBackend})"
@@ -78,7 +79,14 @@ let
             enable_compression = compression == "zstd";
             store_backend = storeBackend;
           } // (if compression == "zstd" && zstdLevel != null then { zstd = { level = zstdLevel; }; } else { })
+            // (if push == null then { } else { push = pushSettings push; })
             // extra)));
+
+  pushSettings = { trustedKeys, retentionDays ? 30, maxNarBytes ? null }:
+    check (isList trustedKeys && trustedKeys != [ ] && all isString trustedKeys)
+      "push.trustedKeys: list the pushers' public keys (name:base64); they must also be in nix.settings.trusted-public-keys"
+      ({ enable = true; trusted_keys = trustedKeys; retention_days = retentionDays; }
+        // (if maxNarBytes == null then { } else { max_nar_bytes = maxNarBytes; }));
 
   # Signing keys reach the service as systemd credentials: file -> credential name.
   # Names are sign-key-0, sign-key-1, … in the order given (the first one signs first).

@@ -22,7 +22,11 @@ let
         type = types.attrsOf (types.submodule { options.source = mkOption { type = types.path; }; });
         default = { };
       };
-      nix.settings = loose;
+      # as NixOS's nix.settings: lists (substituters, trusted-public-keys) from several modules concatenate
+      nix.settings = mkOption {
+        type = types.attrsOf (types.either (types.listOf types.str) types.anything);
+        default = { };
+      };
       systemd.services = units;
       systemd.sockets = units;
       systemd.timers = units;

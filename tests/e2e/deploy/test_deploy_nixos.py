@@ -116,6 +116,21 @@ def test_default_imports_every_module(env: dict[str, str]) -> None:
             },
         ),
         (
+            '{ push = { trustedKeys = [ "ci-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=" ]; maxNarBytes = 1000; }; }',
+            {
+                "bind": "[::]:5000",
+                "priority": 60,
+                "enable_compression": True,
+                "store_backend": "daemon",
+                "push": {
+                    "enable": True,
+                    "trusted_keys": ["ci-1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="],
+                    "retention_days": 30,
+                    "max_nar_bytes": 1000,
+                },
+            },
+        ),
+        (
             '{ extra = { workers = 4; priority = 10; store_backend = "db"; }; }',
             {
                 "bind": "[::]:5000",
@@ -145,6 +160,7 @@ def test_cache_settings(env: dict[str, str], args: str, expected: dict[str, obje
         ("{ port = 70000; }", "port must be 1-65535"),
         ("{ priority = -1; }", "priority must be a non-negative integer"),
         ('{ storeBackend = "sqlite"; }', 'storeBackend must be "daemon" or "db"'),
+        ("{ push = { trustedKeys = [ ]; }; }", "push.trustedKeys: list the pushers' public keys"),
     ],
 )
 def test_cache_settings_errors(env: dict[str, str], args: str, message: str) -> None:

@@ -228,3 +228,32 @@ def test_bad_values_are_refused(tmp_path: Path, cache: str, message: str) -> Non
             f"package = standInPackage; {cache} }}; }}",
             tmp_path,
         )
+
+
+PUSHER_KEY = "ci-builders-1:" + "B" * 43 + "="
+
+
+def test_push_settings_and_the_hosts_trusted_keys(tmp_path: Path) -> None:
+    r = evaluate(
+        f"""{{ standInPackage, ... }}: {{
+  services.harmonia-bundle.cache = {{
+    enable = true;
+    package = standInPackage;
+    signKeyPaths = [ "/run/agenix/harmonia-raider-1" ];
+    push = {{ enable = true; trustedKeys = [ "{PUSHER_KEY}" ]; retentionDays = 14; }};
+  }};
+  services.harmonia-bundle.client = {{ enable = true; publicKeys = [ "{PK}" ]; }};
+}}""",
+        tmp_path,
+    )
+    assert r["failedAssertions"] == []
+    assert r["cacheSettings"]["push"] == {"enable": True, "trusted_keys": [PUSHER_KEY], "retention_days": 14}
+    # the daemon checks the pushers' signatures again when it imports for the cache's user
+    assert PUSHER_KEY in r["nixSettings"]["trusted-public-keys"]
+    assert PK in r["nixSettings"]["trusted-public-keys"]
+
+
+def test_push_is_off_by_default(tmp_path: Path) -> None:
+    r = evaluate(CACHE_HOST, tmp_path)
+    assert "push" not in r["cacheSettings"]
+    assert PUSHER_KEY not in r["nixSettings"].get("trusted-public-keys", [])

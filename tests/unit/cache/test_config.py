@@ -1,8 +1,21 @@
+from dataclasses import fields
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
-from cache.config import Bind, ConfigError, config_from_mapping, load_config, parse_bind
+from cache.config import (
+    Bind,
+    Config,
+    ConfigError,
+    LogLevel,
+    StoreBackend,
+    config_from_mapping,
+    known_keys,
+    load_config,
+    parse_bind,
+)
+from common.problems import Problem
 
 
 def test_defaults_serve_the_local_store() -> None:
@@ -111,3 +124,46 @@ def test_state_directory_from_systemd() -> None:
     assert config_from_mapping({}, {"STATE_DIRECTORY": "/var/lib/harmonia"}).state_directory == Path(
         "/var/lib/harmonia"
     )
+
+
+def test_keys_are_derived_from_the_fields() -> None:
+    # harmonia's keys, every one of them still known (users switch by package)
+    assert set(known_keys()) == {
+        "bind", "workers", "max_connection_rate", "max_connections", "priority",
+        "virtual_nix_store", "real_nix_store", "enable_compression", "zstd", "sign_key_paths",
+        "sign_key_path", "tls_cert_path", "tls_key_path", "nix_db_path", "store_backend",
+        "daemon_socket", "nar_source", "state_directory", "compressed_cache_max_bytes",
+        "narinfo_cache_entries", "log_level", "push",
+    }  # fmt: skip
+    assert known_keys()["zstd"] == ("level",)
+    assert set(known_keys()["push"]) == {
+        "enable", "retention_days", "trusted_keys", "max_nar_bytes", "tokens_file", "idle_timeout",
+        "sweep_interval",
+    }  # fmt: skip
+    # every field is reachable from the file: the struct is its own schema (a table's keys are
+    # fields each, like [zstd] level; sign_key_path is an alias)
+    assert len(fields(Config)) == sum(len(names) or 1 for names in known_keys().values()) - 1
+
+
+def test_a_table_given_as_a_value_and_every_problem_keyed() -> None:
+    with pytest.raises(ConfigError) as info:
+        config_from_mapping({"zstd": 3, "sign_key_path": "", "log_level": "LOUD", "nar_source": 1}, {})
+    assert [p.key for p in info.value.problems] == ["zstd", "nar_source", "log_level", "sign_key_path"]
+    assert "expected a table like [zstd] level = 3" in str(info.value)
+    assert all(isinstance(p, Problem) for p in info.value.problems)
+
+
+def test_literal_choices_and_case_folding() -> None:
+    cfg = config_from_mapping({"log_level": "DEBUG", "store_backend": "daemon"}, {})
+    assert (cfg.log_level, cfg.store_backend) == ("debug", "daemon")
+    assert get_args(StoreBackend) == ("db", "daemon")
+    assert get_args(LogLevel) == ("debug", "info", "warning", "error")
+
+
+def test_single_key_alias_and_environment_add_up() -> None:
+    cfg = config_from_mapping(
+        {"sign_key_path": "/a", "sign_key_paths": ["/b"], "virtual_nix_store": "/mnt/store/"},
+        {"SIGN_KEY_PATH": "/a /c"},
+    )
+    assert cfg.sign_key_paths == (Path("/b"), Path("/a"), Path("/c"))
+    assert cfg.real_nix_store == cfg.virtual_nix_store == "/mnt/store"

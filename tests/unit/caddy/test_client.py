@@ -15,7 +15,7 @@ from caddy.client import (
     render_nix_conf,
     render_nixos,
 )
-from caddy.errors import ConfigError
+from common.problems import ConfigError
 
 KEY_B64 = base64.b64encode(bytes(range(32))).decode()
 KEY = f"harmonia-raider-1:{KEY_B64}"
@@ -76,7 +76,7 @@ def test_bad_settings_list_every_problem() -> None:
     with pytest.raises(ConfigError) as caught:
         ClientSettings(("ftp://x", "https://a b", "https://u:pw@host"), ("nope",), priority=-1)
     problems = caught.value.problems
-    assert [p.split(":", 1)[0] for p in problems] == [
+    assert [p.key for p in problems] == [
         "substituters[0]",
         "substituters[1]",
         "substituters[2]",

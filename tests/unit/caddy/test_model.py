@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from caddy.errors import ConfigError
 from caddy.model import GatewaySite, Upstream, transport_groups
 from caddy.policy import Policy
+from common.problems import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -72,7 +72,7 @@ def test_bad_node_name() -> None:
 def test_parse_all_reports_every_upstream() -> None:
     with pytest.raises(ConfigError) as caught:
         Upstream.parse_all(["ftp://a", "http://ok:1", "http://b:0"])
-    assert [p.split(".", 1)[0] for p in caught.value.problems] == ["upstreams[0]", "upstreams[2]"]
+    assert [p.key.split(".", 1)[0] for p in caught.value.problems] == ["upstreams[0]", "upstreams[2]"]
     with pytest.raises(ConfigError, match="at least one"):
         Upstream.parse_all([])
 
@@ -110,7 +110,7 @@ def test_gateway_site_reports_every_problem() -> None:
             bind=("",),
             log_output="relative.log",
         )
-    keys = [p.split(":", 1)[0] for p in caught.value.problems]
+    keys = [p.key for p in caught.value.problems]
     assert keys == ["site", "upstreams", "policy", "snippet_name", "tls", "bind[0]", "log_output"]
 
 

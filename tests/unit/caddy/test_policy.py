@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from caddy.caddyfile import reverse_proxy_block
-from caddy.errors import ConfigError
 from caddy.model import Upstream
 from caddy.policy import (
     IDENTITY_HEADER_PATTERNS,
@@ -32,6 +31,7 @@ from caddy.policy import (
     server_routes,
     too_large_handler,
 )
+from common.problems import ConfigError, Problem
 
 HASH = "0" * 32
 
@@ -74,7 +74,7 @@ def test_invalid_policy_lists_every_problem_with_its_key() -> None:
             expose_serve="yes",
             max_request_body_bytes=-1,  # type: ignore[arg-type]
         )
-    keys = sorted(p.split(":", 1)[0] for p in caught.value.problems)
+    keys = sorted(p.key for p in caught.value.problems)
     assert keys == [
         "policy.dial_timeout_s",
         "policy.expose_serve",
@@ -95,7 +95,7 @@ def test_from_mapping_reads_config_and_rejects_unknown_keys() -> None:
     assert based.expose_serve and not based.allow_upload
     with pytest.raises(ConfigError) as caught:
         Policy.from_mapping({"expose_everything": True, "health_interval_s": "5s"}, key="frontend")
-    assert [p.split(":", 1)[0] for p in caught.value.problems] == [
+    assert [p.key for p in caught.value.problems] == [
         "frontend.expose_everything",
         "frontend.health_interval_s",
     ]
@@ -294,7 +294,7 @@ _VALUES = st.one_of(
 def test_from_mapping_either_builds_a_renderable_policy_or_raises_config_error(
     data: dict[str, object],
 ) -> None:
-    problems: tuple[str, ...] = ()
+    problems: tuple[Problem, ...] = ()
     policy = None
     try:
         policy = Policy.from_mapping(data)
@@ -302,7 +302,7 @@ def test_from_mapping_either_builds_a_renderable_policy_or_raises_config_error(
         problems = exc.problems
     if policy is None:
         assert problems
-        assert all(p.startswith("policy.") for p in problems)
+        assert all(p.key.startswith("policy.") for p in problems)
         return
     assert all(getattr(policy, k) == v for k, v in data.items())
     routes = server_routes(policy, [Upstream("127.0.0.1:5000")])

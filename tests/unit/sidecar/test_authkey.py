@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import trio
 
+from common.problems import ConfigError
 from sidecar.authkey import api_session_factory, mint_auth_key, resolve_auth_keys
-from sidecar.model import ConfigError, Secret, ServiceSpec, SidecarSpec, validate
+from sidecar.model import Secret, ServiceSpec, SidecarSpec, validate
 from tests.tailnet import Tailnet
 from tests.tailnet.fixtures import local_tailnet  # noqa: F401
 

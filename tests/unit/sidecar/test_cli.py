@@ -19,7 +19,7 @@ def test_invalid_options_exit_2_listing_every_flag(capsys: pytest.CaptureFixture
     code = cli.run(["--name", "Nope!", "--funnel", "--tag", "x", "ftp://cache"])
     err = capsys.readouterr().err
     assert code == cli.EXIT_CONFIG
-    assert "4 problem(s)" in err
+    assert "4 problems" in err
     for flag in ("--name", "--funnel", "--tag", "upstream URL"):
         assert f"- {flag}:" in err
 

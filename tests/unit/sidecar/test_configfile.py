@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from common.problems import ConfigError
 from sidecar.cli import load
-from sidecar.model import ConfigError, validate
+from sidecar.model import validate
 from sidecar.spec import parse_duration, spec_from_toml
 
 GOOD = """

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from common.problems import ConfigError
 from sidecar.cli import load
 from sidecar.model import (
-    ConfigError,
     PrefixScope,
     Secret,
     ServiceSpec,

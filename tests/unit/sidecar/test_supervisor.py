@@ -10,11 +10,12 @@ import httpx
 import pytest
 import trio
 
+from common.problems import ConfigError, Problem
 from sidecar import cli, supervisor
 from sidecar.engine import CaddyEngine
 from sidecar.http1 import request_tcp, request_unix
 from sidecar.metrics import parse
-from sidecar.model import ConfigError, ServiceSpec, SidecarSpec, ValidConfig, validate
+from sidecar.model import ServiceSpec, SidecarSpec, ValidConfig, validate
 from sidecar.supervisor import Sidecar
 
 from .upstream import Echo
@@ -96,7 +97,7 @@ async def test_reconfigure_adds_and_removes_services(caddy_bin: str, tmp_path: P
             # a bad reconfiguration is refused and the running one stays: a config file that
             # does not validate, and one the engine cannot load (the listener cannot bind)
             def bad_file() -> ValidConfig:
-                raise ConfigError([])
+                raise ConfigError([Problem("alpha.upstream", "not a valid URL")])
 
             sidecar.reload = bad_file
             assert not await sidecar.reconfigure()

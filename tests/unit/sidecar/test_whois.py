@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import trio
 
+from common.problems import ConfigError
 from sidecar.cli import load
 from sidecar.compile import EngineFiles, compile_engine_config
 from sidecar.engine import CaddyEngine
-from sidecar.model import ConfigError, ServiceSpec, SidecarSpec, ValidConfig, validate
+from sidecar.model import ServiceSpec, SidecarSpec, ValidConfig, validate
 from sidecar.spec import spec_from_toml
 from sidecar.supervisor import Sidecar
 from sidecar.whois import (
