@@ -11,7 +11,7 @@ site block that imports it::
             encode @harmonia_text zstd gzip { … }   # small text only, never NARs
             reverse_proxy https://harmonia.tail1234.ts.net:443 http://100.64.0.5:5000 { … }
         }
-        handle { respond "404 not found" 404 }
+        handle { respond "404 page not found" 404 }
     }
 
     harmonia.arsfeld.one {
@@ -38,14 +38,18 @@ from collections.abc import Sequence
 from caddy.model import GatewaySite, Upstream, transport_groups
 from caddy.policy import (
     IDENTITY_HEADER_PATTERNS,
+    METHOD_NOT_ALLOWED_BODY,
+    NOT_FOUND_BODY,
     READ_METHODS,
     SMALL_TEXT_CONTENT_TYPES,
     SMALL_TEXT_PATTERN,
     TOO_LARGE_BODY,
     UNHEALTHY_STATUSES,
     Policy,
+    Step,
     body_too_large_expression,
     caddy_duration,
+    chain_steps,
     exposed_path_pattern,
     path_expression,
 )
@@ -147,6 +151,11 @@ def _log_block(site: GatewaySite) -> list[str]:
     return lines
 
 
+def _line(text: str) -> str:
+    """A response text as one Caddyfile token (its trailing newline dropped)."""
+    return text.rstrip("\n")
+
+
 def _matcher(name: str, conditions: list[str]) -> list[str]:
     if len(conditions) == 1:
         return [f"@{name} {conditions[0]}"]
@@ -167,17 +176,17 @@ def render_snippet(site: GatewaySite) -> str:
     method_conditions = [] if policy.allow_upload else ["method " + " ".join(READ_METHODS)]
     public_conditions = path_conditions + method_conditions
 
+    steps = chain_steps(policy)
     body: list[str] = []
-    if policy.strip_identity_headers:
+    if Step.STRIP_IDENTITY in steps:
         body.append("# identity headers are set only by the tailnet side, never by a public client")
         body += [f"request_header -{p}" for p in IDENTITY_HEADER_PATTERNS]
-    if policy.max_request_body_bytes is not None:
+    if Step.BODY_LIMIT in steps:
         body += ["request_body {", f"{INDENT}max_size {policy.max_request_body_bytes}", "}"]
     body += _log_block(site)
     too_large = body_too_large_expression(policy)
     if too_large is not None:
         body += _matcher("harmonia_too_large", ["expression " + _cel_in_backticks(too_large)])
-
     if public_conditions:
         body += _matcher("harmonia_public", public_conditions)
     if path_conditions and method_conditions:
@@ -185,22 +194,24 @@ def render_snippet(site: GatewaySite) -> str:
     if policy.compress_small_text:
         body += _matcher("harmonia_text", [f"path_regexp harmonia_text {SMALL_TEXT_PATTERN}"])
 
+    # the handle blocks run the chain's answering steps in its order (Caddy keeps handle order)
     proxy = _encode_block(policy) + reverse_proxy_block(policy, groups[0], fallback_follows=len(groups) > 1)
-    if too_large is not None:
-        body += ["handle @harmonia_too_large {", f'{INDENT}respond "{TOO_LARGE_BODY}" 413', "}"]
-    if public_conditions:
-        body += ["handle @harmonia_public {", *_indent(proxy), "}"]
-    else:
-        body += ["handle {", *_indent(proxy), "}"]
-    if method_conditions:
-        if path_conditions:
-            body.append("handle @harmonia_public_path {")
-        elif public_conditions:
-            body.append("handle {")
-        body += _indent([f'header Allow "{", ".join(READ_METHODS)}"', 'respond "405 method not allowed" 405'])
-        body.append("}")
-    if path_conditions:
-        body += ["handle {", f'{INDENT}respond "404 not found" 404', "}"]
+    for step in steps:
+        if step is Step.TOO_LARGE:
+            body += ["handle @harmonia_too_large {", f'{INDENT}respond "{TOO_LARGE_BODY}" 413', "}"]
+        elif step is Step.PROXY:
+            body += [f"handle{' @harmonia_public' if public_conditions else ''} {{", *_indent(proxy), "}"]
+        elif step is Step.METHOD_NOT_ALLOWED:
+            body.append("handle @harmonia_public_path {" if path_conditions else "handle {")
+            body += _indent(
+                [
+                    f'header Allow "{", ".join(READ_METHODS)}"',
+                    f'respond "{_line(METHOD_NOT_ALLOWED_BODY)}" 405',
+                ]
+            )
+            body.append("}")
+        elif step is Step.NOT_FOUND:
+            body += ["handle {", f'{INDENT}respond "{_line(NOT_FOUND_BODY)}" 404', "}"]
 
     if len(groups) > 1:
         statuses = ", ".join(str(s) for s in FAILOVER_STATUSES)
