@@ -10,6 +10,7 @@ camelCase flags, and the config-file keys are their snake_case forms.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,7 +30,17 @@ OAUTH_PREFIX = "tskey-client-"
 API_KEY_PREFIX = "tskey-api-"
 API_KEY_ENV = "TS_API_KEY"
 CREDENTIAL_NAME = "authkey"  # $CREDENTIALS_DIRECTORY/authkey: systemd's LoadCredential=authkey:…
-ENGINE_DIR_NAME = "_engine"  # "_" cannot start a hostname, so no service's default dir collides
+#: What a sidecar process writes besides its nodes' directories: its engine directory (Caddy's
+#: homes and admin socket, and the lock saying the process owns it) and its control socket.
+#: With a state root of its own (--state-root, state_dir, TS_STATE_DIR, STATE_DIRECTORY: one per
+#: systemd instance) they are <root>/_engine and <root>/sidecar.sock; under the default root,
+#: which every sidecar a user starts by hand shares, they are <root>/_<instance>/ and
+#: <root>/_<instance>/sidecar.sock. "_" cannot start a hostname, so no node directory collides.
+ENGINE_DIR_NAME = "_engine"
+INSTANCE_DIR_PREFIX = "_"
+CONTROL_SOCKET_NAME = "sidecar.sock"
+MAX_INSTANCE_LENGTH = 32  # keeps <root>/_<instance>/admin.sock a unix socket path
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with its NUL
 #: A service's policy before its ``policy`` overrides: the tailnet policy without health checks.
 #: Each service has one upstream, which health checks could only turn into false 503s, and the
 #: policy's health path is the cache's, not every service's (``policy = { active_health_checks =
@@ -114,6 +125,9 @@ class SidecarSpec:
     api_key_path: str | None = None
     # problems found while reading flags or a file (unknown keys, wrong types): reported with the rest
     parse_problems: list[Problem] = field(default_factory=list)
+    #: what this process is called on disk (its engine directory): the service's name when the
+    #: service comes from flags, the config file's name with --config; None: the services' names
+    instance: str | None = None
 
 
 # --------------------------------------------------------------------------- validated form
@@ -237,8 +251,10 @@ class ValidConfig:
 
     services: tuple[ValidService, ...]
     state_root: str
+    #: this process's own directory (``<root>/_engine``, or ``<root>/_<instance>`` under the
+    #: shared default root), locked while it runs
     engine_dir: str
-    health_socket: str
+    health_socket: str  # the control socket: status, health, metrics, whois
     caddy: str | None
     prometheus_addr: tuple[str, int] | None
     tsnet_verbose: bool
@@ -258,6 +274,12 @@ class ValidConfig:
 
 
 # --------------------------------------------------------------------------- validation
+
+
+def explicit_state_root(spec: SidecarSpec, env: Mapping[str, str]) -> bool:
+    """Whether the state root was chosen for this process (a flag, the config, the environment)
+    rather than being the per-user default every hand-started sidecar shares."""
+    return bool(spec.state_dir or env.get("TS_STATE_DIR") or env.get("STATE_DIRECTORY"))
 
 
 def default_state_root(env: Mapping[str, str]) -> str:
@@ -565,6 +587,18 @@ def _validate_service(
     )
 
 
+def instance_name(spec: SidecarSpec) -> str:
+    """The process's instance name: given, else its first service's name (``a``, or ``a+2`` with
+    two more); bounded in length (a long one keeps its start and gains a hash of the whole)."""
+    names = [s.name for s in spec.services if s.name]
+    fallback = (names[0] + (f"+{len(names) - 1}" if len(names) > 1 else "")) if names else "sidecar"
+    name = spec.instance or fallback
+    if len(name) > MAX_INSTANCE_LENGTH:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        name = f"{name[: MAX_INSTANCE_LENGTH - 9]}-{digest}"
+    return name
+
+
 def _overlaps(a: str, b: str) -> bool:
     pa, pb = PurePosixPath(a), PurePosixPath(b)
     return pa == pb or pa in pb.parents or pb in pa.parents
@@ -580,7 +614,13 @@ def validate(spec: SidecarSpec, env: Mapping[str, str], base_dir: str | None = N
     state_root = _abs(spec.state_dir, base_dir) if spec.state_dir else default_state_root(env)
     if not PurePosixPath(state_root).is_absolute():
         problems.append(Problem("state_dir", f"must be an absolute path, not {state_root!r}"))
-    engine_dir = str(PurePosixPath(state_root) / ENGINE_DIR_NAME)
+    own_root = explicit_state_root(spec, env)
+    process_dir = (
+        PurePosixPath(state_root) / ENGINE_DIR_NAME
+        if own_root
+        else PurePosixPath(state_root) / (INSTANCE_DIR_PREFIX + instance_name(spec))
+    )
+    engine_dir = str(process_dir)
     if not spec.services and not spec.parse_problems:
         problems.append(Problem("services", "no service to publish"))
     valid: list[ValidService] = []
@@ -620,16 +660,16 @@ def validate(spec: SidecarSpec, env: Mapping[str, str], base_dir: str | None = N
     health = (
         _abs(spec.health_socket, base_dir)
         if spec.health_socket
-        else str(PurePosixPath(state_root) / "sidecar.sock")
+        else str((PurePosixPath(state_root) if own_root else process_dir) / CONTROL_SOCKET_NAME)
     )
-    if len(health.encode()) > 100:
+    if len(health.encode()) > MAX_SOCKET_PATH:
         problems.append(Problem("health_socket", f"{health!r} is too long for a unix socket path"))
-    if len((engine_dir + "/admin.sock").encode()) > 100:
+    if len((engine_dir + "/admin.sock").encode()) > MAX_SOCKET_PATH:
         problems.append(
             Problem(
                 "state_dir",
                 f"{state_root!r} is too long: the engine's admin "
-                "socket must fit in a unix socket path (about 100 bytes)",
+                f"socket must fit in a unix socket path ({MAX_SOCKET_PATH} bytes)",
             )
         )
     api_key: ApiKeySource | None = None

@@ -11,6 +11,7 @@ import re
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import fields
+from pathlib import PurePosixPath
 from typing import Any, NoReturn
 
 from common.problems import Problem
@@ -164,6 +165,13 @@ def usage() -> str:
     return _parser().format_help()
 
 
+def config_instance(path: str) -> str:
+    """A config file's name as the instance name of the process it runs (``/etc/x/cache.toml`` →
+    ``cache``): one process per config file, so two config files need two names."""
+    stem = PurePosixPath(path).name.removesuffix(".toml") or "config"
+    return re.sub(r"[^A-Za-z0-9._-]", "-", stem)
+
+
 class ArgvResult:
     def __init__(self, spec: SidecarSpec, config_file: str | None, print_config: bool) -> None:
         self.spec = spec
@@ -210,6 +218,7 @@ def spec_from_argv(
         if read_config is not None:
             _, spec = read_config(ns.config)
         spec.parse_problems[:0] = problems
+        spec.instance = config_instance(ns.config)
     else:
         svc = ServiceSpec(
             name=ns.name or "",
@@ -237,7 +246,7 @@ def spec_from_argv(
         _set_duration(svc, "whois_timeout", ns.whois_timeout, "--whois-timeout", problems)
         _set_duration(svc, "read_header_timeout", ns.read_header_timeout, "--read-header-timeout", problems)
         _set_duration(svc, "timeout", ns.timeout, "--timeout", problems)
-        spec = SidecarSpec(services=[svc], parse_problems=problems)
+        spec = SidecarSpec(services=[svc], parse_problems=problems, instance=ns.name or None)
     if ns.state_root is not None:
         spec.state_dir = ns.state_root
     for attr in ("caddy", "prometheus_addr", "health_socket", "api_key_path"):

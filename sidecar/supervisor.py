@@ -77,6 +77,66 @@ def lock_node_dirs(cfg: ValidConfig, held: dict[str, IO[str]]) -> None:
         raise ConfigError(problems)
 
 
+LOCK_NAME = ".harmonia-sidecar.lock"
+
+
+def _holder(f: IO[str]) -> str:
+    f.seek(0)
+    pid = f.read().strip()
+    return f"pid {pid}" if pid.isdigit() else "another process"
+
+
+def lock_process_dir(cfg: ValidConfig) -> list[IO[str]]:
+    """Take this process's own directory (engine and control socket) for as long as it runs.
+
+    Two processes on one state root with the same instance name (the same service name from
+    flags, or config files of the same name) would replace each other's engine and control
+    socket; the second is refused here, before it touches either, with the way out. Returns the
+    open, locked files (closing them releases the directory).
+    """
+    held: list[IO[str]] = []
+    locks = [os.path.join(cfg.engine_dir, LOCK_NAME)]
+    if os.path.dirname(cfg.health_socket) != cfg.engine_dir:  # --health-socket elsewhere: its own lock
+        locks.append(cfg.health_socket + ".lock")
+    for path in locks:
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the process's life
+        except OSError as exc:
+            for g in held:
+                g.close()
+            raise ConfigError([Problem("state root", f"cannot use {path!r}: {exc.strerror}")]) from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _holder(f)
+            f.close()
+            for g in held:
+                g.close()
+            what = (
+                f"{cfg.engine_dir!r} (the engine directory and control socket of a sidecar process)"
+                if path.startswith(cfg.engine_dir + os.sep)
+                else f"the control socket {cfg.health_socket!r}"
+            )
+            raise ConfigError(
+                [
+                    Problem(
+                        "state root",
+                        f"{what} is in use by another harmonia-sidecar ({holder}) on the state root "
+                        f"{cfg.state_root!r}. Give this process a state root of its own "
+                        "(TS_STATE_DIR=DIR or --state-root DIR), or publish all the services from one "
+                        "process: harmonia-sidecar --config FILE with a [services.NAME] table each",
+                    )
+                ]
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        held.append(f)
+    return held
+
+
 def release_unused(cfg: ValidConfig, held: dict[str, IO[str]]) -> None:
     keep = {s.node_dir for s in cfg.services}
     for path in [p for p in held if p not in keep]:
@@ -123,7 +183,8 @@ class Sidecar:
     engine_up: bool = False
     ready: bool = False
     _keys: dict[str, Secret | None] = field(default_factory=dict)
-    _locks: dict[str, IO[str]] = field(default_factory=dict)
+    _locks: dict[str, IO[str]] = field(default_factory=dict)  # node directories, by path
+    _own_locks: list[IO[str]] = field(default_factory=list)  # this process's directory
     _applied: trio.Event = field(default_factory=trio.Event)
     _reload_lock: trio.Lock = field(default_factory=trio.Lock)
     traffic: dict[str, metrics.ServiceTraffic] = field(default_factory=dict)
@@ -143,7 +204,12 @@ class Sidecar:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Prepare (locks, auth keys), serve health, supervise the engine. Readiness = the engine
         runs with the config applied (the nodes may still be connecting)."""
-        lock_node_dirs(self.cfg, self._locks)
+        self._own_locks = lock_process_dir(self.cfg)
+        try:
+            lock_node_dirs(self.cfg, self._locks)
+        except ConfigError:
+            self._release_all()
+            raise
         for s in self.cfg.services:
             if s.whois and s.whois_timeout != DEFAULT_WHOIS_TIMEOUT:
                 log.warning(
@@ -164,9 +230,13 @@ class Sidecar:
                     nursery.start_soon(self._sighup_loop)
                 task_status.started()
         finally:
-            for f in self._locks.values():
-                f.close()
-            self._locks.clear()
+            self._release_all()
+
+    def _release_all(self) -> None:
+        for f in [*self._locks.values(), *self._own_locks]:
+            f.close()
+        self._locks.clear()
+        self._own_locks.clear()
 
     async def _prepare_keys(self) -> Secret | None:
         """Read the nodes' auth keys and the directory's API credentials; every problem of
@@ -274,6 +344,16 @@ class Sidecar:
                         "effect at the next start; keeping the running whois directory"
                     )
                     new = dataclasses.replace(new, api_key=self.cfg.api_key)
+                if (new.engine_dir, new.health_socket) != (self.cfg.engine_dir, self.cfg.health_socket):
+                    log.warning(
+                        "reconfiguration: the engine directory and control socket stay %s and %s "
+                        "until the next start",
+                        self.cfg.engine_dir,
+                        self.cfg.health_socket,
+                    )
+                    new = dataclasses.replace(
+                        new, engine_dir=self.cfg.engine_dir, health_socket=self.cfg.health_socket
+                    )
                 old_by_name = {s.name: s for s in self.cfg.services}
                 changed = [s for s in new.services if old_by_name.get(s.name) != s]
                 lock_node_dirs(new, self._locks)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from common.problems import ConfigError
@@ -243,3 +245,30 @@ def test_secret_never_in_reprs() -> None:
     assert "SUPERSECRET" not in repr(cfg)
     assert "SUPERSECRET" not in str(cfg.services[0].auth)
     assert repr(Secret("x")) == "Secret('***')"
+
+
+def test_hand_started_sidecars_under_the_default_root_own_a_directory_each() -> None:
+    # issue 15: two processes, each with its service's --state-dir, no TS_STATE_DIR: the default
+    # root is shared, so each process's engine and control socket are named after its service
+    first = ok(["--name", "harmonia", "--state-dir", "/srv/a", URL])
+    second = ok(["--name", "echo", "--state-dir", "/srv/b", URL])
+    root = "/home/u/.local/state/harmonia-sidecar"
+    assert (first.engine_dir, first.health_socket) == (f"{root}/_harmonia", f"{root}/_harmonia/sidecar.sock")
+    assert (second.engine_dir, second.health_socket) == (f"{root}/_echo", f"{root}/_echo/sidecar.sock")
+
+
+def test_a_config_file_names_its_process(tmp_path: Path) -> None:
+    config = tmp_path / "fleet cache.toml"
+    config.write_text(f'[services.a]\nupstream = "{URL}"\n[services.b]\nupstream = "{URL}"\n')
+    cfg = ok(["--config", str(config)])
+    assert cfg.engine_dir.endswith("/harmonia-sidecar/_fleet-cache")
+    # a root of its own keeps the one-process layout (systemd gives every instance its own)
+    cfg = ok(["--config", str(config)], {**ENV, "TS_STATE_DIR": "/var/lib/ts"})
+    assert (cfg.engine_dir, cfg.health_socket) == ("/var/lib/ts/_engine", "/var/lib/ts/sidecar.sock")
+
+
+def test_a_long_instance_name_stays_a_socket_path() -> None:
+    name = "a" * 63
+    cfg = ok(["--name", name, URL])
+    instance = cfg.engine_dir.rsplit("/_", 1)[1]
+    assert len(instance) == 32 and instance.startswith("a" * 23 + "-")
