@@ -148,6 +148,11 @@ def _write_stderr(line: bytes) -> None:
     sys.stderr.buffer.flush()
 
 
+#: Seconds Caddy gets to exit after SIGTERM before it is killed: the bound on a sidecar's stop,
+#: which the units' TimeoutStopSec must cover (tests/unit/deploy checks it).
+ENGINE_STOP_GRACE = 10.0
+
+
 def engine_env(base: Mapping[str, str], engine_dir: str) -> dict[str, str]:
     """Caddy's environment: its homes inside the engine directory; no auth or API keys from
     ours, and no NOTIFY_SOCKET (Caddy would tell systemd it is ready before any node is)."""
@@ -289,7 +294,7 @@ class CaddyEngine:
 
     async def _terminate(self, proc: trio.Process) -> None:
         proc.terminate()
-        with trio.move_on_after(10):
+        with trio.move_on_after(ENGINE_STOP_GRACE):
             await proc.wait()
             return
         proc.kill()

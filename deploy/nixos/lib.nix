@@ -241,6 +241,7 @@ let
       LoadCredential = optional (authKeyFile != null) [ "authkey:${toString authKeyFile}" ];
       Restart = "on-failure";
       RestartSec = "5s";
+      # a stop takes under a second (docs/sidecar.md), at most the engine's 10 s kill deadline
       TimeoutStopSec = "30s";
       DynamicUser = true;
       StateDirectory = stateDirectory;
