@@ -40,6 +40,9 @@ from caddy.policy import (
     IDENTITY_HEADER_PATTERNS,
     METHOD_NOT_ALLOWED_BODY,
     NOT_FOUND_BODY,
+    PUSH_MATCHER_NAME,
+    PUSH_METHODS,
+    PUSH_PATH_PATTERN,
     READ_METHODS,
     SMALL_TEXT_CONTENT_TYPES,
     SMALL_TEXT_PATTERN,
@@ -52,6 +55,7 @@ from caddy.policy import (
     chain_steps,
     exposed_path_pattern,
     path_expression,
+    too_large_expression,
 )
 
 __all__ = [
@@ -181,8 +185,15 @@ def render_snippet(site: GatewaySite) -> str:
     if Step.STRIP_IDENTITY in steps:
         body.append("# identity headers are set only by the tailnet side, never by a public client")
         body += [f"request_header -{p}" for p in IDENTITY_HEADER_PATTERNS]
-    if Step.BODY_LIMIT in steps:
-        body += ["request_body {", f"{INDENT}max_size {policy.max_request_body_bytes}", "}"]
+    # a snippet-level request_body would apply to every request, push uploads too: with push
+    # exposed, each handle block carries its own limit instead
+    body_limit = (
+        ["request_body {", f"{INDENT}max_size {policy.max_request_body_bytes}", "}"]
+        if Step.BODY_LIMIT in steps
+        else []
+    )
+    if not policy.expose_push:
+        body += body_limit
     body += _log_block(site)
     too_large = body_too_large_expression(policy)
     if too_large is not None:
@@ -193,14 +204,19 @@ def render_snippet(site: GatewaySite) -> str:
         body += _matcher("harmonia_public_path", path_conditions)
     if policy.compress_small_text:
         body += _matcher("harmonia_text", [f"path_regexp harmonia_text {SMALL_TEXT_PATTERN}"])
+    if policy.expose_push:
+        body += _matcher("harmonia_push", _push_conditions(policy))
 
     # the handle blocks run the chain's answering steps in its order (Caddy keeps handle order)
     proxy = _encode_block(policy) + reverse_proxy_block(policy, groups[0], fallback_follows=len(groups) > 1)
     for step in steps:
-        if step is Step.TOO_LARGE:
+        if step is Step.PUSH:
+            body += ["handle @harmonia_push {", *_indent(_push_block(policy, groups)), "}"]
+        elif step is Step.TOO_LARGE:
             body += ["handle @harmonia_too_large {", f'{INDENT}respond "{TOO_LARGE_BODY}" 413', "}"]
         elif step is Step.PROXY:
-            body += [f"handle{' @harmonia_public' if public_conditions else ''} {{", *_indent(proxy), "}"]
+            inner = (body_limit if policy.expose_push else []) + proxy
+            body += [f"handle{' @harmonia_public' if public_conditions else ''} {{", *_indent(inner), "}"]
         elif step is Step.METHOD_NOT_ALLOWED:
             body.append("handle @harmonia_public_path {" if path_conditions else "handle {")
             body += _indent(
@@ -247,6 +263,32 @@ def render_snippet(site: GatewaySite) -> str:
     if len(groups) > 1:
         header.append("# Failover across transports uses this site's handle_errors: keep it the only one.")
     return "\n".join([*header, f"({site.snippet_name}) {{", *_indent(body), "}"]) + "\n"
+
+
+def _push_conditions(policy: Policy) -> list[str]:
+    conditions = [
+        f"path_regexp {PUSH_MATCHER_NAME} {PUSH_PATH_PATTERN}",
+        "expression " + _cel_in_backticks(path_expression(PUSH_PATH_PATTERN)),
+    ]
+    if not policy.allow_upload:
+        conditions.append("method " + " ".join(PUSH_METHODS))
+    return conditions
+
+
+def _push_block(policy: Policy, groups: Sequence[tuple[Upstream, ...]]) -> list[str]:
+    """Inside ``handle @harmonia_push``: its own 413 and body limit, then the proxy (streamed,
+    never compressed). No callers filter: the public side cannot know who pushes; the cache's
+    tokens decide."""
+    lines: list[str] = []
+    too_large = too_large_expression(policy.max_push_body_bytes)
+    if too_large is not None:
+        lines += _matcher("harmonia_push_too_large", ["expression " + _cel_in_backticks(too_large)])
+        lines += ["handle @harmonia_push_too_large {", f'{INDENT}respond "{TOO_LARGE_BODY}" 413', "}"]
+    proxy: list[str] = []
+    if policy.max_push_body_bytes is not None:
+        proxy += ["request_body {", f"{INDENT}max_size {policy.max_push_body_bytes}", "}"]
+    proxy += reverse_proxy_block(policy, groups[0], fallback_follows=len(groups) > 1)
+    return [*lines, "handle {", *_indent(proxy), "}"]
 
 
 def _describe(upstream: Upstream) -> str:

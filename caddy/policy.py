@@ -42,6 +42,13 @@ The policy, rule by rule (each rule names the Caddy setting it becomes):
    ``/serve/../nar/x.nar`` style paths do not slip through. :meth:`Policy.tailnet` exposes every
    route and every method.
 9. **Access logs** (``access_log``): Caddy's access log for the server/site.
+10. **Push** (``expose_push``; off on the public gateway unless asked; the tailnet node proxies
+   every path, ``/push`` included, and turns this on to restrict who may push): ``/push`` and
+   everything under it (the cache's upload routes) with GET, HEAD and PUT get a
+   route of their own, ahead of the body limit: its own limit ``max_push_body_bytes`` (large:
+   NAR uploads), its own 413, no compression, and the request body streamed to the cache as it
+   arrives (no request buffering). A frontend can restrict it to some callers (the sidecar's
+   ``push_allow``): everyone else gets 403 before any body is read.
 
 API (what ``sidecar/`` builds on):
 
@@ -95,6 +102,10 @@ __all__ = [
     "not_found_handler",
     "path_matcher",
     "public_matcher",
+    "push_body_handler",
+    "push_forbidden_handler",
+    "push_matcher",
+    "push_too_large_route",
     "regex_escape",
     "request_body_handler",
     "request_header_strip_ops",
@@ -195,9 +206,11 @@ class Policy:
     expose_serve: bool = False
     expose_log: bool = False
     expose_metrics: bool = False
+    expose_push: bool = False
     restrict_paths: bool = True
     allow_upload: bool = False
     max_request_body_bytes: int | None = _MIB
+    max_push_body_bytes: int | None = 64 * _GIB
     dial_timeout_s: float = 2.0
     response_header_timeout_s: float | None = 120.0
     active_health_checks: bool = True
@@ -239,8 +252,13 @@ class Policy:
                     problems.append(Problem(where, f"must be a positive number of seconds, not {value!r}"))
                 elif value > 86400 * 365:
                     problems.append(Problem(where, f"{value!r} seconds is unreasonably long"))
-            elif f.name in ("max_request_body_bytes", "compress_min_bytes", "max_fails"):
-                if value is None and f.name == "max_request_body_bytes":
+            elif f.name in (
+                "max_request_body_bytes",
+                "max_push_body_bytes",
+                "compress_min_bytes",
+                "max_fails",
+            ):
+                if value is None and f.name in ("max_request_body_bytes", "max_push_body_bytes"):
                     continue
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     problems.append(Problem(where, f"must be a positive integer, not {value!r}"))
@@ -372,12 +390,17 @@ def identity_strip_handler() -> dict[str, Any]:
     return {"handler": "headers", "request": request_header_strip_ops()}
 
 
-def body_too_large_expression(policy: Policy) -> str | None:
-    """CEL: the request announces a body over the limit (``Content-Length``), or ``None``."""
-    if policy.max_request_body_bytes is None:
+def too_large_expression(limit: int | None) -> str | None:
+    """CEL: the request announces a body over ``limit`` (``Content-Length``), or ``None``."""
+    if limit is None:
         return None
     length = "{http.request.header.Content-Length}"
-    return f'{length} != "" && int({length}) > {policy.max_request_body_bytes}'
+    return f'{length} != "" && int({length}) > {limit}'
+
+
+def body_too_large_expression(policy: Policy) -> str | None:
+    """CEL: the request announces a body over the limit (``Content-Length``), or ``None``."""
+    return too_large_expression(policy.max_request_body_bytes)
 
 
 def body_too_large_matcher(policy: Policy) -> dict[str, Any] | None:
@@ -416,6 +439,55 @@ def request_body_handler(policy: Policy) -> dict[str, Any] | None:
     if policy.max_request_body_bytes is None:
         return None
     return {"handler": "request_body", "max_size": policy.max_request_body_bytes}
+
+
+# ---------------------------------------------------------------------------------------------
+# Push: the cache's upload routes under /push
+
+
+PUSH_PATH_PATTERN = "^/push(/.*)?$"
+PUSH_MATCHER_NAME = "harmonia_push"
+#: What a pushing Nix client sends (nix copy --to): GET/HEAD to look, PUT to upload.
+PUSH_METHODS: tuple[str, ...] = ("GET", "HEAD", "PUT")
+PUSH_FORBIDDEN_BODY = "403 this caller may not push here\n"
+
+
+def push_matcher(policy: Policy) -> dict[str, Any] | None:
+    """Matcher of push requests (``/push`` and below, cleaned and as sent, with the push methods
+    unless uploads are allowed everywhere), or ``None`` when push is not exposed."""
+    if not policy.expose_push:
+        return None
+    matcher: dict[str, Any] = {
+        "path_regexp": {"name": PUSH_MATCHER_NAME, "pattern": PUSH_PATH_PATTERN},
+        "expression": path_expression(PUSH_PATH_PATTERN),
+    }
+    if not policy.allow_upload:
+        matcher["method"] = list(PUSH_METHODS)
+    return matcher
+
+
+def push_body_handler(policy: Policy) -> dict[str, Any] | None:
+    """``request_body`` for push requests: ``max_push_body_bytes`` (``None``: no limit)."""
+    if policy.max_push_body_bytes is None:
+        return None
+    return {"handler": "request_body", "max_size": policy.max_push_body_bytes}
+
+
+def push_too_large_route(policy: Policy) -> dict[str, Any] | None:
+    """413 at once for a push whose ``Content-Length`` is over ``max_push_body_bytes``."""
+    expression = too_large_expression(policy.max_push_body_bytes)
+    if expression is None:
+        return None
+    return {"match": [{"expression": expression}], "handle": [too_large_handler()], "terminal": True}
+
+
+def push_forbidden_handler() -> dict[str, Any]:
+    return {
+        "handler": "static_response",
+        "status_code": 403,
+        "headers": {"Content-Type": [PLAIN_TEXT]},
+        "body": PUSH_FORBIDDEN_BODY,
+    }
 
 
 def encode_handler(policy: Policy) -> dict[str, Any] | None:
@@ -576,6 +648,7 @@ class Step(Enum):
 
     STRIP_IDENTITY = "delete every incoming identity header"
     AFTER_STRIP = "the frontend's own identity headers (the sidecar's)"
+    PUSH = "under /push: the callers allowed, its own body limit and 413, the proxy"
     BODY_LIMIT = "request_body max_size"
     TOO_LARGE = "413 at once for a Content-Length over the limit"
     PROXY = "exposed paths and methods: small text compressed, then the reverse proxy"
@@ -584,7 +657,8 @@ class Step(Enum):
 
 
 def chain_steps(policy: Policy, *, strip_identity: bool | None = None) -> tuple[Step, ...]:
-    """The steps this policy has, in order. :func:`server_routes` renders them as Caddy JSON and
+    """The steps this policy has, in order (push ahead of the general body limit, which must
+    not cut NAR uploads). :func:`server_routes` renders them as Caddy JSON and
     :func:`caddy.caddyfile.render_snippet` as Caddyfile directives, so both frontends run one chain.
 
     ``strip_identity``: ``None`` follows the policy; the sidecar passes ``False`` because it
@@ -594,6 +668,8 @@ def chain_steps(policy: Policy, *, strip_identity: bool | None = None) -> tuple[
     if policy.strip_identity_headers if strip_identity is None else strip_identity:
         steps.append(Step.STRIP_IDENTITY)
     steps.append(Step.AFTER_STRIP)
+    if policy.expose_push:
+        steps.append(Step.PUSH)
     if policy.max_request_body_bytes is not None:
         steps += [Step.BODY_LIMIT, Step.TOO_LARGE]
     steps.append(Step.PROXY)
@@ -622,6 +698,7 @@ def server_routes(
     dials: Sequence[str] | None = None,
     upstream_tls: Mapping[str, Any] | None = None,
     request_headers: Mapping[str, str] | None = None,
+    push_callers: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The ``routes`` list of one Caddy HTTP server proxying to ``upstreams``: :func:`chain_steps`
     as JSON. The gateway's form of it is checked against the adapted Caddyfile; the sidecar ships
@@ -632,7 +709,8 @@ def server_routes(
     404 elsewhere, with ``strip_prefix`` removing the prefix before the chain sees the path;
     ``base_path`` is prepended to the path on the way up, after the path checks (they see the
     path as the client sent it); ``dials``, ``upstream_tls`` and ``request_headers`` go to
-    :func:`reverse_proxy_handler`.
+    :func:`reverse_proxy_handler`; ``push_callers`` (matcher sets, ``None``: every caller) are
+    the callers allowed to push, everyone else gets 403 under ``/push``.
     """
     steps = chain_steps(policy, strip_identity=strip_identity)
     head: list[dict[str, Any]] = []
@@ -642,19 +720,45 @@ def server_routes(
     proxy = reverse_proxy_handler(
         policy, upstreams, dials=dials, upstream_tls=upstream_tls, request_headers=request_headers
     )
-    chain = _chain_routes(policy, steps, proxy, base_path)
+    chain = _chain_routes(policy, steps, proxy, base_path, push_callers)
     if prefixes is None:
         return head + chain
     return [*head, *_under_prefixes(prefixes, strip_prefix, chain)]
 
 
 def _chain_routes(
-    policy: Policy, steps: Sequence[Step], proxy: dict[str, Any], base_path: str
+    policy: Policy,
+    steps: Sequence[Step],
+    proxy: dict[str, Any],
+    base_path: str,
+    push_callers: Sequence[Mapping[str, Any]] | None,
 ) -> list[dict[str, Any]]:
     routes: list[dict[str, Any]] = []
     paths = path_matcher(policy)
+    up: list[dict[str, Any]] = []
+    if base_path:
+        up.append({"handler": "rewrite", "uri": base_path + "{http.request.uri}"})
     for step in steps:
-        if step is Step.BODY_LIMIT:
+        if step is Step.PUSH:
+            push: list[dict[str, Any]] = []
+            if push_callers is not None:
+                not_allowed = {"not": [dict(m) for m in push_callers]}
+                push.append({"match": [not_allowed], "handle": [push_forbidden_handler()], "terminal": True})
+            body = push_body_handler(policy)
+            if body is not None:
+                push.append({"handle": [body]})
+            too_large = push_too_large_route(policy)
+            if too_large is not None:
+                push.append(too_large)
+            push.append({"handle": [*copy.deepcopy(up), copy.deepcopy(proxy)]})
+            routes.append(
+                {
+                    "match": [push_matcher(policy)],
+                    "handle": [{"handler": "subroute", "routes": push}],
+                    "terminal": True,
+                }
+            )
+        elif step is Step.BODY_LIMIT:
             body = request_body_handler(policy)
             assert body is not None
             routes.append({"handle": [body]})
@@ -667,9 +771,6 @@ def _chain_routes(
             encode = encode_handler(policy)
             if encode is not None:
                 proxy_routes.append({"match": [small_text_matcher()], "handle": [encode]})
-            up: list[dict[str, Any]] = []
-            if base_path:
-                up.append({"handler": "rewrite", "uri": base_path + "{http.request.uri}"})
             proxy_routes.append({"handle": [*up, proxy]})
             main: dict[str, Any] = {"handle": [{"handler": "subroute", "routes": proxy_routes}]}
             matcher = public_matcher(policy)

@@ -29,12 +29,12 @@ tsnet's debug log to a log of its own (the engine reads node addresses from it; 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from caddy.model import Upstream as PolicyUpstream
-from caddy.policy import identity_strip_handler, server_routes
+from caddy.policy import identity_strip_handler, regex_escape, server_routes
 
 from .model import Listen, Secret, TLSMode, ValidConfig, ValidService
 from .whois import NODE_HEADERS
@@ -96,7 +96,28 @@ def proxy_routes(service: ValidService) -> list[JSON]:
         dials=[up.dial],
         upstream_tls=tls,
         request_headers=headers,
+        push_callers=push_callers(service.push_allow) if service.push_allow else None,
     )
+
+
+#: the identity headers a push rule is checked against: set by the engine, after the strip
+USER_LOGIN_HEADER = "X-Tailscale-User-LoginName"
+NODE_TAGS_HEADER = "X-Tailscale-Node-Tags"
+
+
+def push_callers(allowed: Sequence[str]) -> list[JSON]:
+    """Matcher sets of the callers allowed to push: a user by the login name ``tailscale_auth``
+    found (``X-Tailscale-User-LoginName``), a tagged node by a tag in the whois directory's
+    ``X-Tailscale-Node-Tags`` (``tag:a, tag:b``). Both headers exist only as the engine set them:
+    every client-sent identity header is deleted first."""
+    sets: list[JSON] = []
+    for i, entry in enumerate(allowed):
+        if entry.startswith("tag:"):
+            pattern = r"(^|,)\s*" + regex_escape(entry) + r"\s*(,|$)"
+            sets.append({"header_regexp": {NODE_TAGS_HEADER: {"name": f"push_tag{i}", "pattern": pattern}}})
+        else:
+            sets.append({"header": {USER_LOGIN_HEADER: [entry]}})
+    return sets
 
 
 def _proxy_route(service: ValidService) -> JSON:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import PurePosixPath
 from typing import Any
@@ -24,6 +24,7 @@ from common.problems import ConfigError, Problem
 
 HOSTNAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 TAG_RE = re.compile(r"^tag:[A-Za-z0-9][A-Za-z0-9_-]*$")
+LOGIN_RE = re.compile(r"^[^\s,@\"'`{}*\\]+@[^\s,@\"'`{}*\\]+$")
 HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 FORBIDDEN_UPSTREAM_HEADER_PREFIXES = ("x-tailscale-", "tailscale-user-")
 OAUTH_PREFIX = "tskey-client-"
@@ -108,6 +109,9 @@ class ServiceSpec:
     read_header_timeout: float | None = None
     timeout: float = 60.0
     policy: dict[str, Any] | None = None  # overrides of caddy.policy.Policy.tailnet() (config file)
+    #: callers allowed to use /push: "tag:NAME" (needs the whois directory) or a user's login
+    #: name; empty: every caller that reaches the node
+    push_allow: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -239,6 +243,8 @@ class ValidService:
     read_header_timeout: float | None
     startup_timeout: float
     policy: Policy
+    #: who may use /push (tags and login names); empty: everyone who reaches the node
+    push_allow: tuple[str, ...] = ()
 
     @property
     def tailnet_prefixes(self) -> tuple[Prefix, ...]:
@@ -480,6 +486,25 @@ def _validate_headers(spec: ServiceSpec, key: str, problems: list[Problem]) -> t
     return tuple(out)
 
 
+def _validate_push_allow(spec: ServiceSpec, key: str, problems: list[Problem]) -> tuple[str, ...]:
+    bad = [p for p in spec.push_allow if not (TAG_RE.match(p) or LOGIN_RE.match(p))]
+    if bad:
+        problems.append(
+            Problem(
+                f"{key}.push_allow",
+                f"{bad}: each entry is a tag (tag:NAME) or a user's login name (user@domain)",
+            )
+        )
+    if spec.push_allow and spec.suppress_whois:
+        problems.append(
+            Problem(
+                f"{key}.push_allow",
+                "needs the caller's identity, which suppress_whois turns off",
+            )
+        )
+    return tuple(dict.fromkeys(spec.push_allow))
+
+
 def _validate_service(
     spec: ServiceSpec,
     index: int,
@@ -538,6 +563,9 @@ def _validate_service(
         policy = Policy.from_mapping(spec.policy or {}, key=f"{key}.policy", base=policy)
     except ConfigError as exc:  # its keys already name the service: "<name>.policy.<setting>"
         problems.extend(exc.problems)
+    push_allow = _validate_push_allow(spec, key, problems)
+    if push_allow:
+        policy = replace(policy, expose_push=True)  # a route of its own under /push, guarded
     env_key = env.get("TS_AUTHKEY") or None
     if (
         spec.authkey_path is None
@@ -584,6 +612,7 @@ def _validate_service(
         read_header_timeout=spec.read_header_timeout,
         startup_timeout=spec.timeout,
         policy=policy,
+        push_allow=push_allow,
     )
 
 
@@ -684,6 +713,18 @@ def validate(spec: SidecarSpec, env: Mapping[str, str], base_dir: str | None = N
             problems.append(Problem(f"{API_KEY_ENV} (environment)", why))
         else:
             api_key = ApiKeySource(path=None, env_value=Secret(env[API_KEY_ENV].strip()))
+    if api_key is None and spec.api_key_path is None:
+        for service in valid:
+            tags = [p for p in service.push_allow if p.startswith("tag:")]
+            if tags:
+                problems.append(
+                    Problem(
+                        f"{service.name}.push_allow",
+                        f"{tags}: a caller's tags are known only through the whois directory; give "
+                        f"api_key_path (--api-key-path) or {API_KEY_ENV}, or allow users only "
+                        "(without it a tagged caller would never match and always get 403)",
+                    )
+                )
     if problems:
         raise ConfigError(problems)
     return ValidConfig(

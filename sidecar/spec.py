@@ -107,6 +107,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", metavar="DURATION", help="start-up timeout (default 1m)")
     p.add_argument("--upstream-header", action="append", metavar="'Name: value'")
     p.add_argument(
+        "--push-allow",
+        action="append",
+        metavar="tag:NAME,LOGIN",
+        help="only these callers may use /push (the cache's uploads): tags (need the whois "
+        "directory, --api-key-path) and users' login names, comma-separated or repeated; "
+        "default: every caller that reaches the node",
+    )
+    p.add_argument(
         "--prometheus-addr",
         metavar="HOST:PORT",
         help="serve /metrics and /health here (':PORT' means loopback)",
@@ -149,6 +157,7 @@ SERVICE_FLAGS = (
     "read_header_timeout",
     "timeout",
     "upstream_header",
+    "push_allow",
 )
 
 
@@ -240,6 +249,7 @@ def spec_from_argv(
             insecure_https=bool(ns.insecure_https),
             suppress_whois=bool(ns.suppress_whois),
             upstream_headers=list(ns.upstream_header or []),
+            push_allow=[p.strip() for given in ns.push_allow or [] for p in given.split(",") if p.strip()],
         )
         if not ns.name:
             problems.append(Problem("--name", "required: the node's hostname on the tailnet"))
@@ -264,7 +274,7 @@ _SERVICE_KEYS: dict[str, str] = {f.name: f.name for f in fields(ServiceSpec)}
 _SERVICE_KEYS.update({"prefix": "prefixes", "tag": "tags", "upstream_header": "upstream_headers"})
 _SERVICE_KEYS.pop("name")
 _DURATION_KEYS = {"whois_timeout", "read_header_timeout", "timeout"}
-_LIST_KEYS = {"prefixes", "tags", "upstream_headers"}
+_LIST_KEYS = {"prefixes", "tags", "upstream_headers", "push_allow"}
 _TABLE_KEYS = {"policy"}
 _BOOL_KEYS = {
     "ephemeral",

@@ -317,3 +317,45 @@ def test_body_limit_route_is_the_policy_fragment() -> None:
         for h in handlers(server)
         if h["handler"] in ("request_body", "static_response") and h.get("status_code") in (None, 413)
     ]
+
+
+def test_push_allow_becomes_the_builders_push_guard() -> None:
+    from caddy.policy import push_matcher
+    from sidecar.compile import push_callers
+
+    cfg = cfg_of(
+        ServiceSpec(name="h", upstream=URL, push_allow=["tag:ci", "ci@example.com"]),
+        env={"TS_API_KEY": "tskey-api-k1-x"},
+    )
+    routes = shipped_routes(compile_engine_config(cfg, FILES, {})["apps"]["http"]["servers"]["h"])
+    push = routes[0]
+    assert push["match"] == [push_matcher(cfg.services[0].policy)]
+    guard = push["handle"][0]["routes"][0]
+    assert guard["match"] == [{"not": push_callers(["tag:ci", "ci@example.com"])}]
+    assert guard["handle"][0]["status_code"] == 403
+    assert push_callers(["tag:ci", "ci@example.com"]) == [
+        {
+            "header_regexp": {
+                "X-Tailscale-Node-Tags": {"name": "push_tag0", "pattern": r"(^|,)\s*tag:ci\s*(,|$)"}
+            }
+        },
+        {"header": {"X-Tailscale-User-LoginName": ["ci@example.com"]}},
+    ]
+    # the rest of the chain is the service's as before
+    assert routes[1:] == shipped_routes(
+        compile_engine_config(cfg_of(ServiceSpec(name="h", upstream=URL)), FILES, {})["apps"]["http"][
+            "servers"
+        ]["h"]
+    )
+
+
+def test_real_caddy_validates_a_push_guard(caddy_bin: str, tmp_path: Path) -> None:
+    cfg = cfg_of(
+        ServiceSpec(name="h", upstream=URL, push_allow=["tag:ci", "u@example.com"]),
+        env={"TS_API_KEY": "tskey-api-k1-x"},
+    )
+    result = caddy_validate(
+        caddy_bin, compile_engine_config(cfg, FILES, {"h": Secret("tskey-auth-x")}), tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Valid configuration" in result.stdout

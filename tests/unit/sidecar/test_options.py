@@ -272,3 +272,20 @@ def test_a_long_instance_name_stays_a_socket_path() -> None:
     cfg = ok(["--name", name, URL])
     instance = cfg.engine_dir.rsplit("/_", 1)[1]
     assert len(instance) == 32 and instance.startswith("a" * 23 + "-")
+
+
+def test_push_allow_entries_and_what_they_need() -> None:
+    service = ok(["--name", "h", "--push-allow", "ci@example.com,alice@example.org", URL]).services[0]
+    assert service.push_allow == ("ci@example.com", "alice@example.org")
+    assert service.policy.expose_push  # /push gets its own, guarded route
+    assert not ok(["--name", "h", URL]).services[0].policy.expose_push  # proxied like any path
+    assert bad(["--name", "h", "--push-allow", "ci", URL]) == {"--push-allow"}
+    assert bad(["--name", "h", "--push-allow", "a@b", "--suppress-whois", URL]) == {"--push-allow"}
+    # tags need the whois directory (API credentials): without it no caller has tags
+    with pytest.raises(ConfigError) as info:
+        load(["--name", "h", "--push-allow", "tag:ci", URL], ENV)
+    (problem,) = info.value.problems
+    assert problem.key == "--push-allow" and "whois directory" in problem.message
+    assert "--api-key-path" in problem.message or "api_key_path" in problem.message
+    tagged = ok(["--name", "h", "--push-allow", "tag:ci", URL], {**ENV, "TS_API_KEY": "tskey-api-k123-x"})
+    assert tagged.services[0].push_allow == ("tag:ci",)

@@ -253,3 +253,42 @@ async def test_a_content_length_over_the_body_limit_is_413_before_proxying(
     assert prefixed_fits.status_code == 200
     assert prefixed_fits.json()["path"] == "/fits"
     assert [s["path"] for s in echo.seen] == ["/fits", "/fits"]  # the 413s never reached it
+
+
+async def test_push_allow_guards_push_and_only_push(caddy_bin: str, tmp_path: Path) -> None:
+    # a caller the engine cannot name (here: a unix socket, like a tagged node without the
+    # directory) is refused /push with 403 before its body is read, even forging the allowed
+    # login; everything else, and /push on a service without push_allow, is served as before
+    async with trio.open_nursery() as nursery:
+        echo = Echo()
+        port = await nursery.start(echo.serve)
+        services = [
+            ServiceSpec(
+                name="guarded",
+                upstream=f"http://127.0.0.1:{port}",
+                plaintext=True,
+                push_allow=["ci@example.com"],
+            ),
+            ServiceSpec(name="open", upstream=f"http://127.0.0.1:{port}", plaintext=True),
+        ]
+        async with running(caddy_bin, tmp_path, services) as (_, _, clients):
+            with trio.fail_after(30):
+                forged = {
+                    "X-Tailscale-User-LoginName": "ci@example.com",
+                    "Tailscale-User-Login": "ci@example.com",
+                }
+                refused = await clients["guarded"].put("/push/nar/x.nar", content=b"n" * 5000, headers=forged)
+                refused_get = await clients["guarded"].get("/push/nix-cache-info")
+                sneaky = await clients["guarded"].get("/x/../push/nix-cache-info")
+                served = await clients["guarded"].get("/nix-cache-info")
+                pushed = await clients["open"].put("/push/nar/y.nar", content=b"n" * 5000)
+        nursery.cancel_scope.cancel()
+    assert refused.status_code == refused_get.status_code == 403
+    assert refused.text == "403 this caller may not push here\n"
+    assert sneaky.status_code == 403  # the path as sent is checked too
+    assert served.status_code == 200
+    assert pushed.status_code == 200
+    assert [(s["method"], s["path"], s["body_bytes"]) for s in echo.seen] == [
+        ("GET", "/nix-cache-info", 0),
+        ("PUT", "/push/nar/y.nar", 5000),
+    ]
