@@ -29,8 +29,8 @@ from common.problems import ConfigError, Problem
 from common.systemd import notify
 
 from .authkey import API_ADDR_ENV, api_session_factory
+from .control_http import request_unix
 from .engine import CaddyEngine, EngineError, find_caddy
-from .http1 import request_unix
 from .model import (
     CONTROL_SOCKET_NAME,
     INSTANCE_DIR_PREFIX,

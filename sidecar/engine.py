@@ -25,7 +25,7 @@ from typing import Protocol
 import trio
 
 from .compile import ACCESS_LOG_PREFIX, EngineFiles, compile_engine_config
-from .http1 import request_unix
+from .control_http import request_unix
 from .model import Secret, ValidConfig
 from .nodestate import parse_self_netmap, read_node_short_id
 

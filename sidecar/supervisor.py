@@ -26,8 +26,9 @@ from common.problems import ConfigError, Problem
 
 from . import metrics
 from .authkey import SessionFactory, resolve_auth_keys
+from .control_http import Handler, Reply, serve_listeners
 from .engine import CaddyEngine, EngineError, NodeState, NodeStatus
-from .http1 import Handler, Reply, serve_listeners
+from .lifecycle import EngineState, Lifecycle
 from .model import Secret, ValidConfig
 from .whois import DeviceSource, Directory, node_headers, read_api_credentials, whois_address
 
@@ -179,9 +180,7 @@ class Sidecar:
     reload: Callable[[], ValidConfig] | None = None
     session_factory: SessionFactory | None = None
     handle_signals: bool = True
-    restarts: int = 0
-    engine_up: bool = False
-    ready: bool = False
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
     _keys: dict[str, Secret | None] = field(default_factory=dict)
     _locks: dict[str, IO[str]] = field(default_factory=dict)  # node directories, by path
     _own_locks: list[IO[str]] = field(default_factory=list)  # this process's directory
@@ -189,12 +188,18 @@ class Sidecar:
     _reload_lock: trio.Lock = field(default_factory=trio.Lock)
     traffic: dict[str, metrics.ServiceTraffic] = field(default_factory=dict)
     metrics_address: tuple[str, int] | None = None  # bound prometheus_addr (port 0 resolved)
-    _engine_ready: trio.Event = field(default_factory=trio.Event)
-    _engine_down: trio.Event = field(default_factory=trio.Event)
     directory: Directory | None = None  # the whois directory, with API credentials
 
     def __post_init__(self) -> None:
         self.engine.on_access = self._count
+
+    @property
+    def engine_up(self) -> bool:
+        return self.lifecycle.engine_up
+
+    @property
+    def restarts(self) -> int:
+        return self.lifecycle.restarts
 
     def _count(self, service: str, entry: dict[str, object]) -> None:
         self.traffic.setdefault(service, metrics.ServiceTraffic()).observe(entry)
@@ -258,47 +263,45 @@ class Sidecar:
 
     async def _supervise(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         backoff = BACKOFF_START
-        first = True
-        while True:
-            started_at = trio.current_time()
-            try:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(self.engine.start)
-                    async with self._reload_lock:
-                        await self.engine.apply(self.cfg, self._keys)
-                    self.engine_up = True
-                    self._engine_down = trio.Event()
-                    self._engine_ready.set()
-                    log.info("engine: config applied (%s)", ", ".join(s.name for s in self.cfg.services))
-                    if first:
-                        first = False
-                        task_status.started()
-            except (EngineError, BaseExceptionGroup) as exc:
-                errors = engine_errors(exc)
-                if errors is None:
-                    raise
-                self.engine_up = False
-                self.ready = False
-                if first:
-                    raise errors[0] from None
-                log.error("engine: %s", "; ".join(str(e) for e in errors))
-            self.engine_up = False
-            self._engine_ready = trio.Event()
-            self._engine_down.set()
-            if trio.current_time() - started_at > STABLE_AFTER:
-                backoff = BACKOFF_START
-            self.restarts += 1
-            log.warning("engine: restarting in %.1fs (restart #%d)", backoff, self.restarts)
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+        life = self.lifecycle
+        try:
+            while True:
+                started_at = trio.current_time()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(self.engine.start)
+                        async with self._reload_lock:
+                            await self.engine.apply(self.cfg, self._keys)
+                        first = life.state is EngineState.STARTING
+                        life.to(EngineState.RUNNING)
+                        log.info("engine: config applied (%s)", ", ".join(s.name for s in self.cfg.services))
+                        if first:
+                            task_status.started()
+                except (EngineError, BaseExceptionGroup) as exc:
+                    errors = engine_errors(exc)
+                    if errors is None:
+                        raise
+                    if life.state is EngineState.STARTING:
+                        raise errors[0] from None
+                    log.error("engine: %s", "; ".join(str(e) for e in errors))
+                if life.state is EngineState.RUNNING:
+                    life.to(EngineState.RESTARTING)
+                if trio.current_time() - started_at > STABLE_AFTER:
+                    backoff = BACKOFF_START
+                log.warning("engine: restarting in %.1fs (restart #%d)", backoff, life.restarts)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+        finally:
+            if life.state is not EngineState.STOPPED:
+                life.to(EngineState.STOPPED)
 
     async def wait_engine_down(self) -> None:
         """Until the running engine has died (drills and tests)."""
-        await self._engine_down.wait()
+        await self.lifecycle.wait_for(EngineState.RESTARTING, EngineState.STOPPED)
 
     async def wait_engine(self) -> None:
         """Until the engine runs with the config applied (at once if it does now)."""
-        await self._engine_ready.wait()
+        await self.lifecycle.wait_for(EngineState.RUNNING)
 
     async def wait_running(self) -> list[NodeStatus]:
         """Wait until every node has its tailnet addresses, within the start-up timeout."""
@@ -308,7 +311,6 @@ class Sidecar:
             while True:
                 statuses = await self.statuses()
                 if all(st.state is NodeState.RUNNING for st in statuses):
-                    self.ready = True
                     return statuses
                 await trio.sleep(0.25)
         waiting = [

@@ -12,8 +12,8 @@ import trio
 
 from common.problems import ConfigError, Problem
 from sidecar import cli, supervisor
+from sidecar.control_http import request_tcp, request_unix
 from sidecar.engine import CaddyEngine
-from sidecar.http1 import request_tcp, request_unix
 from sidecar.metrics import parse
 from sidecar.model import ServiceSpec, SidecarSpec, ValidConfig, validate
 from sidecar.supervisor import Sidecar, lock_process_dir
