@@ -40,6 +40,8 @@ from caddy.policy import (
     IDENTITY_HEADER_PATTERNS,
     METHOD_NOT_ALLOWED_BODY,
     NOT_FOUND_BODY,
+    PUSH_FAILED_BODY,
+    PUSH_FAILED_STATUS,
     PUSH_MATCHER_NAME,
     PUSH_METHODS,
     PUSH_PATH_PATTERN,
@@ -55,6 +57,7 @@ from caddy.policy import (
     chain_steps,
     exposed_path_pattern,
     path_expression,
+    push_failed_expression,
     too_large_expression,
 )
 
@@ -229,6 +232,21 @@ def render_snippet(site: GatewaySite) -> str:
         elif step is Step.NOT_FOUND:
             body += ["handle {", f'{INDENT}respond "{_line(NOT_FOUND_BODY)}" 404', "}"]
 
+    errors: list[str] = []
+    if policy.expose_push:
+        push_failed = [
+            f"path_regexp {PUSH_MATCHER_NAME} {PUSH_PATH_PATTERN}",
+            "expression "
+            + _cel_in_backticks(f"{path_expression(PUSH_PATH_PATTERN)} && {push_failed_expression()}"),
+            "method PUT",
+        ]
+        errors += [
+            "# a push the cache did not answer: 424, never a 5xx (Nix <= 2.33.1 re-sends it empty and hangs)",
+            *_matcher("harmonia_push_failed", push_failed),
+            "handle @harmonia_push_failed {",
+            f'{INDENT}respond "{_line(PUSH_FAILED_BODY)}" {PUSH_FAILED_STATUS}',
+            "}",
+        ]
     if len(groups) > 1:
         statuses = ", ".join(str(s) for s in FAILOVER_STATUSES)
         failover_expr = f"{{http.error.status_code}} in [{statuses}]"
@@ -240,15 +258,15 @@ def render_snippet(site: GatewaySite) -> str:
             "method " + " ".join(READ_METHODS),
         ]
         fallback = _encode_block(policy) + reverse_proxy_block(policy, groups[1])
-        body += [
+        errors += [
             "# the first upstream group failed before answering: replay reads on the next group",
-            "handle_errors {",
-            *_indent(_matcher("harmonia_failover", failover_conditions)),
-            f"{INDENT}handle @harmonia_failover {{",
-            *_indent(fallback, 2),
-            f"{INDENT}}}",
+            *_matcher("harmonia_failover", failover_conditions),
+            "handle @harmonia_failover {",
+            *_indent(fallback),
             "}",
         ]
+    if errors:
+        body += ["handle_errors {", *_indent(errors), "}"]
 
     header = [
         "# Nix binary cache gateway policy, rendered by harmonia-caddy; import it in a site block.",
@@ -260,8 +278,15 @@ def render_snippet(site: GatewaySite) -> str:
             "# caddy.withPlugins) and the node in the Caddyfile's global options, e.g.:",
             *(f"#   {line}" for line in render_tailscale_options(site).splitlines()),
         ]
-    if len(groups) > 1:
-        header.append("# Failover across transports uses this site's handle_errors: keep it the only one.")
+    if errors:
+        users = " and ".join(
+            ([] if len(groups) < 2 else ["Failover across transports"])
+            + ([] if not policy.expose_push else ["failed pushes"])
+        )
+        verb = "use" if " and " in users else "uses"
+        header.append(
+            f"# {users[:1].upper()}{users[1:]} {verb} this site's handle_errors: keep it the only one."
+        )
     return "\n".join([*header, f"({site.snippet_name}) {{", *_indent(body), "}"]) + "\n"
 
 

@@ -48,7 +48,10 @@ The policy, rule by rule (each rule names the Caddy setting it becomes):
    route of their own, ahead of the body limit: its own limit ``max_push_body_bytes`` (large:
    NAR uploads), its own 413, no compression, and the request body streamed to the cache as it
    arrives (no request buffering). A frontend can restrict it to some callers (the sidecar's
-   ``push_allow``): everyone else gets 403 before any body is read.
+   ``push_allow``): everyone else gets 403 before any body is read. A push PUT that fails in the
+   frontend itself (the cache unreachable, a timeout) is answered 424, never a 5xx, 408 or 429:
+   Nix ≤ 2.33.1 answers those by re-sending the upload with an empty body and hanging
+   (NixOS/nix #15023).
 
 API (what ``sidecar/`` builds on):
 
@@ -103,6 +106,7 @@ __all__ = [
     "path_matcher",
     "public_matcher",
     "push_body_handler",
+    "push_failed_route",
     "push_forbidden_handler",
     "push_matcher",
     "push_too_large_route",
@@ -481,6 +485,44 @@ def push_too_large_route(policy: Policy) -> dict[str, Any] | None:
     return {"match": [{"expression": expression}], "handle": [too_large_handler()], "terminal": True}
 
 
+#: Statuses Nix ≤ 2.33.1 answers by re-sending a PUT with an empty body and hanging (NixOS/nix
+#: #15023); a push PUT that fails in the frontend itself (cache down, timeout) gets 424 instead.
+PUSH_HANGING_STATUSES: tuple[int, ...] = (500, 502, 503, 504, 408, 429)
+PUSH_FAILED_STATUS = 424
+PUSH_FAILED_BODY = (
+    "424 the cache behind this frontend did not answer; try again later "
+    "(not a 5xx: Nix would re-send the upload empty and hang)\n"
+)
+
+
+def push_failed_expression() -> str:
+    """CEL, in an error route: the frontend's own error is one that would hang a pushing Nix."""
+    return "{http.error.status_code} in [" + ", ".join(str(s) for s in PUSH_HANGING_STATUSES) + "]"
+
+
+def push_failed_route(*, on_push_paths: bool = False) -> dict[str, Any]:
+    """The error route answering a failed push PUT with 424 rather than Caddy's 5xx.
+
+    Inside the push route the path is already matched; ``on_push_paths`` adds the push paths to
+    the matcher, for an error handler that sees every request (the sidecar's).
+    """
+    match: dict[str, Any] = {"method": ["PUT"], "expression": push_failed_expression()}
+    if on_push_paths:
+        match["path_regexp"] = {"name": PUSH_MATCHER_NAME, "pattern": PUSH_PATH_PATTERN}
+        match["expression"] = f"{path_expression(PUSH_PATH_PATTERN)} && {push_failed_expression()}"
+    return {
+        "match": [match],
+        "handle": [
+            {
+                "handler": "static_response",
+                "status_code": PUSH_FAILED_STATUS,
+                "headers": {"Content-Type": [PLAIN_TEXT]},
+                "body": PUSH_FAILED_BODY,
+            }
+        ],
+    }
+
+
 def push_forbidden_handler() -> dict[str, Any]:
     return {
         "handler": "static_response",
@@ -754,7 +796,9 @@ def _chain_routes(
             routes.append(
                 {
                     "match": [push_matcher(policy)],
-                    "handle": [{"handler": "subroute", "routes": push}],
+                    "handle": [
+                        {"handler": "subroute", "routes": push, "errors": {"routes": [push_failed_route()]}}
+                    ],
                     "terminal": True,
                 }
             )

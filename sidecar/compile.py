@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from caddy.model import Upstream as PolicyUpstream
-from caddy.policy import identity_strip_handler, regex_escape, server_routes
+from caddy.policy import identity_strip_handler, push_failed_route, regex_escape, server_routes
 
 from .model import Listen, Secret, TLSMode, ValidConfig, ValidService
 from .whois import NODE_HEADERS
@@ -139,6 +139,9 @@ def _answer_errors(handle: list[JSON]) -> JSON:
                 "routes": [{"handle": handle}],
                 "errors": {
                     "routes": [
+                        # a push PUT the upstream did not answer: 424, never a 5xx (Nix <= 2.33.1
+                        # re-sends it empty and hangs); the push route has the same of its own
+                        push_failed_route(on_push_paths=True),
                         {
                             "handle": [
                                 {
@@ -148,7 +151,7 @@ def _answer_errors(handle: list[JSON]) -> JSON:
                                     "body": "{http.error.status_code} {http.error.status_text}\n",
                                 }
                             ]
-                        }
+                        },
                     ]
                 },
             }

@@ -23,7 +23,7 @@ import pytest
 
 from caddy.cli import main as caddy_cli
 from caddy.policy import Policy
-from tests.e2e.caddy.gateway_support import IO_TIMEOUT, echo_upstream, run_gateway
+from tests.e2e.caddy.gateway_support import IO_TIMEOUT, echo_upstream, refused_address, run_gateway
 
 pytestmark = pytest.mark.e2e
 
@@ -176,3 +176,15 @@ def test_expose_push_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> 
     assert "@harmonia_push {" in out and "max_size 8589934592" in out
     assert caddy_cli([*args, "--expose", "push", "--max-push-body", "lots"]) == 2
     assert "--max-push-body:" in capsys.readouterr().err
+
+
+def test_a_push_the_cache_does_not_answer_is_424_not_5xx(tmp_path: Path) -> None:
+    # Nix <= 2.33.1 answers a 5xx to a PUT by re-sending it empty and hanging (NixOS/nix #15023)
+    policy = Policy(expose_push=True, active_health_checks=False, try_duration_s=0.5)
+    with refused_address() as dead, run_gateway(tmp_path, [f"http://{dead}"], policy) as gw:
+        put = gw.request("PUT", "/push/nar/" + "e" * 52 + ".nar", body=b"n" * 5000)
+        get = gw.request("GET", "/push/nix-cache-info")
+        public = gw.request("GET", "/nix-cache-info")
+    assert put[0] == 424
+    assert put[2].startswith(b"424 the cache behind this frontend did not answer")
+    assert get[0] in (502, 503) and public[0] in (502, 503)  # reads keep Caddy's own answer

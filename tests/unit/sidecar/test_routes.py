@@ -292,3 +292,33 @@ async def test_push_allow_guards_push_and_only_push(caddy_bin: str, tmp_path: Pa
         ("GET", "/nix-cache-info", 0),
         ("PUT", "/push/nar/y.nar", 5000),
     ]
+
+
+async def test_a_push_the_upstream_does_not_answer_is_424_not_5xx(caddy_bin: str, tmp_path: Path) -> None:
+    # Nix <= 2.33.1 answers a 5xx to a PUT by re-sending it with an empty body and hanging
+    # (NixOS/nix #15023): a push the node cannot deliver is 424; anything else keeps its 502
+    with trio.socket.socket() as probe:  # a port with nobody listening
+        await probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    services = [
+        ServiceSpec(
+            name="dead", upstream=f"http://127.0.0.1:{dead}", plaintext=True, policy={"try_duration_s": 0.5}
+        ),
+        ServiceSpec(
+            name="guarded",
+            upstream=f"http://127.0.0.1:{dead}",
+            plaintext=True,
+            policy={"try_duration_s": 0.5},
+            push_allow=["ci@example.com"],
+        ),
+    ]
+    async with running(caddy_bin, tmp_path, services) as (_, _, clients):
+        with trio.fail_after(30):
+            push = await clients["dead"].put("/push/nar/x.nar", content=b"n" * 5000)
+            push_get = await clients["dead"].get("/push/nix-cache-info")
+            other_put = await clients["dead"].put("/elsewhere", content=b"n")
+            refused = await clients["guarded"].put("/push/nar/x.nar", content=b"n" * 5000)
+    assert push.status_code == 424
+    assert push.text.startswith("424 the cache behind this frontend did not answer")
+    assert push_get.status_code == other_put.status_code == 502
+    assert refused.status_code == 403  # the guard answers before any proxying
