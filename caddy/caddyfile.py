@@ -125,6 +125,10 @@ def reverse_proxy_block(
             lines.append(
                 f"{INDENT * 2}response_header_timeout {caddy_duration(policy.response_header_timeout_s)}"
             )
+        if policy.expect_continue_timeout_s is not None:
+            lines.append(
+                f"{INDENT * 2}expect_continue_timeout {caddy_duration(policy.expect_continue_timeout_s)}"
+            )
         lines.append(f"{INDENT * 2}compression off")
         if first.tls:
             lines.append(f"{INDENT * 2}tls")

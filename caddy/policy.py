@@ -11,6 +11,11 @@ The policy, rule by rule (each rule names the Caddy setting it becomes):
    are never buffered (Caddy's default; no ``request_buffers``/``buffer_requests`` is rendered).
 2. **No response deadline.** Only ``dial_timeout`` (short) and ``response_header_timeout`` (the
    wait for the *headers*) are set; no read/write timeout can cut a multi-GB NAR mid-body.
+   **Expect: 100-continue end to end** (``expect_continue_timeout_s``): a request that asks for
+   it (every PUT of a pushing Nix) has its body held until the *cache* answers ``100 Continue``,
+   so the cache refuses a bad token or an oversized NAR before a byte of it is sent (without
+   this Caddy answers 100 itself at once); past the timeout the body goes anyway. The
+   caddy-tailscale transport (``transport tailscale``) has no such setting.
 3. **Compress only small text.** ``encode zstd gzip`` runs only for ``/nix-cache-info``,
    ``/<hash>.narinfo`` and ``/<hash>.ls`` responses whose Content-Type is text or JSON, and only
    above ``compress_min_bytes``. NARs are never re-compressed. A response that already carries a
@@ -217,6 +222,7 @@ class Policy:
     max_push_body_bytes: int | None = 64 * _GIB
     dial_timeout_s: float = 2.0
     response_header_timeout_s: float | None = 120.0
+    expect_continue_timeout_s: float | None = 5.0
     active_health_checks: bool = True
     passive_health_checks: bool = True
     health_path: str = "/nix-cache-info"
@@ -555,6 +561,8 @@ def _transport(policy: Policy, upstreams: Sequence[ProxyTarget]) -> dict[str, An
         transport = {"protocol": "http", "dial_timeout": _ns(policy.dial_timeout_s)}
         if policy.response_header_timeout_s is not None:
             transport["response_header_timeout"] = _ns(policy.response_header_timeout_s)
+        if policy.expect_continue_timeout_s is not None:
+            transport["expect_continue_timeout"] = _ns(policy.expect_continue_timeout_s)
         transport["compression"] = False
     if first.tls:
         transport["tls"] = {}

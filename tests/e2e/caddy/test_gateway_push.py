@@ -188,3 +188,50 @@ def test_a_push_the_cache_does_not_answer_is_424_not_5xx(tmp_path: Path) -> None
     assert put[0] == 424
     assert put[2].startswith(b"424 the cache behind this frontend did not answer")
     assert get[0] in (502, 503) and public[0] in (502, 503)  # reads keep Caddy's own answer
+
+
+def test_the_cache_answers_expect_100_continue_not_the_gateway(tmp_path: Path) -> None:
+    # a pushing Nix sends every PUT with Expect: 100-continue; the cache refuses a bad token
+    # before the body: through the gateway the client must get that refusal, not Caddy's own
+    # "100 Continue" followed by an upload into the void
+    heads: list[bytes] = []
+    early_body: list[bytes] = []  # what arrived with a PUT's head, before the cache answered
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def refuse_without_reading() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, early = data.partition(b"\r\n\r\n")
+                heads.append(head)
+                if head.startswith(b"PUT"):
+                    early_body.append(early)
+                    conn.sendall(
+                        b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 13\r\nConnection: close\r\n\r\nbad token\r\n\r\n"
+                    )
+                else:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    threading.Thread(target=refuse_without_reading, daemon=True).start()
+    policy = Policy(expose_push=True, active_health_checks=False)
+    try:
+        with run_gateway(tmp_path, [f"http://127.0.0.1:{server.getsockname()[1]}"], policy) as gw:
+            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=IO_TIMEOUT)
+            with gw.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(
+                    b"PUT /push/nar/" + b"f" * 52 + b".nar HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Length: 1000000\r\nExpect: 100-continue\r\n\r\n"
+                )
+                first = tls.recv(65536)
+    finally:
+        server.close()
+    assert first.startswith(b"HTTP/1.1 401"), first[:100]  # no "100 Continue" from the gateway
+    (put,) = [h for h in heads if h.startswith(b"PUT")]
+    assert b"expect: 100-continue" in put.lower()
+    assert early_body == [b""]  # nothing of the body before the cache said go
