@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -322,3 +323,40 @@ async def test_a_push_the_upstream_does_not_answer_is_424_not_5xx(caddy_bin: str
     assert push.text.startswith("424 the cache behind this frontend did not answer")
     assert push_get.status_code == other_put.status_code == 502
     assert refused.status_code == 403  # the guard answers before any proxying
+
+
+async def test_the_upstream_answers_expect_100_continue(caddy_bin: str, tmp_path: Path) -> None:
+    # a pushing Nix sends Expect: 100-continue; the cache's refusal must reach it before it
+    # uploads, not the engine's own "100 Continue"
+    heads: list[bytes] = []
+
+    async def refuse(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            data += chunk
+        heads.append(data.partition(b"\r\n\r\n")[0])
+        await stream.send_all(
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\nConnection: close\r\n\r\nno\r\n"
+        )
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, refuse, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        spec = ServiceSpec(name="cache", upstream=f"http://127.0.0.1:{port}", plaintext=True)
+        async with running(caddy_bin, tmp_path, [spec]) as (_, _, _clients):
+            with trio.fail_after(30):
+                stream = await trio.open_unix_socket(str(tmp_path / "cache.sock"))
+                async with stream:
+                    await stream.send_all(
+                        b"PUT /push/nar/x.nar HTTP/1.1\r\nHost: cache\r\nContent-Length: 1000000\r\n"
+                        b"Expect: 100-continue\r\n\r\n"
+                    )
+                    first = await stream.receive_some(65536)
+        nursery.cancel_scope.cancel()
+    assert first.startswith(b"HTTP/1.1 401"), first[:80]
+    (head,) = heads
+    assert b"expect: 100-continue" in head.lower()
