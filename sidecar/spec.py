@@ -122,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--health-socket",
         metavar="PATH",
-        help="unix socket for status, health and metrics (default <root>/sidecar.sock)",
+        help="unix socket for status, health and metrics (default <root>/sidecar.sock; under the "
+        "default root <root>/_<instance>/sidecar.sock)",
     )
     p.add_argument("--caddy", metavar="PATH", help="the Caddy binary with caddy-tailscale")
     p.add_argument("--tsnet-verbose", action="store_true", default=None)
