@@ -11,7 +11,7 @@ site block that imports it::
             encode @harmonia_text zstd gzip { … }   # small text only, never NARs
             reverse_proxy https://harmonia.tail1234.ts.net:443 http://100.64.0.5:5000 { … }
         }
-        handle { respond "404 not found" 404 }
+        handle { respond "404 page not found" 404 }
     }
 
     harmonia.arsfeld.one {
@@ -38,16 +38,27 @@ from collections.abc import Sequence
 from caddy.model import GatewaySite, Upstream, transport_groups
 from caddy.policy import (
     IDENTITY_HEADER_PATTERNS,
+    METHOD_NOT_ALLOWED_BODY,
+    NOT_FOUND_BODY,
+    PUSH_FAILED_BODY,
+    PUSH_FAILED_STATUS,
+    PUSH_MATCHER_NAME,
+    PUSH_METHODS,
+    PUSH_PATH_PATTERN,
     READ_METHODS,
     SMALL_TEXT_CONTENT_TYPES,
     SMALL_TEXT_PATTERN,
     TOO_LARGE_BODY,
     UNHEALTHY_STATUSES,
     Policy,
+    Step,
     body_too_large_expression,
     caddy_duration,
+    chain_steps,
     exposed_path_pattern,
     path_expression,
+    push_failed_expression,
+    too_large_expression,
 )
 
 __all__ = [
@@ -114,6 +125,10 @@ def reverse_proxy_block(
             lines.append(
                 f"{INDENT * 2}response_header_timeout {caddy_duration(policy.response_header_timeout_s)}"
             )
+        if policy.expect_continue_timeout_s is not None:
+            lines.append(
+                f"{INDENT * 2}expect_continue_timeout {caddy_duration(policy.expect_continue_timeout_s)}"
+            )
         lines.append(f"{INDENT * 2}compression off")
         if first.tls:
             lines.append(f"{INDENT * 2}tls")
@@ -147,6 +162,11 @@ def _log_block(site: GatewaySite) -> list[str]:
     return lines
 
 
+def _line(text: str) -> str:
+    """A response text as one Caddyfile token (its trailing newline dropped)."""
+    return text.rstrip("\n")
+
+
 def _matcher(name: str, conditions: list[str]) -> list[str]:
     if len(conditions) == 1:
         return [f"@{name} {conditions[0]}"]
@@ -167,41 +187,70 @@ def render_snippet(site: GatewaySite) -> str:
     method_conditions = [] if policy.allow_upload else ["method " + " ".join(READ_METHODS)]
     public_conditions = path_conditions + method_conditions
 
+    steps = chain_steps(policy)
     body: list[str] = []
-    if policy.strip_identity_headers:
+    if Step.STRIP_IDENTITY in steps:
         body.append("# identity headers are set only by the tailnet side, never by a public client")
         body += [f"request_header -{p}" for p in IDENTITY_HEADER_PATTERNS]
-    if policy.max_request_body_bytes is not None:
-        body += ["request_body {", f"{INDENT}max_size {policy.max_request_body_bytes}", "}"]
+    # a snippet-level request_body would apply to every request, push uploads too: with push
+    # exposed, each handle block carries its own limit instead
+    body_limit = (
+        ["request_body {", f"{INDENT}max_size {policy.max_request_body_bytes}", "}"]
+        if Step.BODY_LIMIT in steps
+        else []
+    )
+    if not policy.expose_push:
+        body += body_limit
     body += _log_block(site)
     too_large = body_too_large_expression(policy)
     if too_large is not None:
         body += _matcher("harmonia_too_large", ["expression " + _cel_in_backticks(too_large)])
-
     if public_conditions:
         body += _matcher("harmonia_public", public_conditions)
     if path_conditions and method_conditions:
         body += _matcher("harmonia_public_path", path_conditions)
     if policy.compress_small_text:
         body += _matcher("harmonia_text", [f"path_regexp harmonia_text {SMALL_TEXT_PATTERN}"])
+    if policy.expose_push:
+        body += _matcher("harmonia_push", _push_conditions(policy))
 
+    # the handle blocks run the chain's answering steps in its order (Caddy keeps handle order)
     proxy = _encode_block(policy) + reverse_proxy_block(policy, groups[0], fallback_follows=len(groups) > 1)
-    if too_large is not None:
-        body += ["handle @harmonia_too_large {", f'{INDENT}respond "{TOO_LARGE_BODY}" 413', "}"]
-    if public_conditions:
-        body += ["handle @harmonia_public {", *_indent(proxy), "}"]
-    else:
-        body += ["handle {", *_indent(proxy), "}"]
-    if method_conditions:
-        if path_conditions:
-            body.append("handle @harmonia_public_path {")
-        elif public_conditions:
-            body.append("handle {")
-        body += _indent([f'header Allow "{", ".join(READ_METHODS)}"', 'respond "405 method not allowed" 405'])
-        body.append("}")
-    if path_conditions:
-        body += ["handle {", f'{INDENT}respond "404 not found" 404', "}"]
+    for step in steps:
+        if step is Step.PUSH:
+            body += ["handle @harmonia_push {", *_indent(_push_block(policy, groups)), "}"]
+        elif step is Step.TOO_LARGE:
+            body += ["handle @harmonia_too_large {", f'{INDENT}respond "{TOO_LARGE_BODY}" 413', "}"]
+        elif step is Step.PROXY:
+            inner = (body_limit if policy.expose_push else []) + proxy
+            body += [f"handle{' @harmonia_public' if public_conditions else ''} {{", *_indent(inner), "}"]
+        elif step is Step.METHOD_NOT_ALLOWED:
+            body.append("handle @harmonia_public_path {" if path_conditions else "handle {")
+            body += _indent(
+                [
+                    f'header Allow "{", ".join(READ_METHODS)}"',
+                    f'respond "{_line(METHOD_NOT_ALLOWED_BODY)}" 405',
+                ]
+            )
+            body.append("}")
+        elif step is Step.NOT_FOUND:
+            body += ["handle {", f'{INDENT}respond "{_line(NOT_FOUND_BODY)}" 404', "}"]
 
+    errors: list[str] = []
+    if policy.expose_push:
+        push_failed = [
+            f"path_regexp {PUSH_MATCHER_NAME} {PUSH_PATH_PATTERN}",
+            "expression "
+            + _cel_in_backticks(f"{path_expression(PUSH_PATH_PATTERN)} && {push_failed_expression()}"),
+            "method PUT",
+        ]
+        errors += [
+            "# a push the cache did not answer: 424, never a 5xx (Nix <= 2.33.1 re-sends it empty and hangs)",
+            *_matcher("harmonia_push_failed", push_failed),
+            "handle @harmonia_push_failed {",
+            f'{INDENT}respond "{_line(PUSH_FAILED_BODY)}" {PUSH_FAILED_STATUS}',
+            "}",
+        ]
     if len(groups) > 1:
         statuses = ", ".join(str(s) for s in FAILOVER_STATUSES)
         failover_expr = f"{{http.error.status_code}} in [{statuses}]"
@@ -213,15 +262,15 @@ def render_snippet(site: GatewaySite) -> str:
             "method " + " ".join(READ_METHODS),
         ]
         fallback = _encode_block(policy) + reverse_proxy_block(policy, groups[1])
-        body += [
+        errors += [
             "# the first upstream group failed before answering: replay reads on the next group",
-            "handle_errors {",
-            *_indent(_matcher("harmonia_failover", failover_conditions)),
-            f"{INDENT}handle @harmonia_failover {{",
-            *_indent(fallback, 2),
-            f"{INDENT}}}",
+            *_matcher("harmonia_failover", failover_conditions),
+            "handle @harmonia_failover {",
+            *_indent(fallback),
             "}",
         ]
+    if errors:
+        body += ["handle_errors {", *_indent(errors), "}"]
 
     header = [
         "# Nix binary cache gateway policy, rendered by harmonia-caddy; import it in a site block.",
@@ -233,9 +282,42 @@ def render_snippet(site: GatewaySite) -> str:
             "# caddy.withPlugins) and the node in the Caddyfile's global options, e.g.:",
             *(f"#   {line}" for line in render_tailscale_options(site).splitlines()),
         ]
-    if len(groups) > 1:
-        header.append("# Failover across transports uses this site's handle_errors: keep it the only one.")
+    if errors:
+        users = " and ".join(
+            ([] if len(groups) < 2 else ["Failover across transports"])
+            + ([] if not policy.expose_push else ["failed pushes"])
+        )
+        verb = "use" if " and " in users else "uses"
+        header.append(
+            f"# {users[:1].upper()}{users[1:]} {verb} this site's handle_errors: keep it the only one."
+        )
     return "\n".join([*header, f"({site.snippet_name}) {{", *_indent(body), "}"]) + "\n"
+
+
+def _push_conditions(policy: Policy) -> list[str]:
+    conditions = [
+        f"path_regexp {PUSH_MATCHER_NAME} {PUSH_PATH_PATTERN}",
+        "expression " + _cel_in_backticks(path_expression(PUSH_PATH_PATTERN)),
+    ]
+    if not policy.allow_upload:
+        conditions.append("method " + " ".join(PUSH_METHODS))
+    return conditions
+
+
+def _push_block(policy: Policy, groups: Sequence[tuple[Upstream, ...]]) -> list[str]:
+    """Inside ``handle @harmonia_push``: its own 413 and body limit, then the proxy (streamed,
+    never compressed). No callers filter: the public side cannot know who pushes; the cache's
+    tokens decide."""
+    lines: list[str] = []
+    too_large = too_large_expression(policy.max_push_body_bytes)
+    if too_large is not None:
+        lines += _matcher("harmonia_push_too_large", ["expression " + _cel_in_backticks(too_large)])
+        lines += ["handle @harmonia_push_too_large {", f'{INDENT}respond "{TOO_LARGE_BODY}" 413', "}"]
+    proxy: list[str] = []
+    if policy.max_push_body_bytes is not None:
+        proxy += ["request_body {", f"{INDENT}max_size {policy.max_push_body_bytes}", "}"]
+    proxy += reverse_proxy_block(policy, groups[0], fallback_follows=len(groups) > 1)
+    return [*lines, "handle {", *_indent(proxy), "}"]
 
 
 def _describe(upstream: Upstream) -> str:

@@ -36,7 +36,7 @@ __all__ = ["main", "parse_size"]
 
 _SIZE = re.compile(r"^(\d+)\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-_EXPOSABLE = ("serve", "log", "metrics")
+_EXPOSABLE = ("serve", "log", "metrics", "push")
 
 
 def parse_size(text: str) -> int | None:
@@ -79,7 +79,15 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         choices=_EXPOSABLE,
-        help="also expose /serve/…, /log/… or /metrics publicly (repeat); default: none",
+        help="also expose /serve/…, /log/…, /metrics or the cache's push routes /push/… publicly "
+        "(repeat); default: none",
+    )
+    gw.add_argument(
+        "--max-push-body",
+        default="64GiB",
+        metavar="SIZE",
+        help="with --expose push: body limit of a push request, e.g. a NAR upload (default 64GiB; "
+        "'none' for no limit); the other routes keep --max-body",
     )
     gw.add_argument(
         "--max-body",
@@ -187,7 +195,17 @@ def _gateway(args: argparse.Namespace) -> str:
         max_body = parse_size(args.max_body)
     except ValueError as exc:
         problems.append(Problem("--max-body", str(exc)))
+    max_push: int | None = None
+    try:
+        max_push = parse_size(args.max_push_body)
+    except ValueError as exc:
+        problems.append(Problem("--max-push-body", str(exc)))
+    if max_push is not None and max_push < 1:
+        problems.append(Problem("--max-push-body", "must be at least 1 byte, or 'none'"))
+        max_push = None
     policy = Policy(
+        expose_push="push" in args.expose,
+        max_push_body_bytes=max_push,
         expose_serve="serve" in args.expose,
         expose_log="log" in args.expose,
         expose_metrics="metrics" in args.expose,

@@ -11,6 +11,11 @@ The policy, rule by rule (each rule names the Caddy setting it becomes):
    are never buffered (Caddy's default; no ``request_buffers``/``buffer_requests`` is rendered).
 2. **No response deadline.** Only ``dial_timeout`` (short) and ``response_header_timeout`` (the
    wait for the *headers*) are set; no read/write timeout can cut a multi-GB NAR mid-body.
+   **Expect: 100-continue end to end** (``expect_continue_timeout_s``): a request that asks for
+   it (every PUT of a pushing Nix) has its body held until the *cache* answers ``100 Continue``,
+   so the cache refuses a bad token or an oversized NAR before a byte of it is sent (without
+   this Caddy answers 100 itself at once); past the timeout the body goes anyway. The
+   caddy-tailscale transport (``transport tailscale``) has no such setting.
 3. **Compress only small text.** ``encode zstd gzip`` runs only for ``/nix-cache-info``,
    ``/<hash>.narinfo`` and ``/<hash>.ls`` responses whose Content-Type is text or JSON, and only
    above ``compress_min_bytes``. NARs are never re-compressed. A response that already carries a
@@ -42,6 +47,16 @@ The policy, rule by rule (each rule names the Caddy setting it becomes):
    ``/serve/../nar/x.nar`` style paths do not slip through. :meth:`Policy.tailnet` exposes every
    route and every method.
 9. **Access logs** (``access_log``): Caddy's access log for the server/site.
+10. **Push** (``expose_push``; off on the public gateway unless asked; the tailnet node proxies
+   every path, ``/push`` included, and turns this on to restrict who may push): ``/push`` and
+   everything under it (the cache's upload routes) with GET, HEAD and PUT get a
+   route of their own, ahead of the body limit: its own limit ``max_push_body_bytes`` (large:
+   NAR uploads), its own 413, no compression, and the request body streamed to the cache as it
+   arrives (no request buffering). A frontend can restrict it to some callers (the sidecar's
+   ``push_allow``): everyone else gets 403 before any body is read. A push PUT that fails in the
+   frontend itself (the cache unreachable, a timeout) is answered 424, never a 5xx, 408 or 429:
+   Nix ≤ 2.33.1 answers those by re-sending the upload with an empty body and hanging
+   (NixOS/nix #15023).
 
 API (what ``sidecar/`` builds on):
 
@@ -53,40 +68,54 @@ API (what ``sidecar/`` builds on):
   :func:`request_body_handler`, :func:`body_too_large_matcher`, :func:`body_too_large_route`,
   :func:`encode_handler`,
   :func:`small_text_matcher`, :func:`path_matcher`, :func:`method_matcher`,
-  :func:`public_matcher`, :func:`server_logs`, and :func:`server_routes` — the whole
-  ``routes`` list of one Caddy HTTP server, with a slot for the sidecar's own handlers
-  (identity headers) right after the strip.
+  :func:`public_matcher`, :func:`server_logs`.
+- The proxy chain, one order for both frontends: :func:`chain_steps` (strip → the frontend's
+  identity headers → body limit → 413 → exposed routes with compression and the proxy → 405 →
+  404), rendered as JSON by :func:`server_routes` — the whole ``routes`` list of one Caddy HTTP
+  server, with the hooks the sidecar needs (identity headers after the strip, prefixes and
+  their strip, the upstream's base path, dial, TLS name and extra headers) — and as Caddyfile
+  directives by :func:`caddy.caddyfile.render_snippet`. The sidecar ships ``server_routes``
+  as each service's ``proxy`` route.
 - The Caddyfile form of the same rules is in :mod:`caddy.caddyfile`.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING, Any
+from enum import Enum
+from typing import Any, Protocol
 
 from common.problems import ConfigError, Problem, raise_if
-
-if TYPE_CHECKING:
-    from caddy.model import Upstream
 
 __all__ = [
     "CACHE_PATH_PATTERNS",
     "IDENTITY_HEADER_PATTERNS",
     "SMALL_TEXT_PATTERN",
     "Policy",
+    "ProxyTarget",
+    "Step",
     "body_too_large_matcher",
     "body_too_large_route",
     "caddy_duration",
+    "chain_steps",
     "encode_handler",
     "exposed_path_pattern",
     "health_checks",
     "identity_strip_handler",
     "load_balancing",
     "method_matcher",
+    "not_found_handler",
     "path_matcher",
     "public_matcher",
+    "push_body_handler",
+    "push_failed_route",
+    "push_forbidden_handler",
+    "push_matcher",
+    "push_too_large_route",
+    "regex_escape",
     "request_body_handler",
     "request_header_strip_ops",
     "reverse_proxy_handler",
@@ -131,6 +160,32 @@ UNHEALTHY_STATUSES: tuple[int, ...] = (502, 503, 504)
 _MIB = 1024 * 1024
 _GIB = 1024 * _MIB
 
+NOT_FOUND_BODY = "404 page not found\n"  # Go's (and so tsnsrv's) text
+METHOD_NOT_ALLOWED_BODY = "405 method not allowed\n"
+PLAIN_TEXT = "text/plain; charset=utf-8"
+
+
+class ProxyTarget(Protocol):
+    """What the proxy fragments need of an upstream (:class:`caddy.model.Upstream` is one).
+
+    A protocol rather than an import: ``caddy.model`` builds on this module, not the reverse.
+    """
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def dial(self) -> str: ...
+
+    @property
+    def tailnet_node(self) -> str | None: ...
+
+    @property
+    def tls(self) -> bool: ...
+
+    @property
+    def transport_key(self) -> tuple[str, str | None]: ...
+
 
 def caddy_duration(seconds: float) -> str:
     """A Caddyfile duration: ``3s``, ``250ms``, ``1.5s``."""
@@ -160,11 +215,14 @@ class Policy:
     expose_serve: bool = False
     expose_log: bool = False
     expose_metrics: bool = False
+    expose_push: bool = False
     restrict_paths: bool = True
     allow_upload: bool = False
     max_request_body_bytes: int | None = _MIB
+    max_push_body_bytes: int | None = 64 * _GIB
     dial_timeout_s: float = 2.0
     response_header_timeout_s: float | None = 120.0
+    expect_continue_timeout_s: float | None = 5.0
     active_health_checks: bool = True
     passive_health_checks: bool = True
     health_path: str = "/nix-cache-info"
@@ -204,8 +262,13 @@ class Policy:
                     problems.append(Problem(where, f"must be a positive number of seconds, not {value!r}"))
                 elif value > 86400 * 365:
                     problems.append(Problem(where, f"{value!r} seconds is unreasonably long"))
-            elif f.name in ("max_request_body_bytes", "compress_min_bytes", "max_fails"):
-                if value is None and f.name == "max_request_body_bytes":
+            elif f.name in (
+                "max_request_body_bytes",
+                "max_push_body_bytes",
+                "compress_min_bytes",
+                "max_fails",
+            ):
+                if value is None and f.name in ("max_request_body_bytes", "max_push_body_bytes"):
                     continue
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     problems.append(Problem(where, f"must be a positive integer, not {value!r}"))
@@ -337,12 +400,17 @@ def identity_strip_handler() -> dict[str, Any]:
     return {"handler": "headers", "request": request_header_strip_ops()}
 
 
-def body_too_large_expression(policy: Policy) -> str | None:
-    """CEL: the request announces a body over the limit (``Content-Length``), or ``None``."""
-    if policy.max_request_body_bytes is None:
+def too_large_expression(limit: int | None) -> str | None:
+    """CEL: the request announces a body over ``limit`` (``Content-Length``), or ``None``."""
+    if limit is None:
         return None
     length = "{http.request.header.Content-Length}"
-    return f'{length} != "" && int({length}) > {policy.max_request_body_bytes}'
+    return f'{length} != "" && int({length}) > {limit}'
+
+
+def body_too_large_expression(policy: Policy) -> str | None:
+    """CEL: the request announces a body over the limit (``Content-Length``), or ``None``."""
+    return too_large_expression(policy.max_request_body_bytes)
 
 
 def body_too_large_matcher(policy: Policy) -> dict[str, Any] | None:
@@ -383,6 +451,93 @@ def request_body_handler(policy: Policy) -> dict[str, Any] | None:
     return {"handler": "request_body", "max_size": policy.max_request_body_bytes}
 
 
+# ---------------------------------------------------------------------------------------------
+# Push: the cache's upload routes under /push
+
+
+PUSH_PATH_PATTERN = "^/push(/.*)?$"
+PUSH_MATCHER_NAME = "harmonia_push"
+#: What a pushing Nix client sends (nix copy --to): GET/HEAD to look, PUT to upload.
+PUSH_METHODS: tuple[str, ...] = ("GET", "HEAD", "PUT")
+PUSH_FORBIDDEN_BODY = "403 this caller may not push here\n"
+
+
+def push_matcher(policy: Policy) -> dict[str, Any] | None:
+    """Matcher of push requests (``/push`` and below, cleaned and as sent, with the push methods
+    unless uploads are allowed everywhere), or ``None`` when push is not exposed."""
+    if not policy.expose_push:
+        return None
+    matcher: dict[str, Any] = {
+        "path_regexp": {"name": PUSH_MATCHER_NAME, "pattern": PUSH_PATH_PATTERN},
+        "expression": path_expression(PUSH_PATH_PATTERN),
+    }
+    if not policy.allow_upload:
+        matcher["method"] = list(PUSH_METHODS)
+    return matcher
+
+
+def push_body_handler(policy: Policy) -> dict[str, Any] | None:
+    """``request_body`` for push requests: ``max_push_body_bytes`` (``None``: no limit)."""
+    if policy.max_push_body_bytes is None:
+        return None
+    return {"handler": "request_body", "max_size": policy.max_push_body_bytes}
+
+
+def push_too_large_route(policy: Policy) -> dict[str, Any] | None:
+    """413 at once for a push whose ``Content-Length`` is over ``max_push_body_bytes``."""
+    expression = too_large_expression(policy.max_push_body_bytes)
+    if expression is None:
+        return None
+    return {"match": [{"expression": expression}], "handle": [too_large_handler()], "terminal": True}
+
+
+#: Statuses Nix ≤ 2.33.1 answers by re-sending a PUT with an empty body and hanging (NixOS/nix
+#: #15023); a push PUT that fails in the frontend itself (cache down, timeout) gets 424 instead.
+PUSH_HANGING_STATUSES: tuple[int, ...] = (500, 502, 503, 504, 408, 429)
+PUSH_FAILED_STATUS = 424
+PUSH_FAILED_BODY = (
+    "424 the cache behind this frontend did not answer; try again later "
+    "(not a 5xx: Nix would re-send the upload empty and hang)\n"
+)
+
+
+def push_failed_expression() -> str:
+    """CEL, in an error route: the frontend's own error is one that would hang a pushing Nix."""
+    return "{http.error.status_code} in [" + ", ".join(str(s) for s in PUSH_HANGING_STATUSES) + "]"
+
+
+def push_failed_route(*, on_push_paths: bool = False) -> dict[str, Any]:
+    """The error route answering a failed push PUT with 424 rather than Caddy's 5xx.
+
+    Inside the push route the path is already matched; ``on_push_paths`` adds the push paths to
+    the matcher, for an error handler that sees every request (the sidecar's).
+    """
+    match: dict[str, Any] = {"method": ["PUT"], "expression": push_failed_expression()}
+    if on_push_paths:
+        match["path_regexp"] = {"name": PUSH_MATCHER_NAME, "pattern": PUSH_PATH_PATTERN}
+        match["expression"] = f"{path_expression(PUSH_PATH_PATTERN)} && {push_failed_expression()}"
+    return {
+        "match": [match],
+        "handle": [
+            {
+                "handler": "static_response",
+                "status_code": PUSH_FAILED_STATUS,
+                "headers": {"Content-Type": [PLAIN_TEXT]},
+                "body": PUSH_FAILED_BODY,
+            }
+        ],
+    }
+
+
+def push_forbidden_handler() -> dict[str, Any]:
+    return {
+        "handler": "static_response",
+        "status_code": 403,
+        "headers": {"Content-Type": [PLAIN_TEXT]},
+        "body": PUSH_FORBIDDEN_BODY,
+    }
+
+
 def encode_handler(policy: Policy) -> dict[str, Any] | None:
     """The ``encode`` handler for small text (use it under :func:`small_text_matcher`)."""
     if not policy.compress_small_text:
@@ -396,7 +551,7 @@ def encode_handler(policy: Policy) -> dict[str, Any] | None:
     }
 
 
-def _transport(policy: Policy, upstreams: Sequence[Upstream]) -> dict[str, Any]:
+def _transport(policy: Policy, upstreams: Sequence[ProxyTarget]) -> dict[str, Any]:
     first = upstreams[0]
     transport: dict[str, Any]
     if first.tailnet_node is not None:
@@ -406,6 +561,8 @@ def _transport(policy: Policy, upstreams: Sequence[Upstream]) -> dict[str, Any]:
         transport = {"protocol": "http", "dial_timeout": _ns(policy.dial_timeout_s)}
         if policy.response_header_timeout_s is not None:
             transport["response_header_timeout"] = _ns(policy.response_header_timeout_s)
+        if policy.expect_continue_timeout_s is not None:
+            transport["expect_continue_timeout"] = _ns(policy.expect_continue_timeout_s)
         transport["compression"] = False
     if first.tls:
         transport["tls"] = {}
@@ -413,7 +570,7 @@ def _transport(policy: Policy, upstreams: Sequence[Upstream]) -> dict[str, Any]:
 
 
 def load_balancing(
-    policy: Policy, upstreams: Sequence[Upstream], *, fallback_follows: bool = False
+    policy: Policy, upstreams: Sequence[ProxyTarget], *, fallback_follows: bool = False
 ) -> dict[str, Any]:
     """``first`` available upstream, retried for ``try_duration_s``.
 
@@ -434,12 +591,22 @@ def load_balancing(
 
 
 def reverse_proxy_handler(
-    policy: Policy, upstreams: Sequence[Upstream], *, fallback_follows: bool = False
+    policy: Policy,
+    upstreams: Sequence[ProxyTarget],
+    *,
+    fallback_follows: bool = False,
+    dials: Sequence[str] | None = None,
+    upstream_tls: Mapping[str, Any] | None = None,
+    request_headers: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The ``"handler": "reverse_proxy"`` object for upstreams sharing one transport.
 
     ``fallback_follows``: another group takes over when this one fails (see
-    :func:`load_balancing`). Raises :class:`~common.problems.ConfigError` for an empty list or mixed
+    :func:`load_balancing`). The transport hooks of a frontend whose upstream is not a plain
+    ``host:port`` (the sidecar's services): ``dials`` replaces the upstreams' dial addresses
+    (``unix//path``), ``upstream_tls`` fills an https transport's ``tls`` (``server_name``,
+    ``insecure_skip_verify``), ``request_headers`` are set on the way up after ``Host`` (and may
+    replace it). Raises :class:`~common.problems.ConfigError` for an empty list or mixed
     transports (Caddy puts one transport on a handler; :func:`caddy.model.transport_groups`
     splits such lists).
     """
@@ -459,17 +626,22 @@ def reverse_proxy_handler(
     raise_if(problems)
     handler: dict[str, Any] = {
         "handler": "reverse_proxy",
-        "upstreams": [{"dial": u.dial} for u in upstreams],
+        "upstreams": [{"dial": d} for d in (dials if dials is not None else [u.dial for u in upstreams])],
         "load_balancing": load_balancing(policy, upstreams, fallback_follows=fallback_follows),
     }
     checks = health_checks(policy)
     if checks:
         handler["health_checks"] = checks
+    headers = {"Host": [UPSTREAM_HOST_PLACEHOLDER]}
+    headers.update({name: [value] for name, value in (request_headers or {}).items()})
+    transport = _transport(policy, upstreams)
+    if "tls" in transport and upstream_tls:
+        transport["tls"] = dict(upstream_tls)
     handler.update(
         {
             "flush_interval": -1,
-            "headers": {"request": {"set": {"Host": [UPSTREAM_HOST_PLACEHOLDER]}}},
-            "transport": _transport(policy, upstreams),
+            "headers": {"request": {"set": headers}},
+            "transport": transport,
         }
     )
     return handler
@@ -495,15 +667,20 @@ def health_checks(policy: Policy) -> dict[str, Any]:
 
 
 def not_found_handler() -> dict[str, Any]:
-    return {"handler": "static_response", "status_code": 404, "body": "404 not found\n"}
+    return {
+        "handler": "static_response",
+        "status_code": 404,
+        "headers": {"Content-Type": [PLAIN_TEXT]},
+        "body": NOT_FOUND_BODY,
+    }
 
 
 def method_not_allowed_handler() -> dict[str, Any]:
     return {
         "handler": "static_response",
         "status_code": 405,
-        "headers": {"Allow": [", ".join(READ_METHODS)]},
-        "body": "405 method not allowed\n",
+        "headers": {"Allow": [", ".join(READ_METHODS)], "Content-Type": [PLAIN_TEXT]},
+        "body": METHOD_NOT_ALLOWED_BODY,
     }
 
 
@@ -512,44 +689,170 @@ def server_logs(policy: Policy) -> dict[str, Any] | None:
     return {} if policy.access_log else None
 
 
+# ---------------------------------------------------------------------------------------------
+# The proxy chain: one order for every frontend
+
+
+class Step(Enum):
+    """The steps of the proxy chain, in the order every frontend runs them."""
+
+    STRIP_IDENTITY = "delete every incoming identity header"
+    AFTER_STRIP = "the frontend's own identity headers (the sidecar's)"
+    PUSH = "under /push: the callers allowed, its own body limit and 413, the proxy"
+    BODY_LIMIT = "request_body max_size"
+    TOO_LARGE = "413 at once for a Content-Length over the limit"
+    PROXY = "exposed paths and methods: small text compressed, then the reverse proxy"
+    METHOD_NOT_ALLOWED = "405 for another method on an exposed path"
+    NOT_FOUND = "404 for any other path"
+
+
+def chain_steps(policy: Policy, *, strip_identity: bool | None = None) -> tuple[Step, ...]:
+    """The steps this policy has, in order (push ahead of the general body limit, which must
+    not cut NAR uploads). :func:`server_routes` renders them as Caddy JSON and
+    :func:`caddy.caddyfile.render_snippet` as Caddyfile directives, so both frontends run one chain.
+
+    ``strip_identity``: ``None`` follows the policy; the sidecar passes ``False`` because it
+    strips before its own authentication, ahead of the chain.
+    """
+    steps: list[Step] = []
+    if policy.strip_identity_headers if strip_identity is None else strip_identity:
+        steps.append(Step.STRIP_IDENTITY)
+    steps.append(Step.AFTER_STRIP)
+    if policy.expose_push:
+        steps.append(Step.PUSH)
+    if policy.max_request_body_bytes is not None:
+        steps += [Step.BODY_LIMIT, Step.TOO_LARGE]
+    steps.append(Step.PROXY)
+    paths = path_matcher(policy) is not None
+    if method_matcher(policy) is not None:
+        steps.append(Step.METHOD_NOT_ALLOWED)
+    if paths:
+        steps.append(Step.NOT_FOUND)
+    return tuple(steps)
+
+
+def regex_escape(text: str) -> str:
+    """Escape for Go's RE2: a backslash before every punctuation character RE2 treats specially."""
+    return "".join("\\" + c if c in r"\.+*?()|[]{}^$" else c for c in text)
+
+
 def server_routes(
     policy: Policy,
-    upstreams: Sequence[Upstream],
+    upstreams: Sequence[ProxyTarget],
     *,
     after_strip: Sequence[Mapping[str, Any]] = (),
+    strip_identity: bool | None = None,
+    prefixes: Sequence[str] | None = None,
+    strip_prefix: bool = False,
+    base_path: str = "",
+    dials: Sequence[str] | None = None,
+    upstream_tls: Mapping[str, Any] | None = None,
+    request_headers: Mapping[str, str] | None = None,
+    push_callers: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """The complete ``routes`` list of one Caddy HTTP server proxying to ``upstreams``.
+    """The ``routes`` list of one Caddy HTTP server proxying to ``upstreams``: :func:`chain_steps`
+    as JSON. The gateway's form of it is checked against the adapted Caddyfile; the sidecar ships
+    it as each service's ``proxy`` route.
 
-    Order: strip identity headers → ``after_strip`` handlers (the sidecar's own identity
-    headers go here) → request body limit (413 at once for a ``Content-Length`` over it) → exposed
-    routes (small text compressed, then the
-    reverse proxy) → 405 for another method on an exposed path → 404.
+    Hooks for the sidecar (tsnsrv's options): ``after_strip`` handlers right after the strip
+    (identity headers); ``prefixes`` (``None``: every path) serves only paths under one of them,
+    404 elsewhere, with ``strip_prefix`` removing the prefix before the chain sees the path;
+    ``base_path`` is prepended to the path on the way up, after the path checks (they see the
+    path as the client sent it); ``dials``, ``upstream_tls`` and ``request_headers`` go to
+    :func:`reverse_proxy_handler`; ``push_callers`` (matcher sets, ``None``: every caller) are
+    the callers allowed to push, everyone else gets 403 under ``/push``.
     """
+    steps = chain_steps(policy, strip_identity=strip_identity)
+    head: list[dict[str, Any]] = []
+    if Step.STRIP_IDENTITY in steps:
+        head.append({"handle": [identity_strip_handler()]})
+    head.extend({"handle": [dict(h)]} for h in after_strip)
+    proxy = reverse_proxy_handler(
+        policy, upstreams, dials=dials, upstream_tls=upstream_tls, request_headers=request_headers
+    )
+    chain = _chain_routes(policy, steps, proxy, base_path, push_callers)
+    if prefixes is None:
+        return head + chain
+    return [*head, *_under_prefixes(prefixes, strip_prefix, chain)]
+
+
+def _chain_routes(
+    policy: Policy,
+    steps: Sequence[Step],
+    proxy: dict[str, Any],
+    base_path: str,
+    push_callers: Sequence[Mapping[str, Any]] | None,
+) -> list[dict[str, Any]]:
     routes: list[dict[str, Any]] = []
-    if policy.strip_identity_headers:
-        routes.append({"handle": [identity_strip_handler()]})
-    routes.extend({"handle": [dict(h)]} for h in after_strip)
-    body = request_body_handler(policy)
-    if body is not None:
-        routes.append({"handle": [body]})
-    too_large = body_too_large_route(policy)
-    if too_large is not None:
-        routes.append(too_large)
-    proxy_routes: list[dict[str, Any]] = []
-    encode = encode_handler(policy)
-    if encode is not None:
-        proxy_routes.append({"match": [small_text_matcher()], "handle": [encode]})
-    proxy_routes.append({"handle": [reverse_proxy_handler(policy, upstreams)]})
-    matcher = public_matcher(policy)
-    main: dict[str, Any] = {"handle": [{"handler": "subroute", "routes": proxy_routes}]}
-    if matcher is not None:
-        main = {"match": [matcher], **main}
-    routes.append({**main, "terminal": True})
     paths = path_matcher(policy)
-    if method_matcher(policy) is not None and paths is not None:
-        routes.append({"match": [paths], "handle": [method_not_allowed_handler()], "terminal": True})
-    elif method_matcher(policy) is not None:
-        routes.append({"handle": [method_not_allowed_handler()], "terminal": True})
-    if paths is not None:
-        routes.append({"handle": [not_found_handler()], "terminal": True})
+    up: list[dict[str, Any]] = []
+    if base_path:
+        up.append({"handler": "rewrite", "uri": base_path + "{http.request.uri}"})
+    for step in steps:
+        if step is Step.PUSH:
+            push: list[dict[str, Any]] = []
+            if push_callers is not None:
+                not_allowed = {"not": [dict(m) for m in push_callers]}
+                push.append({"match": [not_allowed], "handle": [push_forbidden_handler()], "terminal": True})
+            body = push_body_handler(policy)
+            if body is not None:
+                push.append({"handle": [body]})
+            too_large = push_too_large_route(policy)
+            if too_large is not None:
+                push.append(too_large)
+            push.append({"handle": [*copy.deepcopy(up), copy.deepcopy(proxy)]})
+            routes.append(
+                {
+                    "match": [push_matcher(policy)],
+                    "handle": [
+                        {"handler": "subroute", "routes": push, "errors": {"routes": [push_failed_route()]}}
+                    ],
+                    "terminal": True,
+                }
+            )
+        elif step is Step.BODY_LIMIT:
+            body = request_body_handler(policy)
+            assert body is not None
+            routes.append({"handle": [body]})
+        elif step is Step.TOO_LARGE:
+            too_large = body_too_large_route(policy)
+            assert too_large is not None
+            routes.append(too_large)
+        elif step is Step.PROXY:
+            proxy_routes: list[dict[str, Any]] = []
+            encode = encode_handler(policy)
+            if encode is not None:
+                proxy_routes.append({"match": [small_text_matcher()], "handle": [encode]})
+            proxy_routes.append({"handle": [*up, proxy]})
+            main: dict[str, Any] = {"handle": [{"handler": "subroute", "routes": proxy_routes}]}
+            matcher = public_matcher(policy)
+            if matcher is not None:
+                main = {"match": [matcher], **main}
+            routes.append({**main, "terminal": True})
+        elif step is Step.METHOD_NOT_ALLOWED:
+            route: dict[str, Any] = {"handle": [method_not_allowed_handler()], "terminal": True}
+            routes.append({"match": [paths], **route} if paths is not None else route)
+        elif step is Step.NOT_FOUND:
+            routes.append({"handle": [not_found_handler()], "terminal": True})
+    return routes
+
+
+def _under_prefixes(
+    prefixes: Sequence[str], strip: bool, chain: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    routes: list[dict[str, Any]] = []
+    for i, prefix in enumerate(prefixes):
+        pattern = "^" + regex_escape(prefix)
+        handle: list[dict[str, Any]] = []
+        if strip:
+            handle.append({"handler": "rewrite", "path_regexp": [{"find": pattern, "replace": ""}]})
+        handle.append({"handler": "subroute", "routes": copy.deepcopy(chain)})
+        routes.append(
+            {
+                "match": [{"path_regexp": {"name": f"prefix{i}", "pattern": pattern}}],
+                "handle": handle,
+                "terminal": True,
+            }
+        )
+    routes.append({"handle": [not_found_handler()], "terminal": True})
     return routes

@@ -13,6 +13,7 @@ configuration (every problem is listed); 3 no usable engine, or it refused the c
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -27,9 +29,17 @@ from common.problems import ConfigError, Problem
 from common.systemd import notify
 
 from .authkey import API_ADDR_ENV, api_session_factory
+from .control_http import request_unix
 from .engine import CaddyEngine, EngineError, find_caddy
-from .http1 import request_unix
-from .model import Secret, SidecarSpec, ValidConfig, default_state_root, validate
+from .model import (
+    CONTROL_SOCKET_NAME,
+    INSTANCE_DIR_PREFIX,
+    Secret,
+    SidecarSpec,
+    ValidConfig,
+    default_state_root,
+    validate,
+)
 from .spec import spec_from_argv, spec_from_toml
 from .supervisor import Sidecar, StartupTimeout
 
@@ -80,30 +90,52 @@ def sd_notify(message: str) -> None:
         log.warning("sd_notify %r: could not reach $NOTIFY_SOCKET", message.split("\n", 1)[0])
 
 
+def control_sockets(state_root: str) -> list[str]:
+    """The control sockets of the sidecar processes under ``state_root``: the root's own, and
+    one per instance under the shared default root."""
+    root = glob.escape(state_root)
+    own = glob.glob(os.path.join(root, CONTROL_SOCKET_NAME))
+    return own + sorted(glob.glob(os.path.join(root, INSTANCE_DIR_PREFIX + "*", CONTROL_SOCKET_NAME)))
+
+
 def _status(argv: Sequence[str], env: Mapping[str, str]) -> int:
     p = argparse.ArgumentParser(
-        prog="harmonia-sidecar status", description="Print each service's node, tailnet IPs and state."
+        prog="harmonia-sidecar status",
+        description="Print each service's node, tailnet IPs and state (of every sidecar process "
+        "under the state root, or of the one answering on --health-socket).",
     )
     p.add_argument("--state-root", metavar="DIR")
     p.add_argument("--health-socket", metavar="PATH")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     ns = p.parse_args(list(argv))
-    sock = ns.health_socket or os.path.join(ns.state_root or default_state_root(env), "sidecar.sock")
+    root = ns.state_root or default_state_root(env)
+    sockets = [ns.health_socket] if ns.health_socket else control_sockets(root)
+    if not sockets:
+        print(
+            f"harmonia-sidecar status: no sidecar answers under {root} (no control socket)", file=sys.stderr
+        )
+        return STATUS_UNREACHABLE
 
-    async def fetch() -> bytes:
+    async def fetch(sock: str) -> bytes:
         with trio.fail_after(10):
             r = await request_unix(sock, "GET", "/status")
         return r.body
 
-    try:
-        body = trio.run(fetch)
-    except (OSError, trio.TooSlowError) as exc:
-        print(f"harmonia-sidecar status: no sidecar answers on {sock}: {exc}", file=sys.stderr)
+    answers: list[tuple[str, dict[str, Any]]] = []
+    for sock in sockets:
+        try:
+            answers.append((sock, json.loads(trio.run(fetch, sock))))
+        except (OSError, trio.TooSlowError) as exc:
+            print(f"harmonia-sidecar status: no sidecar answers on {sock}: {exc}", file=sys.stderr)
+    if not answers:
         return STATUS_UNREACHABLE
-    data = json.loads(body)
     if ns.json:
+        # one process: its status as it is; several: keyed by their control sockets
+        data: object = answers[0][1] if len(sockets) == 1 else {sock: d for sock, d in answers}
         print(json.dumps(data, indent=2))
-    else:
+    for sock, data in [] if ns.json else answers:
+        if len(sockets) > 1:
+            print(f"# {os.path.dirname(sock)}")
         print(
             f"engine: {'up' if data['engine_up'] else 'DOWN'} (pid {data['engine_pid']}, "
             f"{data['engine_restarts']} restart(s))"
@@ -113,7 +145,8 @@ def _status(argv: Sequence[str], env: Mapping[str, str]) -> int:
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)), r[3])
-    return 0 if all(n["state"] == "running" for n in data["nodes"]) else 1
+    running = all(n["state"] == "running" for _, d in answers for n in d["nodes"])
+    return 0 if running and len(answers) == len(sockets) else 1
 
 
 async def _run(cfg: ValidConfig, argv: Sequence[str], binary: str) -> int:

@@ -15,9 +15,11 @@ tailnet's own certificates), with these routes:
    the ``X-Tailscale-Node*`` answer headers onto the request — after the strip, so they cannot
    be forged; an unknown caller, an error answer or an unreachable sidecar add nothing and the
    request goes on;
-3. the named route ``proxy``: prefix filter (404 outside the prefixes), optional strip, then the
-   shared policy's handlers (``caddy.policy``: body limit and its 413 route, small-text compression,
-   ``reverse_proxy`` streaming with ``flush_interval: -1``); its own errors answered in place.
+3. the named route ``proxy``: the shared proxy chain, ``caddy.policy.server_routes`` — the very
+   builder the gateway's routes come from — with the service's hooks (prefix filter with 404
+   outside the prefixes, optional strip, base path, unix dial, TLS name, extra headers): body
+   limit and its 413 route, small-text compression, ``reverse_proxy`` streaming with
+   ``flush_interval: -1``; its own errors answered in place.
 
 Each server's access log goes to a logger of its own (the engine counts requests from it), and
 tsnet's debug log to a log of its own (the engine reads node addresses from it; see
@@ -27,20 +29,12 @@ tsnet's debug log to a log of its own (the engine reads node addresses from it; 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from caddy.model import Upstream as PolicyUpstream
-from caddy.policy import (
-    body_too_large_route,
-    encode_handler,
-    identity_strip_handler,
-    public_matcher,
-    request_body_handler,
-    reverse_proxy_handler,
-    small_text_matcher,
-)
+from caddy.policy import identity_strip_handler, push_failed_route, regex_escape, server_routes
 
 from .model import Listen, Secret, TLSMode, ValidConfig, ValidService
 from .whois import NODE_HEADERS
@@ -69,89 +63,66 @@ def listen_address(service: ValidService) -> str:
     return f"{network}/{service.name}:{service.listen.port}"
 
 
-def _regex_escape(text: str) -> str:
-    """Escape for Go's RE2: a backslash before every punctuation character RE2 treats specially."""
-    return "".join("\\" + c if c in r"\.+*?()|[]{}^$" else c for c in text)
-
-
 def _headers(op: str, values: Mapping[str, str]) -> JSON:
     return {"handler": "headers", "request": {op: {k: [v] for k, v in values.items()}}}
 
 
-def _reverse_proxy(service: ValidService) -> JSON:
-    """The shared policy's ``reverse_proxy`` (caddy.policy), fitted to this service's upstream.
+def proxy_routes(service: ValidService) -> list[JSON]:
+    """The routes every request of ``service`` ends in: the shared chain (``caddy.policy.
+    server_routes``: body limit → 413 → exposed paths → small-text compression → proxy → 405/404),
+    fitted to the service by its hooks: tsnsrv's prefixes and strip, the upstream URL's base
+    path, a unix-socket dial, the upstream's TLS name, and tsnsrv's extra request headers.
 
-    Kept from the policy: streaming (``flush_interval -1``), dial and response-header timeouts,
-    ``compression off``, ``first`` with retries, the Host rule, and the health checks as the
-    service's policy says (off by default, see ``SERVICE_POLICY``). Changed: a unix-socket dial,
-    the upstream's TLS name, tsnsrv's extra request headers.
+    No identity strip here: the server strips before authentication, then sets the caller's
+    identity, and only then invokes this route.
     """
     up = service.upstream
-    policy = service.policy
-    handler = reverse_proxy_handler(policy, [PolicyUpstream(up.policy_url)])
-    handler["upstreams"] = [{"dial": up.dial}]
-    transport = handler["transport"]
-    if up.scheme == "https":
-        tls: JSON = {"server_name": up.server_name}
-        if up.insecure_tls:
-            tls["insecure_skip_verify"] = True
-        transport["tls"] = tls
-    request_set: dict[str, list[str]] = (
-        handler.setdefault("headers", {}).setdefault("request", {}).setdefault("set", {})
-    )
+    tls: JSON = {"server_name": up.server_name}
+    if up.insecure_tls:
+        tls["insecure_skip_verify"] = True
+    headers: dict[str, str] = {}
     if up.is_unix:
-        request_set["Host"] = [up.host_header]
-    request_set["X-Real-Ip"] = ["{http.request.remote.host}"]
-    request_set["X-Scheme"] = ["http" if service.listen.tls is TLSMode.PLAINTEXT else "https"]
-    for name, value in service.upstream_headers:
-        request_set[name] = [value]
-    return handler
+        headers["Host"] = up.host_header
+    headers["X-Real-Ip"] = "{http.request.remote.host}"
+    headers["X-Scheme"] = "http" if service.listen.tls is TLSMode.PLAINTEXT else "https"
+    headers.update(service.upstream_headers)
+    return server_routes(
+        service.policy,
+        [PolicyUpstream(up.policy_url)],
+        strip_identity=False,
+        prefixes=[p.path for p in service.tailnet_prefixes] if service.prefixes else None,
+        strip_prefix=service.strip_prefix,
+        base_path=up.base_path,
+        dials=[up.dial],
+        upstream_tls=tls,
+        request_headers=headers,
+        push_callers=push_callers(service.push_allow) if service.push_allow else None,
+    )
+
+
+#: the identity headers a push rule is checked against: set by the engine, after the strip
+USER_LOGIN_HEADER = "X-Tailscale-User-LoginName"
+NODE_TAGS_HEADER = "X-Tailscale-Node-Tags"
+
+
+def push_callers(allowed: Sequence[str]) -> list[JSON]:
+    """Matcher sets of the callers allowed to push: a user by the login name ``tailscale_auth``
+    found (``X-Tailscale-User-LoginName``), a tagged node by a tag in the whois directory's
+    ``X-Tailscale-Node-Tags`` (``tag:a, tag:b``). Both headers exist only as the engine set them:
+    every client-sent identity header is deleted first."""
+    sets: list[JSON] = []
+    for i, entry in enumerate(allowed):
+        if entry.startswith("tag:"):
+            pattern = r"(^|,)\s*" + regex_escape(entry) + r"\s*(,|$)"
+            sets.append({"header_regexp": {NODE_TAGS_HEADER: {"name": f"push_tag{i}", "pattern": pattern}}})
+        else:
+            sets.append({"header": {USER_LOGIN_HEADER: [entry]}})
+    return sets
 
 
 def _proxy_route(service: ValidService) -> JSON:
-    """The named route every request ends in: prefixes, strip, base path, body limit, proxy."""
-    policy = service.policy
-    tail: list[JSON] = []
-    if service.upstream.base_path:
-        tail.append({"handler": "rewrite", "uri": service.upstream.base_path + "{http.request.uri}"})
-    body = request_body_handler(policy)
-    if body is not None:
-        tail.append(body)
-    too_large = body_too_large_route(policy)
-    if too_large is not None:  # a Content-Length over the limit: 413 before anything is proxied
-        tail.append({"handler": "subroute", "routes": [too_large]})
-    proxy_routes: list[JSON] = []
-    encode = encode_handler(policy)
-    if encode is not None:
-        proxy_routes.append({"match": [small_text_matcher()], "handle": [encode]})
-    proxy_routes.append({"handle": [_reverse_proxy(service)]})
-    guarded: JSON = {"handle": [{"handler": "subroute", "routes": proxy_routes}]}
-    matcher = public_matcher(policy)
-    if matcher is not None:
-        guarded["match"] = [matcher]
-        guarded = {
-            "handle": [
-                {"handler": "subroute", "routes": [{**guarded, "terminal": True}, {"handle": [_not_found()]}]}
-            ]
-        }
-    tail.extend(guarded["handle"])
-    if not service.prefixes:
-        return _answer_errors(tail)
-    routes: list[JSON] = []
-    for i, prefix in enumerate(service.tailnet_prefixes):
-        pattern = "^" + _regex_escape(prefix.path)
-        handle: list[JSON] = []
-        if service.strip_prefix:
-            handle.append({"handler": "rewrite", "path_regexp": [{"find": pattern, "replace": ""}]})
-        routes.append(
-            {
-                "match": [{"path_regexp": {"name": f"prefix{i}", "pattern": pattern}}],
-                "handle": handle + copy.deepcopy(tail),
-                "terminal": True,
-            }
-        )
-    routes.append({"handle": [_not_found()]})
-    return _answer_errors([{"handler": "subroute", "routes": routes}])
+    """The named route ``proxy``: :func:`proxy_routes`, its own errors answered in place."""
+    return _answer_errors([{"handler": "subroute", "routes": proxy_routes(service)}])
 
 
 def _answer_errors(handle: list[JSON]) -> JSON:
@@ -168,6 +139,9 @@ def _answer_errors(handle: list[JSON]) -> JSON:
                 "routes": [{"handle": handle}],
                 "errors": {
                     "routes": [
+                        # a push PUT the upstream did not answer: 424, never a 5xx (Nix <= 2.33.1
+                        # re-sends it empty and hangs); the push route has the same of its own
+                        push_failed_route(on_push_paths=True),
                         {
                             "handle": [
                                 {
@@ -177,20 +151,11 @@ def _answer_errors(handle: list[JSON]) -> JSON:
                                     "body": "{http.error.status_code} {http.error.status_text}\n",
                                 }
                             ]
-                        }
+                        },
                     ]
                 },
             }
         ]
-    }
-
-
-def _not_found() -> JSON:
-    return {
-        "handler": "static_response",
-        "status_code": 404,
-        "headers": {"Content-Type": ["text/plain; charset=utf-8"]},
-        "body": "404 page not found\n",
     }
 
 

@@ -25,7 +25,7 @@ from typing import Protocol
 import trio
 
 from .compile import ACCESS_LOG_PREFIX, EngineFiles, compile_engine_config
-from .http1 import request_unix
+from .control_http import request_unix
 from .model import Secret, ValidConfig
 from .nodestate import parse_self_netmap, read_node_short_id
 
@@ -146,6 +146,11 @@ def missing_modules(binary: str) -> list[str] | None:
 def _write_stderr(line: bytes) -> None:
     sys.stderr.buffer.write(line)
     sys.stderr.buffer.flush()
+
+
+#: Seconds Caddy gets to exit after SIGTERM before it is killed: the bound on a sidecar's stop,
+#: which the units' TimeoutStopSec must cover (tests/unit/deploy checks it).
+ENGINE_STOP_GRACE = 10.0
 
 
 def engine_env(base: Mapping[str, str], engine_dir: str) -> dict[str, str]:
@@ -289,7 +294,7 @@ class CaddyEngine:
 
     async def _terminate(self, proc: trio.Process) -> None:
         proc.terminate()
-        with trio.move_on_after(10):
+        with trio.move_on_after(ENGINE_STOP_GRACE):
             await proc.wait()
             return
         proc.kill()

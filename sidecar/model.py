@@ -10,9 +10,10 @@ camelCase flags, and the config-file keys are their snake_case forms.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import PurePosixPath
 from typing import Any
@@ -23,13 +24,24 @@ from common.problems import ConfigError, Problem
 
 HOSTNAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 TAG_RE = re.compile(r"^tag:[A-Za-z0-9][A-Za-z0-9_-]*$")
+LOGIN_RE = re.compile(r"^[^\s,@\"'`{}*\\]+@[^\s,@\"'`{}*\\]+$")
 HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 FORBIDDEN_UPSTREAM_HEADER_PREFIXES = ("x-tailscale-", "tailscale-user-")
 OAUTH_PREFIX = "tskey-client-"
 API_KEY_PREFIX = "tskey-api-"
 API_KEY_ENV = "TS_API_KEY"
 CREDENTIAL_NAME = "authkey"  # $CREDENTIALS_DIRECTORY/authkey: systemd's LoadCredential=authkey:…
-ENGINE_DIR_NAME = "_engine"  # "_" cannot start a hostname, so no service's default dir collides
+#: What a sidecar process writes besides its nodes' directories: its engine directory (Caddy's
+#: homes and admin socket, and the lock saying the process owns it) and its control socket.
+#: With a state root of its own (--state-root, state_dir, TS_STATE_DIR, STATE_DIRECTORY: one per
+#: systemd instance) they are <root>/_engine and <root>/sidecar.sock; under the default root,
+#: which every sidecar a user starts by hand shares, they are <root>/_<instance>/ and
+#: <root>/_<instance>/sidecar.sock. "_" cannot start a hostname, so no node directory collides.
+ENGINE_DIR_NAME = "_engine"
+INSTANCE_DIR_PREFIX = "_"
+CONTROL_SOCKET_NAME = "sidecar.sock"
+MAX_INSTANCE_LENGTH = 32  # keeps <root>/_<instance>/admin.sock a unix socket path
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with its NUL
 #: A service's policy before its ``policy`` overrides: the tailnet policy without health checks.
 #: Each service has one upstream, which health checks could only turn into false 503s, and the
 #: policy's health path is the cache's, not every service's (``policy = { active_health_checks =
@@ -97,6 +109,9 @@ class ServiceSpec:
     read_header_timeout: float | None = None
     timeout: float = 60.0
     policy: dict[str, Any] | None = None  # overrides of caddy.policy.Policy.tailnet() (config file)
+    #: callers allowed to use /push: "tag:NAME" (needs the whois directory) or a user's login
+    #: name; empty: every caller that reaches the node
+    push_allow: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -114,6 +129,9 @@ class SidecarSpec:
     api_key_path: str | None = None
     # problems found while reading flags or a file (unknown keys, wrong types): reported with the rest
     parse_problems: list[Problem] = field(default_factory=list)
+    #: what this process is called on disk (its engine directory): the service's name when the
+    #: service comes from flags, the config file's name with --config; None: the services' names
+    instance: str | None = None
 
 
 # --------------------------------------------------------------------------- validated form
@@ -225,6 +243,8 @@ class ValidService:
     read_header_timeout: float | None
     startup_timeout: float
     policy: Policy
+    #: who may use /push (tags and login names); empty: everyone who reaches the node
+    push_allow: tuple[str, ...] = ()
 
     @property
     def tailnet_prefixes(self) -> tuple[Prefix, ...]:
@@ -237,8 +257,10 @@ class ValidConfig:
 
     services: tuple[ValidService, ...]
     state_root: str
+    #: this process's own directory (``<root>/_engine``, or ``<root>/_<instance>`` under the
+    #: shared default root), locked while it runs
     engine_dir: str
-    health_socket: str
+    health_socket: str  # the control socket: status, health, metrics, whois
     caddy: str | None
     prometheus_addr: tuple[str, int] | None
     tsnet_verbose: bool
@@ -258,6 +280,12 @@ class ValidConfig:
 
 
 # --------------------------------------------------------------------------- validation
+
+
+def explicit_state_root(spec: SidecarSpec, env: Mapping[str, str]) -> bool:
+    """Whether the state root was chosen for this process (a flag, the config, the environment)
+    rather than being the per-user default every hand-started sidecar shares."""
+    return bool(spec.state_dir or env.get("TS_STATE_DIR") or env.get("STATE_DIRECTORY"))
 
 
 def default_state_root(env: Mapping[str, str]) -> str:
@@ -458,6 +486,25 @@ def _validate_headers(spec: ServiceSpec, key: str, problems: list[Problem]) -> t
     return tuple(out)
 
 
+def _validate_push_allow(spec: ServiceSpec, key: str, problems: list[Problem]) -> tuple[str, ...]:
+    bad = [p for p in spec.push_allow if not (TAG_RE.match(p) or LOGIN_RE.match(p))]
+    if bad:
+        problems.append(
+            Problem(
+                f"{key}.push_allow",
+                f"{bad}: each entry is a tag (tag:NAME) or a user's login name (user@domain)",
+            )
+        )
+    if spec.push_allow and spec.suppress_whois:
+        problems.append(
+            Problem(
+                f"{key}.push_allow",
+                "needs the caller's identity, which suppress_whois turns off",
+            )
+        )
+    return tuple(dict.fromkeys(spec.push_allow))
+
+
 def _validate_service(
     spec: ServiceSpec,
     index: int,
@@ -516,6 +563,9 @@ def _validate_service(
         policy = Policy.from_mapping(spec.policy or {}, key=f"{key}.policy", base=policy)
     except ConfigError as exc:  # its keys already name the service: "<name>.policy.<setting>"
         problems.extend(exc.problems)
+    push_allow = _validate_push_allow(spec, key, problems)
+    if push_allow:
+        policy = replace(policy, expose_push=True)  # a route of its own under /push, guarded
     env_key = env.get("TS_AUTHKEY") or None
     if (
         spec.authkey_path is None
@@ -562,7 +612,20 @@ def _validate_service(
         read_header_timeout=spec.read_header_timeout,
         startup_timeout=spec.timeout,
         policy=policy,
+        push_allow=push_allow,
     )
+
+
+def instance_name(spec: SidecarSpec) -> str:
+    """The process's instance name: given, else its first service's name (``a``, or ``a+2`` with
+    two more); bounded in length (a long one keeps its start and gains a hash of the whole)."""
+    names = [s.name for s in spec.services if s.name]
+    fallback = (names[0] + (f"+{len(names) - 1}" if len(names) > 1 else "")) if names else "sidecar"
+    name = spec.instance or fallback
+    if len(name) > MAX_INSTANCE_LENGTH:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+        name = f"{name[: MAX_INSTANCE_LENGTH - 9]}-{digest}"
+    return name
 
 
 def _overlaps(a: str, b: str) -> bool:
@@ -580,7 +643,13 @@ def validate(spec: SidecarSpec, env: Mapping[str, str], base_dir: str | None = N
     state_root = _abs(spec.state_dir, base_dir) if spec.state_dir else default_state_root(env)
     if not PurePosixPath(state_root).is_absolute():
         problems.append(Problem("state_dir", f"must be an absolute path, not {state_root!r}"))
-    engine_dir = str(PurePosixPath(state_root) / ENGINE_DIR_NAME)
+    own_root = explicit_state_root(spec, env)
+    process_dir = (
+        PurePosixPath(state_root) / ENGINE_DIR_NAME
+        if own_root
+        else PurePosixPath(state_root) / (INSTANCE_DIR_PREFIX + instance_name(spec))
+    )
+    engine_dir = str(process_dir)
     if not spec.services and not spec.parse_problems:
         problems.append(Problem("services", "no service to publish"))
     valid: list[ValidService] = []
@@ -620,16 +689,16 @@ def validate(spec: SidecarSpec, env: Mapping[str, str], base_dir: str | None = N
     health = (
         _abs(spec.health_socket, base_dir)
         if spec.health_socket
-        else str(PurePosixPath(state_root) / "sidecar.sock")
+        else str((PurePosixPath(state_root) if own_root else process_dir) / CONTROL_SOCKET_NAME)
     )
-    if len(health.encode()) > 100:
+    if len(health.encode()) > MAX_SOCKET_PATH:
         problems.append(Problem("health_socket", f"{health!r} is too long for a unix socket path"))
-    if len((engine_dir + "/admin.sock").encode()) > 100:
+    if len((engine_dir + "/admin.sock").encode()) > MAX_SOCKET_PATH:
         problems.append(
             Problem(
                 "state_dir",
                 f"{state_root!r} is too long: the engine's admin "
-                "socket must fit in a unix socket path (about 100 bytes)",
+                f"socket must fit in a unix socket path ({MAX_SOCKET_PATH} bytes)",
             )
         )
     api_key: ApiKeySource | None = None
@@ -644,6 +713,18 @@ def validate(spec: SidecarSpec, env: Mapping[str, str], base_dir: str | None = N
             problems.append(Problem(f"{API_KEY_ENV} (environment)", why))
         else:
             api_key = ApiKeySource(path=None, env_value=Secret(env[API_KEY_ENV].strip()))
+    if api_key is None and spec.api_key_path is None:
+        for service in valid:
+            tags = [p for p in service.push_allow if p.startswith("tag:")]
+            if tags:
+                problems.append(
+                    Problem(
+                        f"{service.name}.push_allow",
+                        f"{tags}: a caller's tags are known only through the whois directory; give "
+                        f"api_key_path (--api-key-path) or {API_KEY_ENV}, or allow users only "
+                        "(without it a tagged caller would never match and always get 403)",
+                    )
+                )
     if problems:
         raise ConfigError(problems)
     return ValidConfig(

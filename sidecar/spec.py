@@ -11,6 +11,7 @@ import re
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import fields
+from pathlib import PurePosixPath
 from typing import Any, NoReturn
 
 from common.problems import Problem
@@ -106,6 +107,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", metavar="DURATION", help="start-up timeout (default 1m)")
     p.add_argument("--upstream-header", action="append", metavar="'Name: value'")
     p.add_argument(
+        "--push-allow",
+        action="append",
+        metavar="tag:NAME,LOGIN",
+        help="only these callers may use /push (the cache's uploads): tags (need the whois "
+        "directory, --api-key-path) and users' login names, comma-separated or repeated; "
+        "default: every caller that reaches the node",
+    )
+    p.add_argument(
         "--prometheus-addr",
         metavar="HOST:PORT",
         help="serve /metrics and /health here (':PORT' means loopback)",
@@ -113,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--health-socket",
         metavar="PATH",
-        help="unix socket for status, health and metrics (default <root>/sidecar.sock)",
+        help="unix socket for status, health and metrics (default <root>/sidecar.sock; under the "
+        "default root <root>/_<instance>/sidecar.sock)",
     )
     p.add_argument("--caddy", metavar="PATH", help="the Caddy binary with caddy-tailscale")
     p.add_argument("--tsnet-verbose", action="store_true", default=None)
@@ -148,6 +158,7 @@ SERVICE_FLAGS = (
     "read_header_timeout",
     "timeout",
     "upstream_header",
+    "push_allow",
 )
 
 
@@ -162,6 +173,13 @@ def _set_duration(target: Any, attr: str, text: str | None, key: str, problems: 
 
 def usage() -> str:
     return _parser().format_help()
+
+
+def config_instance(path: str) -> str:
+    """A config file's name as the instance name of the process it runs (``/etc/x/cache.toml`` →
+    ``cache``): one process per config file, so two config files need two names."""
+    stem = PurePosixPath(path).name.removesuffix(".toml") or "config"
+    return re.sub(r"[^A-Za-z0-9._-]", "-", stem)
 
 
 class ArgvResult:
@@ -210,6 +228,7 @@ def spec_from_argv(
         if read_config is not None:
             _, spec = read_config(ns.config)
         spec.parse_problems[:0] = problems
+        spec.instance = config_instance(ns.config)
     else:
         svc = ServiceSpec(
             name=ns.name or "",
@@ -231,13 +250,14 @@ def spec_from_argv(
             insecure_https=bool(ns.insecure_https),
             suppress_whois=bool(ns.suppress_whois),
             upstream_headers=list(ns.upstream_header or []),
+            push_allow=[p.strip() for given in ns.push_allow or [] for p in given.split(",") if p.strip()],
         )
         if not ns.name:
             problems.append(Problem("--name", "required: the node's hostname on the tailnet"))
         _set_duration(svc, "whois_timeout", ns.whois_timeout, "--whois-timeout", problems)
         _set_duration(svc, "read_header_timeout", ns.read_header_timeout, "--read-header-timeout", problems)
         _set_duration(svc, "timeout", ns.timeout, "--timeout", problems)
-        spec = SidecarSpec(services=[svc], parse_problems=problems)
+        spec = SidecarSpec(services=[svc], parse_problems=problems, instance=ns.name or None)
     if ns.state_root is not None:
         spec.state_dir = ns.state_root
     for attr in ("caddy", "prometheus_addr", "health_socket", "api_key_path"):
@@ -255,7 +275,7 @@ _SERVICE_KEYS: dict[str, str] = {f.name: f.name for f in fields(ServiceSpec)}
 _SERVICE_KEYS.update({"prefix": "prefixes", "tag": "tags", "upstream_header": "upstream_headers"})
 _SERVICE_KEYS.pop("name")
 _DURATION_KEYS = {"whois_timeout", "read_header_timeout", "timeout"}
-_LIST_KEYS = {"prefixes", "tags", "upstream_headers"}
+_LIST_KEYS = {"prefixes", "tags", "upstream_headers", "push_allow"}
 _TABLE_KEYS = {"policy"}
 _BOOL_KEYS = {
     "ephemeral",

@@ -26,8 +26,9 @@ from common.problems import ConfigError, Problem
 
 from . import metrics
 from .authkey import SessionFactory, resolve_auth_keys
+from .control_http import Handler, Reply, serve_listeners
 from .engine import CaddyEngine, EngineError, NodeState, NodeStatus
-from .http1 import Handler, Reply, serve_listeners
+from .lifecycle import EngineState, Lifecycle
 from .model import Secret, ValidConfig
 from .whois import DeviceSource, Directory, node_headers, read_api_credentials, whois_address
 
@@ -77,6 +78,66 @@ def lock_node_dirs(cfg: ValidConfig, held: dict[str, IO[str]]) -> None:
         raise ConfigError(problems)
 
 
+LOCK_NAME = ".harmonia-sidecar.lock"
+
+
+def _holder(f: IO[str]) -> str:
+    f.seek(0)
+    pid = f.read().strip()
+    return f"pid {pid}" if pid.isdigit() else "another process"
+
+
+def lock_process_dir(cfg: ValidConfig) -> list[IO[str]]:
+    """Take this process's own directory (engine and control socket) for as long as it runs.
+
+    Two processes on one state root with the same instance name (the same service name from
+    flags, or config files of the same name) would replace each other's engine and control
+    socket; the second is refused here, before it touches either, with the way out. Returns the
+    open, locked files (closing them releases the directory).
+    """
+    held: list[IO[str]] = []
+    locks = [os.path.join(cfg.engine_dir, LOCK_NAME)]
+    if os.path.dirname(cfg.health_socket) != cfg.engine_dir:  # --health-socket elsewhere: its own lock
+        locks.append(cfg.health_socket + ".lock")
+    for path in locks:
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the process's life
+        except OSError as exc:
+            for g in held:
+                g.close()
+            raise ConfigError([Problem("state root", f"cannot use {path!r}: {exc.strerror}")]) from None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _holder(f)
+            f.close()
+            for g in held:
+                g.close()
+            what = (
+                f"{cfg.engine_dir!r} (the engine directory and control socket of a sidecar process)"
+                if path.startswith(cfg.engine_dir + os.sep)
+                else f"the control socket {cfg.health_socket!r}"
+            )
+            raise ConfigError(
+                [
+                    Problem(
+                        "state root",
+                        f"{what} is in use by another harmonia-sidecar ({holder}) on the state root "
+                        f"{cfg.state_root!r}. Give this process a state root of its own "
+                        "(TS_STATE_DIR=DIR or --state-root DIR), or publish all the services from one "
+                        "process: harmonia-sidecar --config FILE with a [services.NAME] table each",
+                    )
+                ]
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        held.append(f)
+    return held
+
+
 def release_unused(cfg: ValidConfig, held: dict[str, IO[str]]) -> None:
     keep = {s.node_dir for s in cfg.services}
     for path in [p for p in held if p not in keep]:
@@ -119,21 +180,26 @@ class Sidecar:
     reload: Callable[[], ValidConfig] | None = None
     session_factory: SessionFactory | None = None
     handle_signals: bool = True
-    restarts: int = 0
-    engine_up: bool = False
-    ready: bool = False
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
     _keys: dict[str, Secret | None] = field(default_factory=dict)
-    _locks: dict[str, IO[str]] = field(default_factory=dict)
+    _locks: dict[str, IO[str]] = field(default_factory=dict)  # node directories, by path
+    _own_locks: list[IO[str]] = field(default_factory=list)  # this process's directory
     _applied: trio.Event = field(default_factory=trio.Event)
     _reload_lock: trio.Lock = field(default_factory=trio.Lock)
     traffic: dict[str, metrics.ServiceTraffic] = field(default_factory=dict)
     metrics_address: tuple[str, int] | None = None  # bound prometheus_addr (port 0 resolved)
-    _engine_ready: trio.Event = field(default_factory=trio.Event)
-    _engine_down: trio.Event = field(default_factory=trio.Event)
     directory: Directory | None = None  # the whois directory, with API credentials
 
     def __post_init__(self) -> None:
         self.engine.on_access = self._count
+
+    @property
+    def engine_up(self) -> bool:
+        return self.lifecycle.engine_up
+
+    @property
+    def restarts(self) -> int:
+        return self.lifecycle.restarts
 
     def _count(self, service: str, entry: dict[str, object]) -> None:
         self.traffic.setdefault(service, metrics.ServiceTraffic()).observe(entry)
@@ -143,7 +209,12 @@ class Sidecar:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Prepare (locks, auth keys), serve health, supervise the engine. Readiness = the engine
         runs with the config applied (the nodes may still be connecting)."""
-        lock_node_dirs(self.cfg, self._locks)
+        self._own_locks = lock_process_dir(self.cfg)
+        try:
+            lock_node_dirs(self.cfg, self._locks)
+        except ConfigError:
+            self._release_all()
+            raise
         for s in self.cfg.services:
             if s.whois and s.whois_timeout != DEFAULT_WHOIS_TIMEOUT:
                 log.warning(
@@ -164,9 +235,13 @@ class Sidecar:
                     nursery.start_soon(self._sighup_loop)
                 task_status.started()
         finally:
-            for f in self._locks.values():
-                f.close()
-            self._locks.clear()
+            self._release_all()
+
+    def _release_all(self) -> None:
+        for f in [*self._locks.values(), *self._own_locks]:
+            f.close()
+        self._locks.clear()
+        self._own_locks.clear()
 
     async def _prepare_keys(self) -> Secret | None:
         """Read the nodes' auth keys and the directory's API credentials; every problem of
@@ -188,47 +263,45 @@ class Sidecar:
 
     async def _supervise(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         backoff = BACKOFF_START
-        first = True
-        while True:
-            started_at = trio.current_time()
-            try:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(self.engine.start)
-                    async with self._reload_lock:
-                        await self.engine.apply(self.cfg, self._keys)
-                    self.engine_up = True
-                    self._engine_down = trio.Event()
-                    self._engine_ready.set()
-                    log.info("engine: config applied (%s)", ", ".join(s.name for s in self.cfg.services))
-                    if first:
-                        first = False
-                        task_status.started()
-            except (EngineError, BaseExceptionGroup) as exc:
-                errors = engine_errors(exc)
-                if errors is None:
-                    raise
-                self.engine_up = False
-                self.ready = False
-                if first:
-                    raise errors[0] from None
-                log.error("engine: %s", "; ".join(str(e) for e in errors))
-            self.engine_up = False
-            self._engine_ready = trio.Event()
-            self._engine_down.set()
-            if trio.current_time() - started_at > STABLE_AFTER:
-                backoff = BACKOFF_START
-            self.restarts += 1
-            log.warning("engine: restarting in %.1fs (restart #%d)", backoff, self.restarts)
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+        life = self.lifecycle
+        try:
+            while True:
+                started_at = trio.current_time()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        await nursery.start(self.engine.start)
+                        async with self._reload_lock:
+                            await self.engine.apply(self.cfg, self._keys)
+                        first = life.state is EngineState.STARTING
+                        life.to(EngineState.RUNNING)
+                        log.info("engine: config applied (%s)", ", ".join(s.name for s in self.cfg.services))
+                        if first:
+                            task_status.started()
+                except (EngineError, BaseExceptionGroup) as exc:
+                    errors = engine_errors(exc)
+                    if errors is None:
+                        raise
+                    if life.state is EngineState.STARTING:
+                        raise errors[0] from None
+                    log.error("engine: %s", "; ".join(str(e) for e in errors))
+                if life.state is EngineState.RUNNING:
+                    life.to(EngineState.RESTARTING)
+                if trio.current_time() - started_at > STABLE_AFTER:
+                    backoff = BACKOFF_START
+                log.warning("engine: restarting in %.1fs (restart #%d)", backoff, life.restarts)
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+        finally:
+            if life.state is not EngineState.STOPPED:
+                life.to(EngineState.STOPPED)
 
     async def wait_engine_down(self) -> None:
         """Until the running engine has died (drills and tests)."""
-        await self._engine_down.wait()
+        await self.lifecycle.wait_for(EngineState.RESTARTING, EngineState.STOPPED)
 
     async def wait_engine(self) -> None:
         """Until the engine runs with the config applied (at once if it does now)."""
-        await self._engine_ready.wait()
+        await self.lifecycle.wait_for(EngineState.RUNNING)
 
     async def wait_running(self) -> list[NodeStatus]:
         """Wait until every node has its tailnet addresses, within the start-up timeout."""
@@ -238,7 +311,6 @@ class Sidecar:
             while True:
                 statuses = await self.statuses()
                 if all(st.state is NodeState.RUNNING for st in statuses):
-                    self.ready = True
                     return statuses
                 await trio.sleep(0.25)
         waiting = [
@@ -274,6 +346,16 @@ class Sidecar:
                         "effect at the next start; keeping the running whois directory"
                     )
                     new = dataclasses.replace(new, api_key=self.cfg.api_key)
+                if (new.engine_dir, new.health_socket) != (self.cfg.engine_dir, self.cfg.health_socket):
+                    log.warning(
+                        "reconfiguration: the engine directory and control socket stay %s and %s "
+                        "until the next start",
+                        self.cfg.engine_dir,
+                        self.cfg.health_socket,
+                    )
+                    new = dataclasses.replace(
+                        new, engine_dir=self.cfg.engine_dir, health_socket=self.cfg.health_socket
+                    )
                 old_by_name = {s.name: s for s in self.cfg.services}
                 changed = [s for s in new.services if old_by_name.get(s.name) != s]
                 lock_node_dirs(new, self._locks)

@@ -7,7 +7,7 @@ let
   inherit (lib) mkOption mkEnableOption mkIf types;
 
   argv = hlib.gatewayArgv {
-    inherit (cfg) package site upstreams viaTailnet expose maxBody allowUpload tls bind snippetName
+    inherit (cfg) package site upstreams viaTailnet expose maxBody maxPushBody allowUpload tls bind snippetName
       logOutput accessLog compress extraArgs;
   };
   snippet = pkgs.runCommand "harmonia-gateway.caddy" { } ''
@@ -39,9 +39,15 @@ in
       description = "Dial the upstreams through this caddy-tailscale node (Caddy needs the plugin).";
     };
     expose = mkOption {
-      type = types.listOf (types.enum [ "serve" "log" "metrics" ]);
+      type = types.listOf (types.enum [ "serve" "log" "metrics" "push" ]);
       default = [ ];
-      description = "Also expose /serve/…, /log/… or /metrics publicly.";
+      description = "Also expose /serve/…, /log/…, /metrics or the cache's push routes /push/… publicly.";
+    };
+    maxPushBody = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "64GiB";
+      description = "With expose = [ \"push\" ]: the body limit of a push (a NAR upload); the renderer's default (64GiB) when null.";
     };
     maxBody = mkOption {
       type = types.nullOr types.str;

@@ -196,7 +196,7 @@ let
         authKeyPath = null; listenAddr = null; plaintext = false; certificateFile = null;
         keyFile = null; prefixes = [ ]; stripPrefix = true;
         upstreamHeaders = { }; insecureHTTPS = false; whoisTimeout = null; suppressWhois = false;
-        readHeaderTimeout = null; timeout = null; prometheusAddr = null; extraArgs = [ ];
+        readHeaderTimeout = null; timeout = null; prometheusAddr = null; pushAllow = [ ]; extraArgs = [ ];
       } // service;
       headerNames = attrNames s.upstreamHeaders;
     in
@@ -224,6 +224,7 @@ let
                 (flag "--insecure-https" s.insecureHTTPS)
                 (valueFlag "--whois-timeout" (seconds s.whoisTimeout))
                 (flag "--suppress-whois" s.suppressWhois)
+                (repeatedFlag "--push-allow" s.pushAllow)
                 (valueFlag "--read-header-timeout" (seconds s.readHeaderTimeout))
                 (valueFlag "--timeout" (seconds s.timeout))
                 (valueFlag "--prometheus-addr" s.prometheusAddr)
@@ -249,6 +250,7 @@ let
       LoadCredential = optional (authKeyFile != null) [ "authkey:${toString authKeyFile}" ];
       Restart = "on-failure";
       RestartSec = "5s";
+      # a stop takes under a second (docs/sidecar.md), at most the engine's 10 s kill deadline
       TimeoutStopSec = "30s";
       DynamicUser = true;
       StateDirectory = stateDirectory;
@@ -267,18 +269,19 @@ let
 
   # options -> `harmonia-caddy gateway …`, whose output is the snippet (and a site importing it)
   gatewayArgv = { package, site, upstreams, viaTailnet ? null, expose ? [ ], maxBody ? null
-                , allowUpload ? false, tls ? null, bind ? [ ], snippetName ? null
+                , maxPushBody ? null, allowUpload ? false, tls ? null, bind ? [ ], snippetName ? null
                 , logOutput ? null, accessLog ? true, compress ? true, extraArgs ? [ ] }:
     check (isNonEmptyString site) "gateway site is required (e.g. cache.example.org)"
       (check (upstreams != [ ]) "gateway needs at least one upstream"
-        (check (all (e: elem e [ "serve" "log" "metrics" ]) expose)
-          "gateway expose takes serve, log and metrics (got ${toJSON expose})"
+        (check (all (e: elem e [ "serve" "log" "metrics" "push" ]) expose)
+          "gateway expose takes serve, log, metrics and push (got ${toJSON expose})"
           (concatLists [
             [ "${package}/bin/harmonia-caddy" "gateway" "--site" site ]
             (repeatedFlag "--upstream" upstreams)
             (valueFlag "--via-tailnet" viaTailnet)
             (repeatedFlag "--expose" expose)
             (valueFlag "--max-body" maxBody)
+            (valueFlag "--max-push-body" maxPushBody)
             (flag "--allow-upload" allowUpload)
             (valueFlag "--tls" tls)
             (repeatedFlag "--bind" bind)

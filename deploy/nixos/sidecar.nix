@@ -99,6 +99,12 @@ let
         default = false;
         description = "Do not look up or forward the peer's identity.";
       };
+      pushAllow = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        example = [ "tag:ci" "alice@example.com" ];
+        description = "Only these callers may use /push (tags need the sidecar's whois directory); empty: every caller.";
+      };
       readHeaderTimeout = mkOption {
         type = types.nullOr (types.either types.ints.positive types.str);
         default = null;

@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 import trio
 
-from sidecar.http1 import request_unix
+from sidecar.control_http import request_unix
 from tests.e2e.sidecar.scenarios import Sidecar, all_running
 from tests.tailnet import Tailnet, TailnetConfig, serve_tailnet
 from tests.tailnet.nodes import (

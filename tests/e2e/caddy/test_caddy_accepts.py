@@ -35,6 +35,9 @@ from caddy.policy import (
     body_too_large_route,
     encode_handler,
     public_matcher,
+    push_body_handler,
+    push_matcher,
+    push_too_large_route,
     request_body_handler,
     request_header_strip_ops,
     reverse_proxy_handler,
@@ -132,6 +135,8 @@ def test_caddyfile_is_the_same_policy_as_the_engine_json(name: str, which: str) 
         reverse_proxy_handler(policy, group, fallback_follows=i < len(groups) - 1)
         for i, group in enumerate(groups)
     ]
+    if policy.expose_push:  # the push route proxies to the first group too, ahead of the rest
+        expected.insert(0, expected[0])
     main = _handlers(server["routes"], "reverse_proxy")
     errors = _handlers(server.get("errors", {}), "reverse_proxy")
     assert main + errors == expected
@@ -142,7 +147,8 @@ def test_caddyfile_is_the_same_policy_as_the_engine_json(name: str, which: str) 
 
     bodies = _handlers(server, "request_body")
     want_body = request_body_handler(policy)
-    assert bodies == ([want_body] if want_body else [])
+    want_push_body = push_body_handler(policy) if policy.expose_push else None
+    assert bodies == [b for b in (want_push_body, want_body) if b]
 
     deleted = [d for h in _handlers(server, "headers") for d in h.get("request", {}).get("delete", [])]
     want_deleted = request_header_strip_ops()["delete"] if policy.strip_identity_headers else []
@@ -157,6 +163,9 @@ def test_caddyfile_is_the_same_policy_as_the_engine_json(name: str, which: str) 
     want_public = public_matcher(policy)
     if want_public is not None:
         assert want_public in matchers
+    want_push = push_matcher(policy)
+    if want_push is not None:
+        assert want_push in matchers
     if want_encode:
         assert small_text_matcher() in matchers
     # the 413 route: body_too_large_route's matcher and handler (the Caddyfile's `handle`
@@ -165,6 +174,11 @@ def test_caddyfile_is_the_same_policy_as_the_engine_json(name: str, which: str) 
     too_large_responses = [
         h for h in _handlers(server, "static_response") if h.get("status_code") in (413, "413")
     ]
+    want_push_too_large = push_too_large_route(policy) if policy.expose_push else None
+    if want_push_too_large is not None:
+        assert want_push_too_large["match"][0] in matchers
+        assert too_large_responses[0] == want_push_too_large["handle"][0]
+        too_large_responses = too_large_responses[1:]
     if want_too_large is not None:
         assert want_too_large["match"][0] in matchers
         assert too_large_responses == want_too_large["handle"]

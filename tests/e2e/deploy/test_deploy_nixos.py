@@ -586,3 +586,18 @@ def test_client_settings_match_harmonia_caddy_client(env: dict[str, str]) -> Non
         if " = " in line and not line.startswith("#")
     )
     assert ours == {k: conf[k].split() for k in ("substituters", "trusted-public-keys")}
+
+
+def test_sidecar_argv_push_allow(env: dict[str, str]) -> None:
+    service = '{ upstream = "http://u"; pushAllow = [ "tag:ci" "alice@example.com" ]; }'
+    argv = nix_eval(f'l.sidecarArgv {{ package = "/p"; name = "harmonia"; service = {service}; }}', env)
+    assert argv[3:] == ["--push-allow", "tag:ci", "--push-allow", "alice@example.com", "http://u"]
+
+
+def test_gateway_argv_expose_push(env: dict[str, str]) -> None:
+    argv = nix_eval(
+        'l.gatewayArgv { package = "/p"; site = "c.example.org"; upstreams = [ "http://h:80" ]; '
+        'expose = [ "push" ]; maxPushBody = "8GiB"; }',
+        env,
+    )
+    assert argv[6:] == ["--expose", "push", "--max-push-body", "8GiB"]

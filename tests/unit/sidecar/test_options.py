@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from common.problems import ConfigError
@@ -243,3 +245,47 @@ def test_secret_never_in_reprs() -> None:
     assert "SUPERSECRET" not in repr(cfg)
     assert "SUPERSECRET" not in str(cfg.services[0].auth)
     assert repr(Secret("x")) == "Secret('***')"
+
+
+def test_hand_started_sidecars_under_the_default_root_own_a_directory_each() -> None:
+    # issue 15: two processes, each with its service's --state-dir, no TS_STATE_DIR: the default
+    # root is shared, so each process's engine and control socket are named after its service
+    first = ok(["--name", "harmonia", "--state-dir", "/srv/a", URL])
+    second = ok(["--name", "echo", "--state-dir", "/srv/b", URL])
+    root = "/home/u/.local/state/harmonia-sidecar"
+    assert (first.engine_dir, first.health_socket) == (f"{root}/_harmonia", f"{root}/_harmonia/sidecar.sock")
+    assert (second.engine_dir, second.health_socket) == (f"{root}/_echo", f"{root}/_echo/sidecar.sock")
+
+
+def test_a_config_file_names_its_process(tmp_path: Path) -> None:
+    config = tmp_path / "fleet cache.toml"
+    config.write_text(f'[services.a]\nupstream = "{URL}"\n[services.b]\nupstream = "{URL}"\n')
+    cfg = ok(["--config", str(config)])
+    assert cfg.engine_dir.endswith("/harmonia-sidecar/_fleet-cache")
+    # a root of its own keeps the one-process layout (systemd gives every instance its own)
+    cfg = ok(["--config", str(config)], {**ENV, "TS_STATE_DIR": "/var/lib/ts"})
+    assert (cfg.engine_dir, cfg.health_socket) == ("/var/lib/ts/_engine", "/var/lib/ts/sidecar.sock")
+
+
+def test_a_long_instance_name_stays_a_socket_path() -> None:
+    name = "a" * 63
+    cfg = ok(["--name", name, URL])
+    instance = cfg.engine_dir.rsplit("/_", 1)[1]
+    assert len(instance) == 32 and instance.startswith("a" * 23 + "-")
+
+
+def test_push_allow_entries_and_what_they_need() -> None:
+    service = ok(["--name", "h", "--push-allow", "ci@example.com,alice@example.org", URL]).services[0]
+    assert service.push_allow == ("ci@example.com", "alice@example.org")
+    assert service.policy.expose_push  # /push gets its own, guarded route
+    assert not ok(["--name", "h", URL]).services[0].policy.expose_push  # proxied like any path
+    assert bad(["--name", "h", "--push-allow", "ci", URL]) == {"--push-allow"}
+    assert bad(["--name", "h", "--push-allow", "a@b", "--suppress-whois", URL]) == {"--push-allow"}
+    # tags need the whois directory (API credentials): without it no caller has tags
+    with pytest.raises(ConfigError) as info:
+        load(["--name", "h", "--push-allow", "tag:ci", URL], ENV)
+    (problem,) = info.value.problems
+    assert problem.key == "--push-allow" and "whois directory" in problem.message
+    assert "--api-key-path" in problem.message or "api_key_path" in problem.message
+    tagged = ok(["--name", "h", "--push-allow", "tag:ci", URL], {**ENV, "TS_API_KEY": "tskey-api-k123-x"})
+    assert tagged.services[0].push_allow == ("tag:ci",)

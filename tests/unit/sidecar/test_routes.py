@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -253,3 +254,109 @@ async def test_a_content_length_over_the_body_limit_is_413_before_proxying(
     assert prefixed_fits.status_code == 200
     assert prefixed_fits.json()["path"] == "/fits"
     assert [s["path"] for s in echo.seen] == ["/fits", "/fits"]  # the 413s never reached it
+
+
+async def test_push_allow_guards_push_and_only_push(caddy_bin: str, tmp_path: Path) -> None:
+    # a caller the engine cannot name (here: a unix socket, like a tagged node without the
+    # directory) is refused /push with 403 before its body is read, even forging the allowed
+    # login; everything else, and /push on a service without push_allow, is served as before
+    async with trio.open_nursery() as nursery:
+        echo = Echo()
+        port = await nursery.start(echo.serve)
+        services = [
+            ServiceSpec(
+                name="guarded",
+                upstream=f"http://127.0.0.1:{port}",
+                plaintext=True,
+                push_allow=["ci@example.com"],
+            ),
+            ServiceSpec(name="open", upstream=f"http://127.0.0.1:{port}", plaintext=True),
+        ]
+        async with running(caddy_bin, tmp_path, services) as (_, _, clients):
+            with trio.fail_after(30):
+                forged = {
+                    "X-Tailscale-User-LoginName": "ci@example.com",
+                    "Tailscale-User-Login": "ci@example.com",
+                }
+                refused = await clients["guarded"].put("/push/nar/x.nar", content=b"n" * 5000, headers=forged)
+                refused_get = await clients["guarded"].get("/push/nix-cache-info")
+                sneaky = await clients["guarded"].get("/x/../push/nix-cache-info")
+                served = await clients["guarded"].get("/nix-cache-info")
+                pushed = await clients["open"].put("/push/nar/y.nar", content=b"n" * 5000)
+        nursery.cancel_scope.cancel()
+    assert refused.status_code == refused_get.status_code == 403
+    assert refused.text == "403 this caller may not push here\n"
+    assert sneaky.status_code == 403  # the path as sent is checked too
+    assert served.status_code == 200
+    assert pushed.status_code == 200
+    assert [(s["method"], s["path"], s["body_bytes"]) for s in echo.seen] == [
+        ("GET", "/nix-cache-info", 0),
+        ("PUT", "/push/nar/y.nar", 5000),
+    ]
+
+
+async def test_a_push_the_upstream_does_not_answer_is_424_not_5xx(caddy_bin: str, tmp_path: Path) -> None:
+    # Nix <= 2.33.1 answers a 5xx to a PUT by re-sending it with an empty body and hanging
+    # (NixOS/nix #15023): a push the node cannot deliver is 424; anything else keeps its 502
+    with trio.socket.socket() as probe:  # a port with nobody listening
+        await probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    services = [
+        ServiceSpec(
+            name="dead", upstream=f"http://127.0.0.1:{dead}", plaintext=True, policy={"try_duration_s": 0.5}
+        ),
+        ServiceSpec(
+            name="guarded",
+            upstream=f"http://127.0.0.1:{dead}",
+            plaintext=True,
+            policy={"try_duration_s": 0.5},
+            push_allow=["ci@example.com"],
+        ),
+    ]
+    async with running(caddy_bin, tmp_path, services) as (_, _, clients):
+        with trio.fail_after(30):
+            push = await clients["dead"].put("/push/nar/x.nar", content=b"n" * 5000)
+            push_get = await clients["dead"].get("/push/nix-cache-info")
+            other_put = await clients["dead"].put("/elsewhere", content=b"n")
+            refused = await clients["guarded"].put("/push/nar/x.nar", content=b"n" * 5000)
+    assert push.status_code == 424
+    assert push.text.startswith("424 the cache behind this frontend did not answer")
+    assert push_get.status_code == other_put.status_code == 502
+    assert refused.status_code == 403  # the guard answers before any proxying
+
+
+async def test_the_upstream_answers_expect_100_continue(caddy_bin: str, tmp_path: Path) -> None:
+    # a pushing Nix sends Expect: 100-continue; the cache's refusal must reach it before it
+    # uploads, not the engine's own "100 Continue"
+    heads: list[bytes] = []
+
+    async def refuse(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            data += chunk
+        heads.append(data.partition(b"\r\n\r\n")[0])
+        await stream.send_all(
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\nConnection: close\r\n\r\nno\r\n"
+        )
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, refuse, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        spec = ServiceSpec(name="cache", upstream=f"http://127.0.0.1:{port}", plaintext=True)
+        async with running(caddy_bin, tmp_path, [spec]) as (_, _, _clients):
+            with trio.fail_after(30):
+                stream = await trio.open_unix_socket(str(tmp_path / "cache.sock"))
+                async with stream:
+                    await stream.send_all(
+                        b"PUT /push/nar/x.nar HTTP/1.1\r\nHost: cache\r\nContent-Length: 1000000\r\n"
+                        b"Expect: 100-continue\r\n\r\n"
+                    )
+                    first = await stream.receive_some(65536)
+        nursery.cancel_scope.cancel()
+    assert first.startswith(b"HTTP/1.1 401"), first[:80]
+    (head,) = heads
+    assert b"expect: 100-continue" in head.lower()

@@ -12,11 +12,11 @@ import trio
 
 from common.problems import ConfigError, Problem
 from sidecar import cli, supervisor
+from sidecar.control_http import request_tcp, request_unix
 from sidecar.engine import CaddyEngine
-from sidecar.http1 import request_tcp, request_unix
 from sidecar.metrics import parse
 from sidecar.model import ServiceSpec, SidecarSpec, ValidConfig, validate
-from sidecar.supervisor import Sidecar
+from sidecar.supervisor import Sidecar, lock_process_dir
 
 from .upstream import Echo
 
@@ -167,3 +167,24 @@ async def test_one_sidecar_per_state_directory(caddy_bin: str, tmp_path: Path) -
             with pytest.raises(ConfigError, match="in use by another harmonia-sidecar"):
                 await second.run()
         nursery.cancel_scope.cancel()
+
+
+def test_a_process_directory_is_taken_once(tmp_path: Path) -> None:
+    cfg = validate(
+        SidecarSpec(services=[ServiceSpec(name="a", upstream="http://127.0.0.1:1")], state_dir=str(tmp_path)),
+        {},
+    )
+    held = lock_process_dir(cfg)
+    try:
+        with pytest.raises(ConfigError) as info:
+            lock_process_dir(cfg)
+        (problem,) = info.value.problems
+        assert problem.key == "state root"
+        assert f"{cfg.engine_dir!r}" in problem.message
+        assert f"pid {os.getpid()}" in problem.message
+        assert "TS_STATE_DIR" in problem.message and "--config" in problem.message
+    finally:
+        for f in held:
+            f.close()
+    for f in lock_process_dir(cfg):  # released: the next process may take it
+        f.close()

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 import trio
 
+from sidecar.control_http import request_tcp, request_unix
 from sidecar.engine import CaddyEngine
-from sidecar.http1 import request_tcp, request_unix
 from sidecar.model import ServiceSpec, SidecarSpec, validate
 from sidecar.supervisor import Sidecar
 from tests.tailnet import Tailnet
