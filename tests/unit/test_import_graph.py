@@ -15,11 +15,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("cache", "caddy", "sidecar", "deploy", "bench", "common")
 
-#: Circles another branch removes: the integrator empties this when merging it. Each entry is
-#: the modules (and their submodules) one circle stays within. cache.app ↔ cache.routes (and
-#: every route, through routes/__init__): removed on branch `transport`.
-KNOWN_CYCLES_FIXED_BY_MERGE: list[tuple[str, ...]] = [("cache.app", "cache.routes")]
-
 #: Which top-level folders each folder may import (besides itself).
 ALLOWED_FOLDER_ARROWS: dict[str, set[str]] = {
     "common": set(),
@@ -137,21 +132,20 @@ def test_imports_are_read_wherever_they_are_written(tmp_path: Path) -> None:
     assert imports_of("caddy.model", tmp_path / "m.py", modules) == {"caddy.policy"}
 
 
-def _within(cycle: frozenset[str], roots: tuple[str, ...]) -> bool:
-    return all(any(m == r or m.startswith(r + ".") for r in roots) for m in cycle)
-
-
 def test_no_import_cycle_between_modules() -> None:
-    found = cycles(import_graph())
-    unexpected = [sorted(c) for c in found if not any(_within(c, k) for k in KNOWN_CYCLES_FIXED_BY_MERGE)]
-    assert unexpected == [], f"import cycles: {unexpected}"
+    assert [sorted(c) for c in cycles(import_graph())] == []
 
 
-def test_known_cycles_are_still_real() -> None:
-    # once a merge removes one, its entry must go too (the allowlist only ever shrinks)
-    found = cycles(import_graph())
-    stale = [k for k in KNOWN_CYCLES_FIXED_BY_MERGE if not any(_within(c, k) for c in found)]
-    assert stale == [], f"no longer a cycle, empty KNOWN_CYCLES_FIXED_BY_MERGE of: {stale}"
+def test_cache_layers_point_down() -> None:
+    """transport knows no routes and no app; routes and their context know nothing above them."""
+    upper = {"cache.app", "cache.server", "cache.cli", "cache.launch"}
+    for name, targets in import_graph().items():
+        if name.startswith("cache.transport"):
+            assert not {
+                t for t in targets if t.startswith("cache.routes") or t in upper | {"cache.context"}
+            }, name
+        if name.startswith("cache.routes") or name == "cache.context":
+            assert not targets & upper, name
 
 
 def test_folders_import_along_the_documented_arrows() -> None:
