@@ -8,6 +8,8 @@ paths (2.26 sends `Accept-Encoding: zstd, …`, 2.8 none), resume after a cut, a
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from tests.support.cache_server import CacheServer, start_cache
 from tests.support.clients import NixClient, remove_tree
 from tests.support.cutting_proxy import cutting_proxy, header
 from tests.support.fixtures import Fixtures
+from tests.tailnet.netns import netns, unavailable_reason
 
 pytestmark = pytest.mark.e2e
 
@@ -96,6 +99,39 @@ def test_client_versions(nix_client: NixClient) -> None:
     expected = {"nix-2.8": "2.8.", "nix-2.26": "2.26."}[nix_client.name]
     assert nix_client.version.startswith(expected)
     assert nix_client.version in nix_client.run(["nix", "--version"]).stdout
+
+
+def test_client_runs_inside_a_network_namespace(nix_client: NixClient, client_dir: Path) -> None:
+    """`run(netns=…)`: the client reaches a server on the namespace's loopback, which the machine's lacks."""
+    if (reason := unavailable_reason()) is not None:
+        pytest.skip(reason)
+    served = client_dir / "served"
+    served.mkdir()
+    (served / "nix-cache-info").write_text("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 41\n")
+    url = "http://127.0.0.1:1"  # a port nothing listens on outside the namespace
+    env = nix_client.env(client_dir / "xdg", "connect-timeout = 5\n")
+    ping = ["nix", "store", "ping", "--store", url]
+    with netns("hbcl") as ns:
+        server = subprocess.Popen(
+            ns.argv(
+                [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(served), "1"]
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while (inside := nix_client.run(ping, env=env, check=False, netns=ns.name)).returncode != 0:
+                assert time.monotonic() < deadline, inside.stderr
+                time.sleep(0.2)
+            # not on the machine's loopback (a fresh narinfo cache: nix-cache-info is cached for a week)
+            outside = nix_client.env(
+                client_dir / "xdg-outside", "connect-timeout = 5\ndownload-attempts = 1\n"
+            )
+            assert nix_client.run(ping, env=outside, check=False).returncode != 0
+        finally:
+            server.terminate()
+            server.wait(10)
 
 
 def test_signed_copy_and_verify(
