@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -279,7 +280,15 @@ def test_nar_zst_url(
         assert response.headers["accept-ranges"] == "bytes"
 
 
-@pytest.mark.parametrize("served", ["nar", "nar.zst"])
+RESUME_CONFIGS: dict[str, dict[str, Any]] = {
+    "nar": {"enable_compression": False},
+    "nar.zst": {"zstd": {"level": 3}},
+    # the daemon streams the NAR (NarFromPath): a resumed range skips the bytes already sent
+    "daemon-nar": {"store_backend": "daemon", "nar_source": "daemon", "enable_compression": False},
+}
+
+
+@pytest.mark.parametrize("served", list(RESUME_CONFIGS))
 def test_resume_after_a_cut_download(
     nix_client: NixClient,
     served: str,
@@ -289,16 +298,16 @@ def test_resume_after_a_cut_download(
     host_nix_client: NixClient,
     nix_daemon_env: dict[str, str],
 ) -> None:
-    """The link drops in the middle of the NAR the narinfo names (the plain NAR, or its `.nar.zst` copy):
-    the client resumes with `Range` (both responses carry `Accept-Ranges` and no `Content-Encoding`)."""
+    """The link drops in the middle of the NAR the narinfo names (the plain NAR from a file or from the
+    daemon, or its `.nar.zst` copy): the client resumes with `Range` (each response carries
+    `Accept-Ranges` and no `Content-Encoding`) and gets the right bytes."""
     path = store_fixtures.tree
-    config = {"enable_compression": False} if served == "nar" else {"zstd": {"level": 3}}
-    with start_cache(tmp_path / "srv", **config) as cache:
+    with start_cache(tmp_path / "srv", **RESUME_CONFIGS[served]) as cache:
         if served == "nar.zst":
             wait_for_compressed_copy(cache, path)
         narinfo = httpx.get(f"{cache.url}/{Path(path).name[:32]}.narinfo", timeout=10).text
         fields = dict(line.split(": ", 1) for line in narinfo.splitlines())
-        assert fields["URL"].split("?")[0].endswith("." + served), fields
+        assert fields["URL"].split("?")[0].endswith(".nar.zst" if served == "nar.zst" else ".nar"), fields
         file_size = int(fields.get("FileSize", fields["NarSize"]))
         cut_after = 1024 + file_size // 2  # the head and about half of the body
         with cutting_proxy(cache.hostport, cut_path="/" + fields["URL"], cut_after=cut_after) as proxy:
