@@ -414,9 +414,11 @@ def test_http2_over_tls(
         assert {m["proto"] for m in access_log(cache)[before:]} == {"HTTP/1.1"}, cache.log
         # a client without the CA refuses the server
         untrusting = signed_env(nix_client, client_dir / "untrusting", cache.public_key)
+        untrusting["NIX_CONFIG"] += "download-attempts = 1\n"  # a TLS failure is retried otherwise
         refused = nix_client.run(
             ["nix", "copy", "--from", cache.url, "--to", store + "-2", store_fixtures.single],
             env=untrusting,
             check=False,
         )
         assert refused.returncode != 0
+        assert re.search(r"SSL|certificate", refused.stderr), refused.stderr
