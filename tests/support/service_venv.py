@@ -10,6 +10,7 @@ mode 700). So those tests install this checkout the same way into a world-readab
 from __future__ import annotations
 
 import fcntl
+import fnmatch
 import hashlib
 import os
 import shutil
@@ -17,18 +18,29 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_VENVS = Path(os.environ.get("HARMONIA_SERVICE_VENVS", "/var/cache/harmonia-bundle/service-venvs"))
-PACKAGES = ("cache", "caddy", "sidecar", "deploy", "bench")
 BUILD_FILES = ("pyproject.toml", "README.md", "setup.py", "setup.cfg", "MANIFEST.in")
 STALE_AFTER = 7 * 86400  # venvs of sources nobody ran for a week are removed
 
 
+def packages(repo: Path) -> list[str]:
+    """The top-level packages `pip install .` ships: pyproject's `packages.find` include patterns."""
+    config = tomllib.loads((repo / "pyproject.toml").read_text())
+    include = config["tool"]["setuptools"]["packages"]["find"]["include"]
+    return sorted(
+        d.name
+        for d in repo.iterdir()
+        if (d / "__init__.py").is_file() and any(fnmatch.fnmatchcase(d.name, pattern) for pattern in include)
+    )
+
+
 def _package_files(repo: Path) -> list[Path]:
     files = [repo / name for name in BUILD_FILES if (repo / name).is_file()]
-    for package in PACKAGES:
+    for package in packages(repo):
         for path in sorted((repo / package).rglob("*")):
             if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
                 files.append(path)
@@ -79,7 +91,7 @@ def service_venv(repo: Path = REPO) -> Path:
             for name in BUILD_FILES:
                 if (repo / name).is_file():
                     shutil.copy(repo / name, Path(src) / name)
-            for package in PACKAGES:
+            for package in packages(repo):
                 shutil.copytree(
                     repo / package, Path(src) / package, ignore=shutil.ignore_patterns("__pycache__")
                 )

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.support.service_venv import PACKAGES, source_digest
+from tests.support.service_venv import packages, source_digest
+
+PYPROJECT = """[project]
+name = "{name}"
+[tool.setuptools.packages.find]
+include = ["common*", "cache*", "deploy*"]
+"""
+PACKAGES = ("common", "cache", "deploy")
 
 
 def _tree(root: Path) -> Path:
     root.mkdir()
-    (root / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    (root / "pyproject.toml").write_text(PYPROJECT.format(name="x"))
     for package in PACKAGES:
         (root / package).mkdir(parents=True)
         (root / package / "__init__.py").write_text(f"# {package}\n")
@@ -29,7 +36,7 @@ def test_digest_follows_the_package_sources(tmp_path: Path) -> None:
     (root / "deploy" / "systemd" / "unit.service").write_text("[Unit]\n")
     changed = source_digest(root)
     assert changed != first  # package data is
-    (root / "pyproject.toml").write_text("[project]\nname = 'y'\n")
+    (root / "pyproject.toml").write_text(PYPROJECT.format(name="y"))
     assert source_digest(root) != changed
 
 
@@ -39,3 +46,20 @@ def test_digest_sees_renames(tmp_path: Path) -> None:
     before = source_digest(root)
     (root / "cache" / "a.py").rename(root / "cache" / "b.py")
     assert source_digest(root) != before
+
+
+def test_packages_are_the_ones_pyproject_includes(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "repo")
+    (root / "tests").mkdir()
+    (root / "tests" / "__init__.py").write_text("")
+    (root / "docs").mkdir()
+    assert packages(root) == ["cache", "common", "deploy"]
+    (root / "common" / "x.py").write_text("")
+    before = source_digest(root)
+    (root / "common" / "x.py").write_text("changed = True\n")
+    assert source_digest(root) != before  # a package added to pyproject is part of the digest
+
+
+def test_this_checkout_ships_what_pyproject_says() -> None:
+    repo = Path(__file__).resolve().parents[3]
+    assert {"cache", "deploy"} <= set(packages(repo))
