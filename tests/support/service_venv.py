@@ -24,7 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 SERVICE_VENVS = Path(os.environ.get("HARMONIA_SERVICE_VENVS", "/var/cache/harmonia-bundle/service-venvs"))
 BUILD_FILES = ("pyproject.toml", "README.md", "setup.py", "setup.cfg", "MANIFEST.in")
-STALE_AFTER = 7 * 86400  # venvs of sources nobody ran for a week are removed
+STALE_AFTER = 86400
+BUSY_WITHIN = 3600
+KEEP = 4  # with the one in use
 
 
 def packages(repo: Path) -> list[str]:
@@ -66,9 +68,17 @@ def _make_readable(root: Path) -> None:
 
 
 def _prune(keep: Path) -> None:
+    """Every source change makes a new venv: drop those nobody used for a day, and beyond the newest
+    KEEP those idle for an hour (a test of another checkout may be using one right now)."""
     now = time.time()
-    for old in SERVICE_VENVS.iterdir():
-        if old != keep and old.is_dir() and now - old.stat().st_mtime > STALE_AFTER:
+    venvs = sorted(
+        (d for d in SERVICE_VENVS.iterdir() if d.is_dir() and d != keep),
+        key=lambda d: d.stat().st_mtime,
+        reverse=True,
+    )
+    for rank, old in enumerate(venvs, start=1):
+        idle = now - old.stat().st_mtime
+        if idle > STALE_AFTER or (rank >= KEEP and idle > BUSY_WITHIN):
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
+import pytest
+
+from tests.support import service_venv
 from tests.support.service_venv import packages, source_digest
 
 PYPROJECT = """[project]
@@ -63,3 +68,15 @@ def test_packages_are_the_ones_pyproject_includes(tmp_path: Path) -> None:
 def test_this_checkout_ships_what_pyproject_says() -> None:
     repo = Path(__file__).resolve().parents[3]
     assert {"cache", "deploy"} <= set(packages(repo))
+
+
+def test_prune_keeps_the_recent_and_the_busy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service_venv, "SERVICE_VENVS", tmp_path)
+    now = time.time()
+    ages = {"in-use": 0, "a": 60, "b": 120, "c": 180, "busy": 600, "idle": 2 * 3600, "stale": 2 * 86400}
+    for name, age in ages.items():
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, (now - age, now - age))
+    service_venv._prune(keep=tmp_path / "in-use")
+    # the newest three besides the one in use stay; beyond them only what ran within the hour
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "busy", "c", "in-use"]
