@@ -66,13 +66,15 @@ async def respond(handler: Handler, request: Request) -> Response:
 class Exchange:
     """One request/response pair, for the metrics and the access log."""
 
-    __slots__ = ("client", "method", "metrics", "path", "started")
+    __slots__ = ("client", "method", "metrics", "path", "protocol", "sent", "started")
 
-    def __init__(self, metrics: Metrics, client: str, method: str, path: str) -> None:
+    def __init__(self, metrics: Metrics, client: str, method: str, path: str, protocol: str) -> None:
         self.metrics = metrics
         self.client = client
         self.method = method
         self.path = path
+        self.protocol = protocol
+        self.sent = 0  # body bytes handed to the transport so far (a cut transfer counts what went)
         self.started = time.monotonic()
 
     def record(self, route: str, status: int, sent: int) -> None:
@@ -80,15 +82,21 @@ class Exchange:
         self.metrics.observe(route, status, elapsed, sent)
         if access_log.isEnabledFor(logging.DEBUG):
             access_log.debug(
-                "%s %s %s %d %d %.1fms", self.client, self.method, self.path, status, sent, elapsed * 1000
+                "%s %s %s %s %d %d %.1fms",
+                self.client,
+                self.method,
+                self.path,
+                self.protocol,
+                status,
+                sent,
+                elapsed * 1000,
             )
 
 
 async def deliver(sink: Sink, resp: Response, exchange: Exchange, *, head_only: bool) -> int:
     """Send `resp` through `sink`; returns the body bytes sent. Raises BodyFailed (cut it) or the
-    sink's own transport errors (connection gone)."""
+    sink's own transport errors (connection gone). What was sent is recorded either way."""
     body = resp.body
-    sent = 0
     try:
         await sink.start(resp, resp.content_length, head_only=head_only)
         if head_only:
@@ -96,75 +104,71 @@ async def deliver(sink: Sink, resp: Response, exchange: Exchange, *, head_only: 
         if isinstance(body, bytes):
             if body:
                 await sink.data(body)
-            sent = len(body)
+            exchange.sent = len(body)
         else:
             is_nar = resp.route == "nar"
             if is_nar:
                 exchange.metrics.nar_started()
             try:
                 if isinstance(body, SegmentsBody):
-                    sent = await _write_segments(sink, body)
+                    await _write_segments(sink, body, exchange)
                 else:
-                    sent = await _write_stream(sink, body)
+                    await _write_stream(sink, body, exchange)
             finally:
                 if is_nar:
                     exchange.metrics.nar_finished()
         await sink.finish()
-        return sent
+        return exchange.sent
     finally:
         if isinstance(body, StreamBody) and body.close is not None:
             with trio.CancelScope(shield=True):
                 await body.close()
-        exchange.record(resp.route, resp.status, sent)
+        exchange.record(resp.route, resp.status, exchange.sent)
 
 
-async def _write_segments(sink: Sink, body: SegmentsBody) -> int:
+async def _write_segments(sink: Sink, body: SegmentsBody, progress: Exchange) -> None:
     it: Iterator[Segment] = body.segments()
-    sent = 0
     while True:
         try:
             # building segments walks the filesystem: never on the event loop
             seg = await trio.to_thread.run_sync(next, it, _done)
         except (NarError, OSError) as exc:
-            log.error("body failed after %d bytes: %s", sent, exc)
+            log.error("body failed after %d bytes: %s", progress.sent, exc)
             raise BodyFailed(str(exc)) from exc
         if seg is _done:
             break
         if isinstance(seg, bytes):
             if seg:
                 await sink.data(seg)
-                sent += len(seg)
+                progress.sent += len(seg)
             continue
         assert isinstance(seg, FileRegion)
-        sent += await sink.region(seg)
-        if sent > body.length:
+        progress.sent += await sink.region(seg)
+        if progress.sent > body.length:
             break
-    if sent != body.length:
-        log.error("body was %d bytes, announced %d: cutting it", sent, body.length)
-        raise BodyFailed(f"body was {sent} bytes, announced {body.length}")
-    return sent
+    if progress.sent != body.length:
+        log.error("body was %d bytes, announced %d: cutting it", progress.sent, body.length)
+        raise BodyFailed(f"body was {progress.sent} bytes, announced {body.length}")
 
 
-async def _write_stream(sink: Sink, body: StreamBody) -> int:
-    sent = 0
+async def _write_stream(sink: Sink, body: StreamBody, progress: Exchange) -> None:
     stream: AsyncIterator[bytes] = body.chunks()
     try:
         async for chunk in stream:
             if not chunk:
                 continue
-            if body.length is not None and sent + len(chunk) > body.length:
+            if body.length is not None and progress.sent + len(chunk) > body.length:
                 raise BodyFailed(f"streamed body runs past its {body.length} bytes")
             await sink.data(chunk)
-            sent += len(chunk)
+            progress.sent += len(chunk)
     except (NarError, OSError, StoreError) as exc:
-        log.error("streamed body failed after %d bytes: %s", sent, exc)
+        log.error("streamed body failed after %d bytes: %s", progress.sent, exc)
         raise BodyFailed(str(exc)) from exc
     finally:
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             with trio.CancelScope(shield=True):
                 await aclose()
-    if body.length is not None and sent != body.length:
-        log.error("streamed body was %d bytes, announced %d: cutting it", sent, body.length)
-        raise BodyFailed(f"body was {sent} bytes, announced {body.length}")
-    return sent
+    if body.length is not None and progress.sent != body.length:
+        log.error("streamed body was %d bytes, announced %d: cutting it", progress.sent, body.length)
+        raise BodyFailed(f"body was {progress.sent} bytes, announced {body.length}")

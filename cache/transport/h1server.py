@@ -199,7 +199,7 @@ class H1Connection:
             await deliver(
                 H1Sink(self, keep_alive=False),
                 resp,
-                Exchange(self.metrics, self.client, "-", "-"),
+                Exchange(self.metrics, self.client, "-", "-", "HTTP/1.1"),
                 head_only=False,
             )
         except (trio.BrokenResourceError, trio.TooSlowError, BodyFailed, OSError):
@@ -228,7 +228,7 @@ class H1Connection:
     async def _handle(self, head: RequestHead) -> bool:
         """Answer one request; True when the connection may serve another."""
         path, _, query = origin_form(head.target).partition("?")
-        exchange = Exchange(self.metrics, self.client, head.method, path)
+        exchange = Exchange(self.metrics, self.client, head.method, path, f"HTTP/1.{head.minor}")
         body = H1RequestBody(self, head) if head.has_body else EMPTY_BODY
         if not path.startswith("/"):
             resp = error(400, "request target must be a path")

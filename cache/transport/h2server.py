@@ -427,7 +427,7 @@ class H2Connection:
                 self.no_streams.set()
 
     async def _answer(self, stream: _Stream, request: Request) -> None:
-        exchange = Exchange(self.metrics, self.client, request.method, request.raw_path)
+        exchange = Exchange(self.metrics, self.client, request.method, request.raw_path, "HTTP/2")
         if not request.raw_path.startswith("/"):
             resp = error(400, "request target must be a path")
         else:

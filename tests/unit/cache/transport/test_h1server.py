@@ -134,6 +134,7 @@ async def test_short_stream_body_is_cut_not_completed() -> None:
     assert body == b"only " and len(body) < 10  # the connection ended short: the client sees it
     assert closed == [True]
     assert 'harmonia_requests_total{route="other",status="200"} 1' in metrics.render()
+    assert 'harmonia_bytes_sent_total{route="other"} 5' in metrics.render()  # what went, not 0
 
 
 async def test_short_file_body_is_cut(tmp_path) -> None:
