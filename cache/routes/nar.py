@@ -66,21 +66,31 @@ def _file_segments(region: FileRegion) -> Iterator[Segment]:
 
 
 async def get_nar_zst(app: App, request: Request, match: re.Match[str]) -> Response:
+    """The compressed NAR: the copy when it exists, else the same bytes compressed on the fly
+    (with their length once a copy was made before), so this URL never fails for a valid path."""
     found = await _lookup(app, request.query_value("hash"), match["narhash"])
     if isinstance(found, Response):
         return found
-    if app.zstd is None:
+    if app.copies is None:
         return error(404, "compression is disabled on this cache")
     source = await app.store.nar(found.info)
     if not isinstance(source, FsNar):
-        return error(404, "no compressed copy with this store backend")
-    # normally made in the background after the narinfo; made now if it was evicted since
-    copy = await app.zstd.ensure(found.info.nar_hash, source.segments)
-    if copy is None:
-        return error(503, "the compressed copy is not available yet", [("Retry-After", "2")])
-    region = FileRegion(bytes(copy.path), copy.file_size)
-    headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE), ("Accept-Ranges", "bytes")]
-    return _ranged(request, headers, lambda: _file_segments(region), copy.file_size)
+        return error(404, "no compressed NAR with this store backend (nar_source = daemon)")
+    copy = app.compressed_copy(found.info)
+    if copy is not None:
+        region = FileRegion(bytes(copy.path), copy.file_size)
+        headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE), ("Accept-Ranges", "bytes")]
+        return _ranged(request, headers, lambda: _file_segments(region), copy.file_size)
+    app.schedule_compression(found.info, source)
+    # the copy's length is known if one was made before (and evicted since): the live stream is
+    # byte for byte that copy. Without a copy there are no ranges (Range is ignored: a 200).
+    meta = app.copies.meta(found.info.nar_hash)
+    headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE)]
+    length = meta.file_size if meta is not None else None
+    if request.method == "HEAD":
+        return Response(200, headers, StreamBody(_nothing, length))
+    level = app.config.zstd_level
+    return Response(200, headers, StreamBody(lambda: _zstd_stream(source, level), length))
 
 
 def _ranged(
@@ -117,8 +127,8 @@ async def nar_response(app: App, request: Request, resolved: Resolved) -> Respon
                 SegmentsBody(lambda: _file_segments(region), copy.file_size),
             )
         if isinstance(source, FsNar):
-            app.schedule_compression(info)
-            level = min(app.config.zstd_level, 3)  # live streams favour speed
+            app.schedule_compression(info, source)
+            level = app.config.zstd_level  # the copy's bytes, whoever asks
             return Response(
                 200,
                 [*headers, ("Content-Encoding", "zstd")],

@@ -5,23 +5,25 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from ..http import Request, Response, error, text
+from ..http import Request, Response, error
 from ..storepath import is_hash_part
 
 if TYPE_CHECKING:
     from ..app import App
 
 POSITIVE_CACHE = "public, max-age=3600"
+_CACHE = ("Cache-Control", POSITIVE_CACHE)
+_NARINFO_TYPE = ("Content-Type", "text/x-nix-narinfo")
 
 
 async def get_narinfo(app: App, request: Request, match: re.Match[str]) -> Response:
     hash_part = match["hash"]
     if not is_hash_part(hash_part):
         return error(400, "a narinfo name is the 32-character hash of a store path")
-    resolved = await app.resolve(hash_part)
-    if resolved is None:
+    known = await app.known(hash_part)
+    if known is None:
         return error(404, "no such path")
-    narinfo = app.narinfo(resolved)
     if request.query and "json" in request.query_params():
-        return text(200, narinfo.to_json(), "application/json", [("Cache-Control", POSITIVE_CACHE)])
-    return text(200, narinfo.render(), "text/x-nix-narinfo", [("Cache-Control", POSITIVE_CACHE)])
+        body = app.narinfo_body(known, as_json=True)
+        return Response(200, [("Content-Type", "application/json"), _CACHE], body)
+    return Response(200, [_NARINFO_TYPE, _CACHE], app.narinfo_body(known, as_json=False))

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import trustme
 
+from cache.app import METADATA_TTL
 from tests.support.cache_server import generate_key, render_toml, start_cache
 from tests.support.fixtures import Fixtures
 
@@ -371,7 +372,8 @@ def test_daemon_backend_survives_a_daemon_restart(
             assert httpx.get(url, timeout=20).status_code == 200
             before = relay.accepted
             relay.drop_all()  # every pooled connection is now dead, as after a daemon restart
-            time.sleep(0.2)
+            # past the worker's metadata cache, so that the daemon is asked again
+            time.sleep(METADATA_TTL + 0.2)
             for _ in range(5):
                 resp = httpx.get(url, timeout=20)
                 assert resp.status_code == 200, resp.text
