@@ -1,4 +1,7 @@
-"""The application: configuration, store, keys and caches, and the dispatch of requests to routes."""
+"""The application: configuration, store, keys and caches, and the dispatch of requests to routes.
+
+`App` implements `context.Context`, the interface the routes are written against.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import trio
@@ -16,40 +18,17 @@ from . import __version__
 from .compression import MIN_COMPRESS_SIZE, CompressedNar, CopyIndex, CopyStore
 from .compressor import Compressor
 from .config import Config
+from .context import Known, Resolved
 from .daemon import DaemonStore
 from .hashes import nix32_encode
 from .http import Request, Response, error
 from .metrics import Metrics
 from .narinfo import NarInfo, NarLocation, PathInfo, signatures
+from .routes import dispatch
 from .signing import PublicKey, Signer
 from .store import DbStore, FsNar, Store, StoreError
 
 log = logging.getLogger("harmonia.app")
-
-
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    """A valid store path a client asked for, with its metadata."""
-
-    hash_part: str
-    info: PathInfo
-
-
-@dataclass(slots=True)
-class Known:
-    """What this worker knows of a valid path, and its rendered answers. Checked on every use
-    with one `lstat` of the store path (a collected path is a 404 at once; a path rebuilt under
-    the same name has a new inode), and asked of the store again after `METADATA_TTL` (a
-    signature added since)."""
-
-    resolved: Resolved
-    stat_key: tuple[int, int]
-    checked: float
-    fs: FsNar | None
-    zstd: bool
-    location: NarLocation | None = None
-    text: bytes | None = None
-    json: bytes | None = None
 
 
 METADATA_TTL = 1.0
@@ -115,7 +94,7 @@ class App:
         self.config = config
         self.store = store if store is not None else make_store(config)
         self.signers = signers
-        self.public_keys: list[PublicKey] = []
+        self.public_keys: list[PublicKey] = [signer.public_key() for signer in signers]
         self.metrics = metrics or Metrics(1)
         self.narinfo_cache = NarinfoCache(config.narinfo_cache_entries)
         self.started = time.time()
@@ -312,8 +291,6 @@ class App:
     # --- dispatch ---------------------------------------------------------------------
 
     async def handle(self, request: Request) -> Response:
-        from .routes import dispatch
-
         try:
             return await dispatch(self, request)
         except StoreError as exc:

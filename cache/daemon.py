@@ -25,7 +25,6 @@ WORKER_MAGIC_2 = 0x6478696F
 CLIENT_VERSION = (1 << 8) | 34
 MIN_DAEMON_MINOR = 21
 
-OP_IS_VALID_PATH = 1
 OP_QUERY_PATH_INFO = 26
 OP_QUERY_PATH_FROM_HASH_PART = 29
 OP_NAR_FROM_PATH = 38
@@ -270,14 +269,6 @@ class DaemonStore:
                     if not (reused and attempt == 1):
                         raise
             raise AssertionError("unreachable")
-
-    async def is_valid_path(self, path: str) -> bool:
-        async def op(conn: Connection) -> bool:
-            await conn.send(u64(OP_IS_VALID_PATH) + wire_str(path))
-            await conn.process_stderr()
-            return bool(await conn.read_u64())
-
-        return await self._query(op)
 
     async def path_from_hash_part(self, hash_part: str) -> str | None:
         async def op(conn: Connection) -> str | None:

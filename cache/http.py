@@ -7,7 +7,6 @@ sent, so a response either arrives whole or the connection is cut (never a 200 w
 
 from __future__ import annotations
 
-import email.utils
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote_to_bytes
@@ -109,7 +108,3 @@ def text(
 def error(status: int, message: str, extra: list[tuple[str, str]] | None = None) -> Response:
     """A short plain-text error; negative answers must not be cached by clients or gateways."""
     return text(status, message.rstrip("\n") + "\n", extra=[("Cache-Control", "no-store"), *(extra or [])])
-
-
-def http_date(timestamp: float) -> str:
-    return email.utils.formatdate(timestamp, usegmt=True)

@@ -270,7 +270,6 @@ async def serve_in_process(
     """One worker in this process: what each child runs, and the whole server when workers=1."""
     prepared.metrics.use_slot(slot)
     app = App(prepared.config, prepared.signers, prepared.metrics)
-    app.public_keys = [signer.public_key() for signer in prepared.signers]
     worker = Worker(app, prepared.config)
     if slot == 0:
         await _probe_store(app)
@@ -326,11 +325,11 @@ def run(config: Config) -> int:
     if config.workers == 1:
         trio.run(serve_in_process, prepared, 0, lambda: announce(prepared))
         return 0
-    return Supervisor(prepared).run()
+    return WorkerSupervisor(prepared).run()
 
 
-class Supervisor:
-    """The parent of the worker processes."""
+class WorkerSupervisor:
+    """The parent of the worker processes: starts them, restarts one that dies, stops them all."""
 
     def __init__(self, prepared: Prepared) -> None:
         self.prepared = prepared

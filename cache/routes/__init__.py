@@ -19,13 +19,11 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 
+from ..context import Context
 from ..http import Request, Response, error
 from . import info, listing, logs, nar, narinfo, serve
 
-if False:  # typing only; avoids an import cycle at run time
-    from ..app import App
-
-Handler = Callable[["App", Request, "re.Match[str]"], Awaitable[Response]]
+Handler = Callable[[Context, Request, "re.Match[str]"], Awaitable[Response]]
 
 # (pattern, route name for metrics, handler). First match wins.
 ROUTES: list[tuple[re.Pattern[str], str, Handler]] = [
@@ -46,7 +44,7 @@ ROUTES: list[tuple[re.Pattern[str], str, Handler]] = [
 ALLOWED = "GET, HEAD"
 
 
-async def dispatch(app: App, request: Request) -> Response:
+async def dispatch(ctx: Context, request: Request) -> Response:
     path = request.raw_path
     for pattern, route, handler in ROUTES:
         match = pattern.fullmatch(path)
@@ -63,7 +61,7 @@ async def dispatch(app: App, request: Request) -> Response:
             else:
                 resp = error(405, f"method {request.method} not allowed", [("Allow", ALLOWED)])
         else:
-            resp = await handler(app, request, match)
+            resp = await handler(ctx, request, match)
         resp.route = route
         return resp
     if request.method == "PUT":

@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING
 
 import trio
 
+from ..context import Context
 from ..http import Request, Response, error, text
 from ..nar import NarError, listing
 from ..storepath import is_hash_part
 
-if TYPE_CHECKING:
-    from ..app import App
 
-
-async def get_listing(app: App, request: Request, match: re.Match[str]) -> Response:
+async def get_listing(ctx: Context, request: Request, match: re.Match[str]) -> Response:
     hash_part = match["hash"]
     if not is_hash_part(hash_part):
         return error(400, "a listing name is the 32-character hash of a store path")
-    resolved = await app.resolve(hash_part)
+    resolved = await ctx.resolve(hash_part)
     if resolved is None:
         return error(404, "no such path")
-    root = app.store.real_path(resolved.info.path)
+    root = ctx.store.real_path(resolved.info.path)
     try:
         doc = await trio.to_thread.run_sync(listing, root)
     except NarError:

@@ -8,15 +8,12 @@ from __future__ import annotations
 import bz2
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import trio
 
+from ..context import Context
 from ..http import Request, Response, error
 from ..storepath import StorePath, StorePathError
-
-if TYPE_CHECKING:
-    from ..app import App
 
 MAX_LOG = 256 * 1024 * 1024
 
@@ -38,21 +35,21 @@ def _read_log(log_dir: Path, base: str, decompress: bool) -> tuple[bytes, bool] 
     return None
 
 
-async def get_log(app: App, request: Request, match: re.Match[str]) -> Response:
+async def get_log(ctx: Context, request: Request, match: re.Match[str]) -> Response:
     name = match["drv"]
     try:
-        path = StorePath.parse_base_name(name, app.config.virtual_nix_store)
+        path = StorePath.parse_base_name(name, ctx.config.virtual_nix_store)
     except StorePathError:
         return error(400, "a log is asked for by a derivation's (or output's) store path base name")
     base = path.base_name
     if not base.endswith(".drv"):
-        info = await app.store.info_from_hash_part(path.hash_part)
+        info = await ctx.store.info_from_hash_part(path.hash_part)
         if info is None or info.deriver is None:
             return error(404, "no build log for this path")
         base = info.deriver.rsplit("/", 1)[1]
     wants_bz2 = request.accepts_encoding("bzip2")
     try:
-        found = await trio.to_thread.run_sync(_read_log, app.log_dir, base, not wants_bz2)
+        found = await trio.to_thread.run_sync(_read_log, ctx.log_dir, base, not wants_bz2)
     except (OSError, ValueError, EOFError):
         return error(404, "the build log cannot be read")
     if found is None:

@@ -9,22 +9,19 @@ seen as incomplete by the client.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Iterator
 
 import trio
 
 from ..compression import compress_chunks, iter_nar_bytes
+from ..context import Context, Resolved
 from ..daemon import DaemonError
 from ..hashes import nix32_encode
 from ..http import Request, Response, SegmentsBody, StreamBody, error
-from ..nar import FileRegion, Segment, slice_segments
-from ..ranges import Unsatisfiable, parse_range
+from ..nar import FileRegion, Segment
 from ..store import FsNar, StreamedNar
 from ..storepath import is_hash_part
-
-if TYPE_CHECKING:
-    from ..app import App, Resolved
+from .ranged import ranged, segment_slices, select_range
 
 NAR_TYPE = "application/x-nix-nar"
 IMMUTABLE = "public, max-age=31536000, immutable"
@@ -32,14 +29,14 @@ DAEMON_FIRST_BYTE_TIMEOUT = 30.0
 _NIX32_SHA256 = re.compile(r"[0123456789abcdfghijklmnpqrsvwxyz]{52}")
 
 
-async def _lookup(app: App, hash_part: str | None, narhash: str) -> Resolved | Response:
+async def _lookup(ctx: Context, hash_part: str | None, narhash: str) -> Resolved | Response:
     if not _NIX32_SHA256.fullmatch(narhash):
         return error(400, "a NAR name is the nix32 sha256 of the NAR")
     if hash_part is None:
         return error(400, "missing ?hash=<store path hash> (take the URL from the narinfo)")
     if not is_hash_part(hash_part):
         return error(400, "hash= must be the 32-character hash of a store path")
-    resolved = await app.resolve(hash_part)
+    resolved = await ctx.resolve(hash_part)
     if resolved is None:
         return error(404, "no such path")
     if nix32_encode(resolved.info.nar_hash) != narhash:
@@ -47,78 +44,63 @@ async def _lookup(app: App, hash_part: str | None, narhash: str) -> Resolved | R
     return resolved
 
 
-async def get_nar(app: App, request: Request, match: re.Match[str]) -> Response:
-    found = await _lookup(app, request.query_value("hash"), match["narhash"])
+async def get_nar(ctx: Context, request: Request, match: re.Match[str]) -> Response:
+    found = await _lookup(ctx, request.query_value("hash"), match["narhash"])
     if isinstance(found, Response):
         return found
-    return await nar_response(app, request, found)
+    return await nar_response(ctx, request, found)
 
 
-async def get_nar_legacy(app: App, request: Request, match: re.Match[str]) -> Response:
-    found = await _lookup(app, match["hash"], match["narhash"])
+async def get_nar_legacy(ctx: Context, request: Request, match: re.Match[str]) -> Response:
+    found = await _lookup(ctx, match["hash"], match["narhash"])
     if isinstance(found, Response):
         return found
-    return await nar_response(app, request, found)
+    return await nar_response(ctx, request, found)
 
 
 def _file_segments(region: FileRegion) -> Iterator[Segment]:
     yield region
 
 
-async def get_nar_zst(app: App, request: Request, match: re.Match[str]) -> Response:
+async def get_nar_zst(ctx: Context, request: Request, match: re.Match[str]) -> Response:
     """The compressed NAR: the copy when it exists, else the same bytes compressed on the fly
     (with their length once a copy was made before), so this URL never fails for a valid path."""
-    found = await _lookup(app, request.query_value("hash"), match["narhash"])
+    found = await _lookup(ctx, request.query_value("hash"), match["narhash"])
     if isinstance(found, Response):
         return found
-    if app.copies is None:
+    if ctx.copies is None:
         return error(404, "compression is disabled on this cache")
-    source = await app.store.nar(found.info)
+    source = await ctx.store.nar(found.info)
     if not isinstance(source, FsNar):
         return error(404, "no compressed NAR with this store backend (nar_source = daemon)")
-    copy = app.compressed_copy(found.info)
+    copy = ctx.compressed_copy(found.info)
     if copy is not None:
         region = FileRegion(bytes(copy.path), copy.file_size)
         headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE), ("Accept-Ranges", "bytes")]
-        return _ranged(request, headers, lambda: _file_segments(region), copy.file_size)
-    app.schedule_compression(found.info, source)
+        return ranged(
+            request, headers, copy.file_size, segment_slices(lambda: _file_segments(region), copy.file_size)
+        )
+    ctx.schedule_compression(found.info, source)
     # the copy's length is known if one was made before (and evicted since): the live stream is
     # byte for byte that copy. Without a copy there are no ranges (Range is ignored: a 200).
-    meta = app.copies.meta(found.info.nar_hash)
+    meta = ctx.copies.meta(found.info.nar_hash)
     headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE)]
     length = meta.file_size if meta is not None else None
     if request.method == "HEAD":
         return Response(200, headers, StreamBody(_nothing, length))
-    level = app.config.zstd_level
+    level = ctx.config.zstd_level
     return Response(200, headers, StreamBody(lambda: _zstd_stream(source, level), length))
 
 
-def _ranged(
-    request: Request, headers: list[tuple[str, str]], make: Callable[[], Iterator[Segment]], total: int
-) -> Response:
-    try:
-        rng = parse_range(request.header("range"), total)
-    except Unsatisfiable:
-        return error(416, "range not satisfiable", [("Content-Range", f"bytes */{total}")])
-    if rng is None:
-        return Response(200, headers, SegmentsBody(make, total))
-    start, length = rng.start, rng.length
-    return Response(
-        206,
-        [*headers, ("Content-Range", rng.content_range(total))],
-        SegmentsBody(lambda: slice_segments(make(), start, length), length),
-    )
-
-
-async def nar_response(app: App, request: Request, resolved: Resolved) -> Response:
+async def nar_response(ctx: Context, request: Request, resolved: Resolved) -> Response:
     info = resolved.info
-    source = await app.store.nar(info)
+    source = await ctx.store.nar(info)
     headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE), ("Vary", "Accept-Encoding")]
     wants_zstd = (
-        app.config.enable_compression and request.accepts_encoding("zstd") and request.header("range") is None
+        ctx.config.enable_compression and request.accepts_encoding("zstd") and request.header("range") is None
     )
     if wants_zstd:
-        copy = app.compressed_copy(info)
+        copy = ctx.compressed_copy(info)
         if copy is not None:
             region = FileRegion(bytes(copy.path), copy.file_size)
             return Response(
@@ -127,8 +109,8 @@ async def nar_response(app: App, request: Request, resolved: Resolved) -> Respon
                 SegmentsBody(lambda: _file_segments(region), copy.file_size),
             )
         if isinstance(source, FsNar):
-            app.schedule_compression(info, source)
-            level = app.config.zstd_level  # the copy's bytes, whoever asks
+            ctx.schedule_compression(info, source)
+            level = ctx.config.zstd_level  # the copy's bytes, whoever asks
             return Response(
                 200,
                 [*headers, ("Content-Encoding", "zstd")],
@@ -136,7 +118,7 @@ async def nar_response(app: App, request: Request, resolved: Resolved) -> Respon
             )
     headers.append(("Accept-Ranges", "bytes"))
     if isinstance(source, FsNar):
-        return _ranged(request, headers, source.segments, info.nar_size)
+        return ranged(request, headers, info.nar_size, segment_slices(source.segments, info.nar_size))
     return await _streamed(request, headers, source)
 
 
@@ -144,14 +126,11 @@ async def _streamed(request: Request, headers: list[tuple[str, str]], source: St
     """A NAR from the daemon. The daemon is asked, and has started answering, before any header
     goes out: a daemon that cannot serve the path gives a 503, not a 200 cut short."""
     total = source.size
-    try:
-        rng = parse_range(request.header("range"), total)
-    except Unsatisfiable:
-        return error(416, "range not satisfiable", [("Content-Range", f"bytes */{total}")])
-    start, length = (0, total) if rng is None else (rng.start, rng.length)
-    status = 200 if rng is None else 206
-    if rng is not None:
-        headers = [*headers, ("Content-Range", rng.content_range(total))]
+    selected = select_range(request, total)
+    if isinstance(selected, Response):
+        return selected
+    start, length, status = selected.start, selected.length, selected.status
+    headers = [*headers, *selected.headers]
     if request.method == "HEAD":
         return Response(status, headers, StreamBody(_nothing, length))
     stream = source.open()

@@ -13,18 +13,15 @@ import os
 import re
 import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import trio
 
-from ..http import Request, Response, SegmentsBody, error
+from ..context import Context
+from ..http import Request, Response, error
 from ..nar import FileRegion
-from ..ranges import Unsatisfiable, parse_range
 from ..storepath import is_hash_part
-
-if TYPE_CHECKING:
-    from ..app import App
+from .ranged import ranged, segment_slices
 
 MAX_LINKS = 40
 
@@ -112,7 +109,7 @@ def _listing_page(title: str, base_url: str, entries: list[tuple[bytes, bool]]) 
     ).encode()
 
 
-async def get_serve(app: App, request: Request, match: re.Match[str]) -> Response:
+async def get_serve(ctx: Context, request: Request, match: re.Match[str]) -> Response:
     hash_part = match["hash"]
     if not is_hash_part(hash_part):
         return error(400, "/serve/ takes the 32-character hash of a store path")
@@ -124,15 +121,15 @@ async def get_serve(app: App, request: Request, match: re.Match[str]) -> Respons
     parts = [p for p in rest.split(b"/") if p not in (b"", b".")]
     if b".." in parts:
         return error(400, "'..' is not allowed in /serve/ paths")
-    resolved = await app.resolve(hash_part)
+    resolved = await ctx.resolve(hash_part)
     if resolved is None:
         return error(404, "no such path")
     store_path = resolved.info.path
-    root = app.store.real_path(store_path)
-    store_dir = os.fsencode(app.config.virtual_nix_store)
+    root = ctx.store.real_path(store_path)
+    store_dir = os.fsencode(ctx.config.virtual_nix_store)
     found = await trio.to_thread.run_sync(resolve_inside, root, parts, store_dir)
     if isinstance(found, Elsewhere):
-        store_prefix = os.fsencode(app.config.virtual_nix_store) + b"/"
+        store_prefix = os.fsencode(ctx.config.virtual_nix_store) + b"/"
         if found.target.startswith(store_prefix):
             inner = found.target[len(store_prefix) :]
             base, _, tail = inner.partition(b"/")
@@ -181,16 +178,5 @@ def _file(request: Request, path: bytes, size: int, name: str) -> Response:
         ("Cache-Control", "public, max-age=3600"),
         ("X-Content-Type-Options", "nosniff"),
     ]
-    try:
-        rng = parse_range(request.header("range"), size)
-    except Unsatisfiable:
-        return error(416, "range not satisfiable", [("Content-Range", f"bytes */{size}")])
-    if rng is None:
-        region = FileRegion(path, size)
-        return Response(200, headers, SegmentsBody(lambda: iter([region]), size))
-    region = FileRegion(path, rng.length, rng.start)
-    return Response(
-        206,
-        [*headers, ("Content-Range", rng.content_range(size))],
-        SegmentsBody(lambda: iter([region]), rng.length),
-    )
+    region = FileRegion(path, size)
+    return ranged(request, headers, size, segment_slices(lambda: iter([region]), size))
