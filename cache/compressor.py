@@ -199,7 +199,9 @@ class Compressor:
             self.index.forget(nar_hash)
             self.on_copy(nar_hash)
             self.metrics.copy_made()
-            if self.degraded is not None:
+            # jobs queued before a refusal may still fit (a full disk takes small copies): the
+            # condition ends only with a success after the pause, a deliberate retry
+            if self.degraded is not None and time.monotonic() >= self.paused_until:
                 log.warning(
                     "compressed copies work again under %s (it was %s)", self.copies.dir, self.degraded
                 )
