@@ -106,10 +106,11 @@ class AsgiApp:
             self.app.metrics.observe(resp.route, resp.status, elapsed, sent)
             if access_log.isEnabledFor(logging.DEBUG):
                 access_log.debug(
-                    "%s %s %s %d %d %.1fms",
+                    "%s %s %s HTTP/%s %d %d %.1fms",
                     request.client,
                     request.method,
                     request.raw_path,
+                    scope.get("http_version", "?"),
                     resp.status,
                     sent,
                     elapsed * 1000,

@@ -199,7 +199,14 @@ class H1Connection:
             self.app.metrics.observe(resp.route, resp.status, elapsed, sent)
             if access_log.isEnabledFor(logging.DEBUG):
                 access_log.debug(
-                    "%s %s %s %d %d %.1fms", self.client, head.method, path, resp.status, sent, elapsed * 1000
+                    "%s %s %s HTTP/1.%d %d %d %.1fms",
+                    self.client,
+                    head.method,
+                    path,
+                    head.minor,
+                    resp.status,
+                    sent,
+                    elapsed * 1000,
                 )
         # an HTTP/1.0 stream of unknown length ended by closing the connection
         return keep_alive and not (head.minor == 0 and resp.content_length is None)
