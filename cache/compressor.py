@@ -6,6 +6,7 @@ no priority inversion), and whatever goes wrong in it (a full or read-only state
 path collected while it is read, a crash) is a line on a pipe for the worker, never an exception
 in the worker's event loop.
 
+The child (`cache.copymaker`) is started for the first job and ends after a while without any.
 Protocol: the worker writes one JSON job a line to the child's stdin
 (`{"nar_hash": hex, "root": path, "size": n}`); the child answers one JSON line each on stdout
 (`{"nar_hash": hex, "ok": true, "file_hash": hex, "file_size": n}`, or `"ok": false` with a
@@ -20,18 +21,16 @@ import contextlib
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import trio
 
-from .compression import CopyIndex, CopyStore, StateDirectoryError, looks_compressible
+from .compression import CopyIndex, CopyStore
 from .metrics import Metrics
-from .nar import NarError
-from .store import FsNar
 
 log = logging.getLogger("harmonia.compression")
 
@@ -40,53 +39,6 @@ QUEUE = 4096
 PAUSE_AFTER_REFUSAL = 60.0
 RESTART_DELAY = 5.0
 STATE_CONDITIONS = ("full", "read-only", "not-writable", "io-error")
-
-
-# --- the child ------------------------------------------------------------------------------
-
-
-def lower_priority() -> None:
-    """Idle scheduling (only otherwise-unused CPU), else the lowest nice level."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        with contextlib.suppress(OSError):
-            os.nice(19)
-
-
-def run_job(copies: CopyStore, job: dict[str, object]) -> dict[str, object]:
-    nar_hash_hex = str(job["nar_hash"])
-    nar_hash = bytes.fromhex(nar_hash_hex)
-    nar = FsNar(os.fsencode(str(job["root"])), int(str(job["size"])))
-    answer: dict[str, object] = {"nar_hash": nar_hash_hex}
-    found = copies.lookup(nar_hash)
-    if found is None:
-        try:
-            if not looks_compressible(nar.segments()):
-                return {**answer, "ok": False, "reason": "incompressible"}
-            found = copies.build(nar_hash, nar.segments)
-        except StateDirectoryError as exc:
-            return {**answer, "ok": False, "reason": exc.reason, "message": str(exc)}
-        except (NarError, OSError) as exc:
-            return {**answer, "ok": False, "reason": "source", "message": str(exc)}
-        if found is None:
-            return {**answer, "ok": False, "reason": "busy"}
-    return {**answer, "ok": True, "file_hash": found.file_hash.hex(), "file_size": found.file_size}
-
-
-def child_main(argv: list[str]) -> int:
-    directory, level, max_bytes = Path(argv[0]), int(argv[1]), int(argv[2])
-    lower_priority()
-    copies = CopyStore(directory, level, max_bytes)
-    for line in sys.stdin:
-        try:
-            job = json.loads(line)
-            answer = run_job(copies, job)
-        except Exception as exc:  # a bad job must not end the others
-            answer = {"nar_hash": "", "ok": False, "reason": "error", "message": repr(exc)}
-        sys.stdout.write(json.dumps(answer) + "\n")
-        sys.stdout.flush()
-    return 0
 
 
 # --- the worker's side ----------------------------------------------------------------------
@@ -137,51 +89,59 @@ class Compressor:
         self._send = send
         task_status.started()
         while True:
+            first = await receive.receive()  # no process while there is nothing to do
             try:
-                await self._serve(receive)
+                await self._serve(first, receive)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._warn_once("process", f"the compressor process failed: {exc}; restarting it")
-            self._pending.clear()
-            await trio.sleep(RESTART_DELAY)
+                await trio.sleep(RESTART_DELAY)
+            self._pending.clear()  # jobs it had not answered are asked again by later requests
 
-    async def _serve(self, jobs: trio.MemoryReceiveChannel[Job]) -> None:
+    async def _serve(self, first: Job, jobs: trio.MemoryReceiveChannel[Job]) -> None:
         args = [str(self.copies.dir), str(self.copies.level), str(self.copies.max_bytes)]
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "cache.compressor", *args],
-            stdin=-1,  # subprocess.PIPE
-            stdout=-1,
+            [sys.executable, "-m", "cache.copymaker", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
         )
         assert process.stdin is not None and process.stdout is not None
         stdin, stdout = process.stdin, process.stdout
+
+        async def send(job: Job) -> None:
+            line = {"nar_hash": job.nar_hash.hex(), "root": os.fsdecode(job.root), "size": job.size}
+            await stdin.send_all((json.dumps(line) + "\n").encode())
+
         try:
             async with trio.open_nursery() as nursery:
                 # bounded in flight: the child works one job at a time anyway
-                slots = trio.Semaphore(2)
+                slots = trio.Semaphore(1)
 
                 async def feed() -> None:
                     async for job in jobs:
                         await slots.acquire()
-                        line = {
-                            "nar_hash": job.nar_hash.hex(),
-                            "root": os.fsdecode(job.root),
-                            "size": job.size,
-                        }
-                        await stdin.send_all((json.dumps(line) + "\n").encode())
+                        await send(job)
 
+                await send(first)
                 nursery.start_soon(feed)
                 buf = b""
                 while True:
                     data = await stdout.receive_some(65536)
                     if not data:
-                        raise trio.BrokenResourceError(f"it exited ({await process.wait()})")
+                        code = await process.wait()
+                        if code != 0:
+                            raise trio.BrokenResourceError(f"it exited with {code}")
+                        nursery.cancel_scope.cancel()  # idle: it ended by itself
+                        return
                     buf += data
                     *lines, buf = buf.split(b"\n")
                     for raw in lines:
-                        slots.release()
+                        if slots.value < 1:
+                            slots.release()
                         self._answer(raw)
         finally:
             with trio.CancelScope(shield=True):
-                await stdin.aclose()
+                with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stdin.aclose()
                 with trio.move_on_after(5):
                     await process.wait()
                 if process.returncode is None:
@@ -233,7 +193,3 @@ class Compressor:
         if condition not in self._warned:
             self._warned.add(condition)
             log.warning("%s", message)
-
-
-if __name__ == "__main__":
-    sys.exit(child_main(sys.argv[1:]))
