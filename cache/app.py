@@ -190,7 +190,7 @@ class App:
         """The hot path: a valid path this process can produce the NAR of, or None (a 404)."""
         entry = self._known.get(hash_part)
         if entry is not None:
-            key = stat_key(self.store.real_path(entry.resolved.info.path))
+            key = stat_key(entry.real)
             if key == entry.stat_key and time.monotonic() - entry.checked < METADATA_TTL:
                 return entry
         info = await self.store.info_from_hash_part(hash_part)
@@ -208,7 +208,7 @@ class App:
             and fs is not None
             and self.copies.compressible(info.nar_hash, info.nar_size, fs.segments)
         )
-        fresh = Known(Resolved(hash_part, info), key or (0, 0), time.monotonic(), fs, zstd)
+        fresh = Known(Resolved(hash_part, info), real, key or (0, 0), time.monotonic(), fs, zstd)
         if key is None:
             return fresh  # nothing to check it by: not remembered
         if len(self._known) >= self._known_entries:
@@ -257,7 +257,7 @@ class App:
                     and fs is not None
                     and self.copies.compressible(info.nar_hash, info.nar_size, fs.segments)
                 )
-                known = Known(resolved, (0, 0), 0.0, fs, zstd)
+                known = Known(resolved, self.store.real_path(info.path), (0, 0), 0.0, fs, zstd)
             location = self.location(known)
         key = (
             info.path,
@@ -275,11 +275,23 @@ class App:
             self.narinfo_cache.put(key, cached)
         return cached
 
+    def _copy_known(self, known: Known) -> bool:
+        return (
+            known.zstd
+            and self.copies is not None
+            and self.copies.meta(known.resolved.info.nar_hash) is not None
+        )
+
     def narinfo_body(self, known: Known, as_json: bool) -> bytes:
         """The rendered answer, remembered with the entry while its location stays the same."""
-        location = self.location(known)
-        if location != known.location:
-            known.location, known.text, known.json = location, None, None
+        location = known.location
+        # a location changes only when a copy's FileHash/FileSize become known
+        if location is None or (location.file_hash is None and self._copy_known(known)):
+            location = self.location(known)
+            if location != known.location:
+                known.location, known.text, known.json = location, None, None
+        elif location.compression == "zstd" and location.file_hash is None:
+            self.schedule_compression(known.resolved.info, known.fs)
         if as_json:
             if known.json is None:
                 known.json = self.narinfo(known.resolved, location).to_json().encode()

@@ -36,6 +36,7 @@ class Known:
     added since)."""
 
     resolved: Resolved
+    real: bytes  # where the path's files are
     stat_key: tuple[int, int]
     checked: float
     fs: FsNar | None  # the NAR from the files, when this process can read them
