@@ -124,6 +124,7 @@ let
     [] (builtins.genList (x: x) COUNT);
 in {
   big = mk "fresh-SALT-MBmb" "/usr/bin/seq SALTNUM $((SALTNUM + MB * 117000)) > $out" {};
+  published = mk "fresh-SALT-MBmb-published" "/usr/bin/seq $((SALTNUM + 1)) $((SALTNUM + 1 + MB * 117000)) > $out" {};
   top = mk "fresh-SALT-top" "/bin/echo ${builtins.elemAt chain (COUNT - 1)} > $out" {};
 }
 """
@@ -131,9 +132,11 @@ in {
 
 @dataclass(frozen=True)
 class Fresh:
-    """Paths built a moment ago: a big compressible one, and the top of a closure of small ones."""
+    """Paths built a moment ago: two big compressible ones (one fetched at once, one once every
+    server has it), and the top of a closure of small ones."""
 
     big: str
+    published: str
     top: str
     closure_size: int  # paths in the top's closure
 
@@ -148,14 +151,14 @@ def build_fresh(state: Path, tag: str, big_mb: int, small_count: int) -> Fresh:
         .replace("MB", str(big_mb))
     )
     out = subprocess.run(
-        ["nix-build", "--no-out-link", "-E", f"let x = {expr}; in [ x.big x.top ]"],
+        ["nix-build", "--no-out-link", "-E", f"let x = {expr}; in [ x.big x.published x.top ]"],
         env=nix_env(state),
         capture_output=True,
         text=True,
         check=True,
         timeout=1800,
     ).stdout.split()
-    return Fresh(out[0], out[1], small_count + 1)
+    return Fresh(out[0], out[1], out[2], small_count + 1)
 
 
 def export_to(paths: list[str], target: Path, compression: str, state: Path) -> None:

@@ -45,7 +45,7 @@ def test_table_shows_the_shaped_phase() -> None:
     report = _report()
     report["targets"] = check_targets(report["results"], report["shaped"])
     table = render_table(report)
-    assert "| first fetch of a fresh 20 MB path | nix-2.26 |" in table
+    assert "| first fetch of a fresh 20 MB path, once every server has it | nix-2.26 |" in table
     assert "daemon backend" in table and "Caddy, zstd export" in table
     ratio = shaped_ratio(report["shaped"]["clients"]["nix-2.8"], "ours-db", "closure")
     assert f"{ratio:.2f}×" in table
