@@ -132,10 +132,13 @@ def render_shaped(shaped: dict[str, Any]) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for client, times in shaped["clients"].items():
-        for measure in ("first", "again", "closure"):
+        for measure in ("at_once", "first", "again", "closure"):
+            if measure not in times["ours-db"]:
+                continue
             label = SHAPED_LABELS[measure].format(mb=shaped["big_mb"], n=shaped["closure_paths"])
             cells = [
-                f"{times[s][measure]:.2f}" for s in ("ours-daemon", "ours-db", "caddy-zstd", "caddy-none")
+                f"{times[s][measure]:.2f}" if measure in times[s] else "—"
+                for s in ("ours-daemon", "ours-db", "caddy-zstd", "caddy-none")
             ]
             ratios = [f"{shaped_ratio(times, s, measure):.2f}×" for s in ("ours-daemon", "ours-db")]
             lines.append(f"| {label} | {client} | {' | '.join(cells)} | {' | '.join(ratios)} |")

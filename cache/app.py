@@ -15,7 +15,7 @@ from pathlib import Path
 import trio
 
 from . import __version__
-from .compression import MIN_COMPRESS_SIZE, CompressedNar, CopyIndex, CopyStore
+from .compression import MIN_COMPRESS_SIZE, CompressedNar, CopyIndex, CopyStore, LiveCopy
 from .compressor import Compressor
 from .config import Config
 from .context import Known, Resolved
@@ -219,6 +219,18 @@ class App:
     async def resolve(self, hash_part: str) -> Resolved | None:
         known = await self.known(hash_part)
         return None if known is None else known.resolved
+
+    def keep_live_copy(self, nar_hash: bytes) -> LiveCopy | None:
+        if self.copies is None or self.compressor is None or self.compressor.refusing():
+            return None
+        keep = LiveCopy(self.copies.copies, nar_hash)
+        return None if keep.failed else keep
+
+    def copy_kept(self, nar_hash: bytes) -> None:
+        if self.copies is not None:
+            self.copies.forget(nar_hash)
+        self._copy_made(nar_hash)
+        self.metrics.copy_made()
 
     def compressed_copy(self, info: PathInfo) -> CompressedNar | None:
         if self.copies is None:

@@ -191,10 +191,16 @@ class CopyStore:
             os.ftruncate(fd, 0)
             digest = hashlib.sha256()
             size = 0
-            for block in _source_errors(compress_chunks(iter_nar_bytes(segments()), self.level)):
+            for n, block in enumerate(
+                _source_errors(compress_chunks(iter_nar_bytes(segments()), self.level))
+            ):
                 out.write(block)
                 digest.update(block)
                 size += len(block)
+                if n % 16 == 15 and (made := self.lookup(nar_hash)) is not None:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+                    return made  # a live stream kept its bytes first
             out.flush()
             os.fsync(fd)  # ENOSPC on a delayed write shows here, not after the rename
             meta_tmp = meta_path.with_suffix(".meta-tmp")
@@ -249,6 +255,74 @@ class CopyStore:
         finally:
             os.close(fd)
         return False
+
+
+class LiveCopy:
+    """The bytes of a live stream kept as the copy, so that a client waiting for a fresh path's
+    NAR pays for its compression once, and the background job finds the copy made. Any error of
+    the state directory only ends the keeping, never the stream; a stream that does not reach its
+    end leaves nothing. The bytes are the copy's by construction (same input, same level), so it
+    does not matter whether this or the background job renames its file into place first."""
+
+    def __init__(self, copies: CopyStore, nar_hash: bytes) -> None:
+        self.copies = copies
+        self.nar_hash = nar_hash
+        self.data_path, self.meta_path = copies.paths(nar_hash)
+        self.tmp = self.data_path.with_name(f"{self.data_path.name}.live-{os.getpid()}-{id(self):x}")
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.failed: str | None = None
+        try:
+            self._fd: int | None = os.open(
+                self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+            )
+        except OSError as exc:
+            self._fd = None
+            self.failed = condition(exc)
+
+    def write(self, block: bytes) -> None:
+        if self._fd is None:
+            return
+        try:
+            view = memoryview(block)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            self.digest.update(block)
+            self.size += len(block)
+        except OSError as exc:
+            self.failed = condition(exc)
+            self.abort()
+
+    def finish(self) -> CompressedNar | None:
+        """The stream reached its end: the file becomes the copy (blocking; run it in a thread)."""
+        if self._fd is None:
+            return None
+        fd, self._fd = self._fd, None
+        meta_tmp = self.tmp.with_name(self.tmp.name + ".meta")
+        try:
+            os.fsync(fd)
+            os.close(fd)
+            meta = {"sha256": self.digest.hexdigest(), "size": self.size, "params": self.copies.tag}
+            meta_tmp.write_text(json.dumps(meta))
+            os.replace(self.tmp, self.data_path)
+            os.replace(meta_tmp, self.meta_path)
+        except OSError as exc:
+            self.failed = condition(exc)
+            for leftover in (self.tmp, meta_tmp):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            return None
+        with contextlib.suppress(OSError):
+            self.copies.evict(keep=self.data_path)
+        return CompressedNar(self.data_path, self.digest.digest(), self.size)
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
 
 
 class CopyIndex:

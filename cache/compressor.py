@@ -71,6 +71,10 @@ class Compressor:
     paused_until: float = 0.0
     degraded: str | None = None
 
+    def refusing(self) -> bool:
+        """The state directory refused a copy a short while ago: do not try again yet."""
+        return time.monotonic() < self.paused_until
+
     def submit(self, nar_hash: bytes, root: bytes, size: int) -> bool:
         """Queue a copy (never blocks; a full queue or a refusing state directory drops it:
         the path is asked again on a later request)."""

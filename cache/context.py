@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .compression import CompressedNar, CopyIndex
+from .compression import CompressedNar, CopyIndex, LiveCopy
 from .config import Config
 from .metrics import Metrics
 from .narinfo import NarInfo, NarLocation, PathInfo
@@ -87,6 +87,14 @@ class Context(Protocol):
         ...
 
     def compressed_copy(self, info: PathInfo) -> CompressedNar | None: ...
+
+    def keep_live_copy(self, nar_hash: bytes) -> LiveCopy | None:
+        """A writer that keeps a live stream's bytes as the copy, or None (no copies now)."""
+        ...
+
+    def copy_kept(self, nar_hash: bytes) -> None:
+        """A live stream's bytes became the copy."""
+        ...
 
     def schedule_compression(self, info: PathInfo, fs: FsNar | None = None) -> None: ...
 

@@ -9,11 +9,11 @@ seen as incomplete by the client.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import trio
 
-from ..compression import compress_chunks, iter_nar_bytes
+from ..compression import LiveCopy, compress_chunks, iter_nar_bytes
 from ..context import Context, Resolved
 from ..daemon import DaemonError
 from ..hashes import nix32_encode
@@ -89,7 +89,12 @@ async def get_nar_zst(ctx: Context, request: Request, match: re.Match[str]) -> R
     if request.method == "HEAD":
         return Response(200, headers, StreamBody(_nothing, length))
     level = ctx.config.zstd_level
-    return Response(200, headers, StreamBody(lambda: _zstd_stream(source, level), length))
+    nar_hash = found.info.nar_hash
+
+    def stream() -> AsyncIterator[bytes]:
+        return _zstd_stream(source, level, ctx.keep_live_copy(nar_hash), ctx.copy_kept)
+
+    return Response(200, headers, StreamBody(stream, length))
 
 
 async def nar_response(ctx: Context, request: Request, resolved: Resolved) -> Response:
@@ -114,7 +119,10 @@ async def nar_response(ctx: Context, request: Request, resolved: Resolved) -> Re
             return Response(
                 200,
                 [*headers, ("Content-Encoding", "zstd")],
-                StreamBody(lambda: _zstd_stream(source, level), None),
+                StreamBody(
+                    lambda: _zstd_stream(source, level, ctx.keep_live_copy(info.nar_hash), ctx.copy_kept),
+                    None,
+                ),
             )
     headers.append(("Accept-Ranges", "bytes"))
     if isinstance(source, FsNar):
@@ -180,13 +188,33 @@ async def _close(stream: AsyncIterator[bytes]) -> None:
             await aclose()
 
 
-async def _zstd_stream(source: FsNar, level: int) -> AsyncIterator[bytes]:
-    """Compress in a thread, a block at a time, so the event loop keeps serving."""
+async def _zstd_stream(
+    source: FsNar, level: int, keep: LiveCopy | None = None, kept: Callable[[bytes], None] | None = None
+) -> AsyncIterator[bytes]:
+    """Compress in a thread, a block at a time, so the event loop keeps serving; with `keep`, the
+    bytes also become the compressed copy once the stream reached its end."""
     blocks = compress_chunks(iter_nar_bytes(source.segments()), level)
     done = object()
-    while True:
-        block = await trio.to_thread.run_sync(next, blocks, done)
-        if block is done:
-            return
-        assert isinstance(block, bytes)
-        yield block
+
+    def step() -> object:
+        block = next(blocks, done)
+        if keep is not None and isinstance(block, bytes):
+            keep.write(block)
+        return block
+
+    finished = False
+    try:
+        while True:
+            block = await trio.to_thread.run_sync(step)
+            if block is done:
+                break
+            assert isinstance(block, bytes)
+            yield block
+        finished = True
+    finally:
+        if keep is not None:
+            with trio.CancelScope(shield=True):
+                if finished and await trio.to_thread.run_sync(keep.finish) is not None and kept:
+                    kept(keep.nar_hash)
+                else:
+                    keep.abort()

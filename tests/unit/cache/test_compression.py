@@ -86,3 +86,25 @@ def test_conditions() -> None:
     assert condition(OSError(errno.ENOSPC, "full")) == "full"
     assert condition(OSError(errno.EROFS, "ro")) == "read-only"
     assert condition(OSError(errno.EIO, "io")) == "io-error"
+
+
+def test_a_live_stream_kept_is_the_copy(tmp_path: Path) -> None:
+    from cache.compression import LiveCopy
+
+    tree = os.fsencode(_tree(tmp_path))
+    copies = CopyStore(tmp_path / "copies", 3, 1 << 30)
+    copies.dir.mkdir()
+    keep = LiveCopy(copies, NAR_HASH)
+    for block in compress_chunks(iter_nar_bytes(nar_segments(tree)), 3):
+        keep.write(block)
+    made = keep.finish()
+    assert made is not None and copies.lookup(NAR_HASH) == made
+    built = CopyStore(tmp_path / "other", 3, 1 << 30).build(NAR_HASH, lambda: nar_segments(tree))
+    assert built is not None and built.path.read_bytes() == made.path.read_bytes()
+    # a stream that does not reach its end leaves nothing
+    cut = LiveCopy(copies, b"\2" * 32)
+    cut.write(b"partial")
+    cut.abort()
+    assert sorted(p.name for p in copies.dir.iterdir()) == sorted(
+        [made.path.name, copies.paths(NAR_HASH)[1].name]
+    )
