@@ -21,12 +21,12 @@ from .config import Config
 from .context import Known, Resolved
 from .daemon import DaemonStore
 from .hashes import nix32_encode
-from .http import Request, Response, error
 from .metrics import Metrics
 from .narinfo import NarInfo, NarLocation, PathInfo, signatures
 from .routes import dispatch
 from .signing import PublicKey, Signer
 from .store import DbStore, FsNar, Store, StoreError
+from .transport.messages import Request, Response, error
 
 log = logging.getLogger("harmonia.app")
 

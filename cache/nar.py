@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,7 +202,7 @@ def slice_segments(segments: Iterator[Segment], start: int, length: int) -> Iter
             return
 
 
-def read_region(region: FileRegion, chunk: int = 1 << 20) -> Iterator[bytes]:
+def read_region(region: FileRegion, chunk: int = 1 << 20) -> Generator[bytes, None, None]:
     """A region's bytes by reads, for transports that cannot `sendfile` (TLS, HTTP/2, zstd)."""
     with open(region.path, "rb") as f:
         f.seek(region.offset)

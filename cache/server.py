@@ -10,6 +10,7 @@ gracefully: they stop accepting and let running transfers finish within a grace 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -23,18 +24,27 @@ from dataclasses import dataclass
 import trio
 
 from .app import App
-from .asgi import Http2Handoff, ReplayStream
 from .config import Config
-from .http1 import H1Connection
 from .keys import read_secret_key
 from .metrics import Metrics
 from .signing import Signer
 from .store import StoreError
 from .systemd import listen_fds, notify, watchdog_interval
+from .transport.h1server import H1Connection
+from .transport.h2server import PREFACE as H2_PREFACE
+from .transport.h2server import H2Connection
 
 log = logging.getLogger("harmonia.server")
 
-H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+# accept() failing for lack of resources: wait a moment and retry (trio's ACCEPT_CAPACITY_ERRNOS)
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_BACKOFF = 0.1
+# accept() failing because that one connection is already gone (Linux reports some network errors
+# of the pending connection here, see accept(2)): take the next
+ACCEPT_GONE_ERRNOS = frozenset(
+    {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.ENOPROTOOPT,
+     errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH}
+)  # fmt: skip
 TLS_HANDSHAKE_TIMEOUT = 10.0
 GRACE_SECONDS = 10.0
 
@@ -134,7 +144,6 @@ class Worker:
         self.app = app
         self.config = config
         self.ssl = tls_context(config)
-        self.h2 = Http2Handoff(app)
         self.slots = trio.Semaphore(config.max_connections)
         self.stopping = trio.Event()
         self.idle: set[trio.CancelScope] = set()
@@ -148,9 +157,17 @@ class Worker:
                 sock, addr = await listener.accept()
             except OSError as exc:
                 self.slots.release()
-                log.warning("accept failed: %s", exc)
-                await trio.sleep(0.1)
-                continue
+                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                    # out of descriptors or memory: running connections will free some
+                    log.warning("accept failed, retrying in %.1fs: %s", ACCEPT_BACKOFF, exc)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                if exc.errno in ACCEPT_GONE_ERRNOS:
+                    continue  # the client left before we accepted: nothing to do
+                # the listening socket itself is broken (EBADF, EINVAL…): end this worker, whose
+                # supervisor starts a fresh one
+                log.error("accept failed on the listening socket: %s", exc)
+                raise
             conns.start_soon(self.connection, sock, addr)
 
     async def connection(self, sock: trio.socket.SocketType, addr: object) -> None:
@@ -189,11 +206,14 @@ class Worker:
         if not data:
             return
         if data.startswith(H2_PREFACE):
-            await self.h2.serve(ReplayStream(stream, data))
+            await H2Connection(
+                stream, self.app.handle, self.app.metrics, client=client, prefix=data, stopping=self.stopping
+            ).run()
             return
         await H1Connection(
             stream,
-            self.app,
+            self.app.handle,
+            self.app.metrics,
             sock=stream.socket,
             client=client,
             prefix=data,
@@ -210,10 +230,18 @@ class Worker:
         except (trio.TooSlowError, trio.BrokenResourceError):
             return
         if tls.selected_alpn_protocol() == "h2":
-            await self.h2.serve(tls)
+            await H2Connection(
+                tls, self.app.handle, self.app.metrics, client=client, stopping=self.stopping
+            ).run()
             return
         await H1Connection(
-            tls, self.app, sock=None, client=client, idle=self.idle, stopping=self.stopping
+            tls,
+            self.app.handle,
+            self.app.metrics,
+            sock=None,
+            client=client,
+            idle=self.idle,
+            stopping=self.stopping,
         ).run()
 
     async def serve(

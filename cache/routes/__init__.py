@@ -20,7 +20,7 @@ import re
 from collections.abc import Awaitable, Callable
 
 from ..context import Context
-from ..http import Request, Response, error
+from ..transport.messages import Request, Response, error
 from . import info, listing, logs, nar, narinfo, serve
 
 Handler = Callable[[Context, Request, "re.Match[str]"], Awaitable[Response]]

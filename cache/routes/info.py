@@ -6,8 +6,8 @@ import html
 import re
 
 from ..context import Context
-from ..http import Request, Response, error, text
 from ..narinfo import cache_info
+from ..transport.messages import Request, Response, error, text
 
 _HOST = re.compile(r"[A-Za-z0-9.\-:\[\]]{1,255}")
 

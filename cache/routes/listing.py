@@ -8,9 +8,9 @@ import re
 import trio
 
 from ..context import Context
-from ..http import Request, Response, error, text
 from ..nar import NarError, listing
 from ..storepath import is_hash_part
+from ..transport.messages import Request, Response, error, text
 
 
 async def get_listing(ctx: Context, request: Request, match: re.Match[str]) -> Response:

@@ -12,8 +12,8 @@ from pathlib import Path
 import trio
 
 from ..context import Context
-from ..http import Request, Response, error
 from ..storepath import StorePath, StorePathError
+from ..transport.messages import Request, Response, error
 
 MAX_LOG = 256 * 1024 * 1024
 

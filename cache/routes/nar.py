@@ -17,10 +17,10 @@ from ..compression import LiveCopy, compress_chunks, iter_nar_bytes
 from ..context import Context, Resolved
 from ..daemon import DaemonError
 from ..hashes import nix32_encode
-from ..http import Request, Response, SegmentsBody, StreamBody, error
 from ..nar import FileRegion, Segment
 from ..store import FsNar, StreamedNar
 from ..storepath import is_hash_part
+from ..transport.messages import Request, Response, SegmentsBody, StreamBody, error
 from .ranged import ranged, segment_slices, select_range
 
 NAR_TYPE = "application/x-nix-nar"
@@ -173,7 +173,8 @@ async def _streamed(request: Request, headers: list[tuple[str, str]], source: St
         finally:
             await _close(stream)
 
-    return Response(status, headers, StreamBody(chunks, length))
+    # close: the daemon's stream is released even when the body is never started
+    return Response(status, headers, StreamBody(chunks, length, lambda: _close(stream)))
 
 
 async def _nothing() -> AsyncIterator[bytes]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 from ..context import Context
-from ..http import Request, Response, error
 from ..storepath import is_hash_part
+from ..transport.messages import Request, Response, error
 
 POSITIVE_CACHE = "public, max-age=3600"
 _CACHE = ("Cache-Control", POSITIVE_CACHE)

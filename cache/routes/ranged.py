@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from ..http import Body, Request, Response, SegmentsBody, error
 from ..nar import Segment, slice_segments
 from ..ranges import Unsatisfiable, parse_range
+from ..transport.messages import Body, Request, Response, SegmentsBody, error
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,9 +18,9 @@ from urllib.parse import quote
 import trio
 
 from ..context import Context
-from ..http import Request, Response, error
 from ..nar import FileRegion
 from ..storepath import is_hash_part
+from ..transport.messages import Request, Response, error
 from .ranged import ranged, segment_slices
 
 MAX_LINKS = 40

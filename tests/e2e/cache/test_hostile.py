@@ -210,3 +210,23 @@ def test_non_ascii_digits_in_range(server: CacheServer, store_fixtures: Fixtures
     narhash = raw.split(b"NarHash: sha256:")[1][:52].decode()
     req = f"GET /nar/{narhash}.nar?hash={h} HTTP/1.1\r\nHost: x\r\nRange: bytes=\xb2-\r\nConnection: close\r\n\r\n"
     assert status_of(raw_request(server, req.encode("latin-1"))) == 200
+
+
+def test_head_over_the_limit_in_one_read_is_431(server: CacheServer) -> None:
+    # 40 KB arrive in one read: the 32 KiB limit holds for the head, not only across reads
+    raw = b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 40_000 + b"\r\n\r\n"
+    assert status_of(raw_request(server, raw)) == 431
+
+
+def test_absolute_form_target_is_served(server: CacheServer) -> None:
+    # RFC 9112 §3.2.2: a server must accept the absolute form (proxies and some clients send it)
+    raw = b"GET http://cache.example/nix-cache-info HTTP/1.1\r\nHost: cache.example\r\nConnection: close\r\n\r\n"
+    response = raw_request(server, raw)
+    assert status_of(response) == 200 and b"StoreDir: /nix/store" in response
+
+
+def test_unread_upload_body_gets_an_answer_then_close(server: CacheServer) -> None:
+    # a body the cache does not take: answered (405), the connection closed, never a hang or 5xx
+    raw = b"PUT /x.narinfo HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n" + b"x" * 100_000
+    response = raw_request(server, raw)
+    assert status_of(response) == 405 and b"Connection: close" in response

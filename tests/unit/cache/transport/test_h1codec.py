@@ -1,6 +1,13 @@
 import pytest
 
-from cache.h1proto import BadRequest, find_head_end, parse_head, write_head
+from cache.transport.h1codec import (
+    BadRequest,
+    ChunkedDecoder,
+    find_head_end,
+    origin_form,
+    parse_head,
+    write_head,
+)
 
 
 @pytest.mark.parametrize(
@@ -78,3 +85,51 @@ def test_write_head() -> None:
     )
     with pytest.raises(ValueError, match=r"unsafe header"):
         write_head(200, [("Location", "/x\r\nSet-Cookie: a")], close=False)
+
+
+def test_body_framing_fields() -> None:
+    head = parse_head(b"PUT /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-Continue\r\n\r\n")
+    assert (head.body_length, head.chunked, head.expects_continue, head.persistent) == (5, False, True, True)
+    head = parse_head(
+        b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    assert (head.body_length, head.chunked, head.persistent) == (None, True, False)
+    head = parse_head(b"POST /p HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked, br\r\n\r\n")
+    assert head.has_body and not head.chunked  # not framed by us: the read fails, the connection closes
+
+
+def test_origin_form() -> None:
+    assert origin_form("http://host:80/a/b?c=d") == "/a/b?c=d"
+    assert origin_form("HTTPS://host") == "/"
+    assert origin_form("/plain?x") == "/plain?x"
+    assert origin_form("*") == "*"
+
+
+def test_chunked_decoder_in_pieces() -> None:
+    wire = b"4\r\nWiki\r\n5;x=y\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nT: v\r\n\r\nNEXT"
+    dec = ChunkedDecoder()
+    buf = bytearray()
+    out = bytearray()
+    for byte in wire:  # one byte at a time: every state must wait for more input correctly
+        buf.append(byte)
+        while True:
+            got = dec.decode(buf, 3)
+            if got is None or got == b"":
+                break
+            out += got
+        if dec.done:
+            break
+    assert bytes(out) == b"Wikipedia in\r\n\r\nchunks."
+    assert dec.done and dec.decode(buf, 10) == b""
+
+
+@pytest.mark.parametrize("wire", [b"zz\r\n", b"4\r\nabcdX\r\n", b"1" * 5000])
+def test_chunked_decoder_refuses_bad_framing(wire: bytes) -> None:
+    def drain() -> None:
+        dec = ChunkedDecoder()
+        buf = bytearray(wire)
+        while dec.decode(buf, 100):
+            pass
+
+    with pytest.raises(BadRequest):
+        drain()

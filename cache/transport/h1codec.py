@@ -2,9 +2,8 @@
 
 Why not h11: on this cache's hot path (a ~500-byte narinfo answer) h11's per-event state
 machine and header validation cost more than the route itself (see docs/benchmarks.md). This
-module does the subset a binary cache needs, strictly: request heads only, no request bodies
-(a request that has one is answered, then its connection is closed), responses written from
-headers we build ourselves.
+module does the subset a binary cache needs, strictly: request heads, chunked request bodies
+(`ChunkedDecoder`), response heads written from headers we build ourselves.
 
 Rules (RFC 9112):
 - a request head is the request line and header fields up to an empty line, at most
@@ -13,8 +12,10 @@ Rules (RFC 9112):
   spaces or control characters;
 - header fields: `token ":" OWS value OWS`; obsolete line folding, a space before the colon,
   and control characters in values are errors; HTTP/1.1 requires exactly one Host;
+- request target: origin form (`/path?query`); the absolute form (`http://host/path`) is
+  accepted and reduced to its path and query, as a server must (§3.2.2);
 - framing: Transfer-Encoding wins over Content-Length; several differing Content-Length values
-  or a non-numeric one are errors;
+  or a non-numeric one are errors; a chunked body's size lines and trailers are bounded;
 - persistence: HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0 only with
   `Connection: keep-alive`.
 Errors are the client's (`BadRequest`, with the status to answer: 400, 431 or 501).
@@ -47,8 +48,24 @@ class RequestHead:
     target: str
     minor: int  # HTTP/1.<minor>
     headers: dict[str, str]  # lower-case names; repeats joined with ", "
-    keep_alive: bool
+    keep_alive: bool  # persistent without reading a body (False when one follows)
     has_body: bool
+    persistent: bool = True  # what the client asked for, body or not
+    body_length: int | None = 0  # Content-Length; None when chunked or another coding
+    chunked: bool = False
+    expects_continue: bool = False
+
+
+_ABSOLUTE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*")
+
+
+def origin_form(target: str) -> str:
+    """`http://host/p?q` → `/p?q` (RFC 9112 §3.2.2); other targets are returned unchanged."""
+    match = _ABSOLUTE.match(target)
+    if match is None:
+        return target
+    rest = target[match.end() :]
+    return rest if rest.startswith("/") else "/" + rest
 
 
 def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
@@ -105,18 +122,96 @@ def parse_head(raw: bytes) -> RequestHead:
     if minor == 1 and hosts != 1:
         raise BadRequest(400, "an HTTP/1.1 request needs exactly one Host header")
     has_body = False
+    body_length: int | None = 0
+    chunked = False
     if "transfer-encoding" in headers:
         if minor == 0:
             raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
         has_body = True
+        body_length = None
+        codings = [c.strip().lower() for c in headers["transfer-encoding"].split(",")]
+        chunked = codings == ["chunked"]  # anything else cannot be framed by us: read fails, close
     elif lengths:
         length = next(iter(lengths))
         if len(lengths) != 1 or not (length.isascii() and length.isdigit()) or len(length) > 18:
             raise BadRequest(400, "invalid Content-Length")
-        has_body = int(next(iter(lengths))) > 0
+        body_length = int(length)
+        has_body = body_length > 0
     tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
     keep_alive = "close" not in tokens if minor == 1 else "keep-alive" in tokens
-    return RequestHead(method, target, minor, headers, keep_alive and not has_body, has_body)
+    expects_continue = minor == 1 and has_body and headers.get("expect", "").lower() == "100-continue"
+    return RequestHead(
+        method,
+        target,
+        minor,
+        headers,
+        keep_alive and not has_body,
+        has_body,
+        keep_alive,
+        body_length,
+        chunked,
+        expects_continue,
+    )
+
+
+MAX_CHUNK_LINE = 4096
+MAX_TRAILERS = MAX_HEAD_BYTES
+
+
+class ChunkedDecoder:
+    """A chunked request body (RFC 9112 §7.1), decoded from a buffer it consumes. Sans-IO.
+
+    `decode(buf, max_bytes)` returns body bytes, b"" once the last chunk and the trailers are
+    read, or None when `buf` needs more input. Malformed framing raises `BadRequest`.
+    """
+
+    def __init__(self) -> None:
+        self._left = 0  # bytes of the current chunk still to come
+        self._state = "size"  # size | data | data-end | trailers | done
+        self._trailer_bytes = 0
+
+    @property
+    def done(self) -> bool:
+        return self._state == "done"
+
+    def decode(self, buf: bytearray, max_bytes: int) -> bytes | None:
+        while True:
+            if self._state == "done":
+                return b""
+            if self._state == "data":
+                if not buf:
+                    return None
+                n = min(self._left, max_bytes, len(buf))
+                out = bytes(buf[:n])
+                del buf[:n]
+                self._left -= n
+                if not self._left:
+                    self._state = "data-end"
+                return out
+            end = buf.find(b"\n")
+            if end == -1:
+                limit = MAX_CHUNK_LINE if self._state != "trailers" else MAX_TRAILERS
+                if len(buf) > limit:
+                    raise BadRequest(400, "chunked body: line too long")
+                return None
+            line = bytes(buf[:end]).rstrip(b"\r")
+            del buf[: end + 1]
+            if self._state == "data-end":
+                if line:
+                    raise BadRequest(400, "chunked body: data longer than its chunk size")
+                self._state = "size"
+            elif self._state == "size":
+                size = line.split(b";", 1)[0].strip()
+                if not size or len(size) > 15 or not all(c in b"0123456789abcdefABCDEF" for c in size):
+                    raise BadRequest(400, "chunked body: invalid chunk size")
+                self._left = int(size, 16)
+                self._state = "data" if self._left else "trailers"
+            else:  # trailers, dropped
+                self._trailer_bytes += len(line) + 2
+                if self._trailer_bytes > MAX_TRAILERS:
+                    raise BadRequest(431, "chunked body: trailers too large")
+                if not line:
+                    self._state = "done"
 
 
 _REASONS: dict[int, bytes] = {}

@@ -1,0 +1,127 @@
+"""The routes against a stand-in store (no Nix): status codes, bodies, ranges, and one pass
+through the real HTTP/1.1 transport. Real Nix judges the same routes in tests/e2e/cache/."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from cache.hashes import nix32_encode
+from cache.nar import nar_bytes
+from cache.narinfo import PathInfo
+from cache.transport.messages import Request, Response
+from tests.support.standin import StandInStore, body_bytes, h1_exchange, make_app
+
+
+def make_tree(root: Path) -> None:
+    (root / "dir").mkdir(parents=True)
+    (root / "dir" / "a.txt").write_text("hello\n")
+    (root / "dir" / "index.html").write_text("<p>index</p>")
+    (root / "bin").mkdir()
+    (root / "bin" / "run").write_text("#!/bin/sh\n")
+    os.chmod(root / "bin" / "run", 0o755)
+    (root / "link").symlink_to("dir/a.txt")
+
+
+@pytest.fixture(params=["files", "streamed"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> StandInStore:
+    store = StandInStore(tmp_path / "store", streamed=request.param == "streamed")
+    store.root.mkdir()
+    return store
+
+
+def get(path: str, **headers: str) -> Request:
+    raw, _, query = path.partition("?")
+    return Request("GET", raw, query, {k.replace("_", "-"): v for k, v in headers.items()})
+
+
+def hash_part(info: PathInfo) -> str:
+    return os.path.basename(info.path)[:32]
+
+
+def nar_url(info: PathInfo) -> str:
+    return f"/nar/{nix32_encode(info.nar_hash)}.nar?hash={hash_part(info)}"
+
+
+async def answer(store: StandInStore, tmp_path: Path, request: Request) -> tuple[Response, bytes]:
+    app = make_app(store, tmp_path)
+    resp = await app.handle(request)
+    return resp, await body_bytes(resp)
+
+
+async def test_narinfo(store: StandInStore, tmp_path: Path) -> None:
+    info = store.add("tree", make_tree)
+    resp, body = await answer(store, tmp_path, get(f"/{hash_part(info)}.narinfo"))
+    assert resp.status == 200 and resp.route == "narinfo"
+    text = body.decode()
+    assert f"StorePath: {info.path}\n" in text
+    assert f"NarSize: {info.nar_size}\n" in text
+    assert f"URL: nar/{nix32_encode(info.nar_hash)}.nar?hash={hash_part(info)}\n" in text
+    resp, body = await answer(store, tmp_path, get(f"/{hash_part(info)}.narinfo?json"))
+    assert json.loads(body)["narSize"] == info.nar_size
+    resp, _ = await answer(store, tmp_path, get("/" + "0" * 32 + ".narinfo"))
+    assert resp.status == 404
+    resp, _ = await answer(store, tmp_path, get("/short.narinfo"))
+    assert resp.status == 400
+
+
+async def test_nar_whole_and_ranges(store: StandInStore, tmp_path: Path) -> None:
+    info = store.add("tree", make_tree)
+    whole = nar_bytes(store.real_path(info.path))
+    resp, body = await answer(store, tmp_path, get(nar_url(info)))
+    assert resp.status == 200 and body == whole and resp.content_length == len(whole)
+    resp, body = await answer(store, tmp_path, get(nar_url(info), range="bytes=10-99"))
+    assert resp.status == 206 and body == whole[10:100]
+    assert resp.header("content-range") == f"bytes 10-99/{len(whole)}"
+    resp, body = await answer(store, tmp_path, get(nar_url(info), range="bytes=-7"))
+    assert resp.status == 206 and body == whole[-7:]
+    resp, _ = await answer(store, tmp_path, get(nar_url(info), range=f"bytes={len(whole)}-"))
+    assert resp.status == 416 and resp.header("content-range") == f"bytes */{len(whole)}"
+    wrong = f"/nar/{'0' * 52}.nar?hash={hash_part(info)}"
+    resp, _ = await answer(store, tmp_path, get(wrong))
+    assert resp.status == 404  # another NAR hash than the path's: never the wrong bytes
+
+
+async def test_serve_and_listing(store: StandInStore, tmp_path: Path) -> None:
+    info = store.add("tree", make_tree)
+    base = f"/serve/{hash_part(info)}"
+    resp, body = await answer(store, tmp_path, get(base + "/dir/a.txt"))
+    assert resp.status == 200 and body == b"hello\n"
+    resp, body = await answer(store, tmp_path, get(base + "/dir/a.txt", range="bytes=1-2"))
+    assert resp.status == 206 and body == b"el"
+    resp, body = await answer(store, tmp_path, get(base + "/link"))
+    assert resp.status == 200 and body == b"hello\n"
+    resp, body = await answer(store, tmp_path, get(base + "/dir/"))
+    assert resp.status == 200 and body == b"<p>index</p>"
+    resp, _ = await answer(store, tmp_path, get(base + "/dir"))
+    assert resp.status == 301
+    resp, _ = await answer(store, tmp_path, get(base + "/../x"))
+    assert resp.status == 400
+    resp, body = await answer(store, tmp_path, get(f"/{hash_part(info)}.ls"))
+    assert resp.status == 200 and "a.txt" in json.loads(body)["root"]["entries"]["dir"]["entries"]
+
+
+async def test_methods_and_unknown_paths(store: StandInStore, tmp_path: Path) -> None:
+    app = make_app(store, tmp_path)
+    resp = await app.handle(Request("PUT", "/x.narinfo", "", {}))
+    assert resp.status == 405 and resp.header("allow") == "GET, HEAD"
+    resp = await app.handle(get("/nope/nope"))
+    assert resp.status == 404
+    resp = await app.handle(get("/nix-cache-info"))
+    assert resp.status == 200 and b"StoreDir: /nix/store" in await body_bytes(resp)
+
+
+async def test_through_the_http1_transport(store: StandInStore, tmp_path: Path) -> None:
+    info = store.add("tree", make_tree)
+    app = make_app(store, tmp_path)
+    raw = (
+        f"GET /{hash_part(info)}.narinfo HTTP/1.1\r\nHost: x\r\n\r\n"
+        f"GET {nar_url(info)} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    ).encode()
+    out = await h1_exchange(app.handle, raw, metrics=app.metrics)
+    assert out.count(b"HTTP/1.1 200 OK") == 2
+    assert out.endswith(nar_bytes(store.real_path(info.path)))
+    assert 'harmonia_requests_total{route="nar",status="200"} 1' in app.metrics.render()
