@@ -38,6 +38,7 @@ CHUNK = 1 << 20
 SAMPLE_BYTES = 128 * 1024
 # a sample that zstd cannot shrink below this share is already compressed (or random)
 COMPRESSIBLE_RATIO = 0.9
+EVICT_CHECK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,14 +294,17 @@ class LiveCopy:
             self.failed = condition(exc)
             self.abort()
 
-    def finish(self) -> CompressedNar | None:
-        """The stream reached its end: the file becomes the copy (blocking; run it in a thread)."""
+    def finish(self, durable: bool = True) -> CompressedNar | None:
+        """The stream reached its end: the file becomes the copy (blocking; run it in a thread).
+        Without `durable` there is no fsync: a copy cut short by a crash has a size its `.meta`
+        does not match, and is not used."""
         if self._fd is None:
             return None
         fd, self._fd = self._fd, None
         meta_tmp = self.tmp.with_name(self.tmp.name + ".meta")
         try:
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
             os.close(fd)
             meta = {"sha256": self.digest.hexdigest(), "size": self.size, "params": self.copies.tag}
             meta_tmp.write_text(json.dumps(meta))
@@ -312,8 +316,9 @@ class LiveCopy:
                 with contextlib.suppress(OSError):
                     leftover.unlink()
             return None
-        with contextlib.suppress(OSError):
-            self.copies.evict(keep=self.data_path)
+        if self.size > EVICT_CHECK_BYTES:  # small copies leave the budget to the compressor's checks
+            with contextlib.suppress(OSError):
+                self.copies.evict(keep=self.data_path)
         return CompressedNar(self.data_path, self.digest.digest(), self.size)
 
     def abort(self) -> None:

@@ -17,7 +17,7 @@ from ..compression import LiveCopy, compress_chunks, iter_nar_bytes
 from ..context import Context, Resolved
 from ..daemon import DaemonError
 from ..hashes import nix32_encode
-from ..nar import FileRegion, Segment
+from ..nar import FileRegion, NarError, Segment
 from ..store import FsNar, StreamedNar
 from ..storepath import is_hash_part
 from ..transport.messages import Request, Response, SegmentsBody, StreamBody, error
@@ -26,6 +26,7 @@ from .ranged import ranged, segment_slices, select_range
 NAR_TYPE = "application/x-nix-nar"
 IMMUTABLE = "public, max-age=31536000, immutable"
 DAEMON_FIRST_BYTE_TIMEOUT = 30.0
+INLINE_ZSTD_MAX = 256 * 1024
 _NIX32_SHA256 = re.compile(r"[0123456789abcdfghijklmnpqrsvwxyz]{52}")
 
 
@@ -80,21 +81,47 @@ async def get_nar_zst(ctx: Context, request: Request, match: re.Match[str]) -> R
         return ranged(
             request, headers, copy.file_size, segment_slices(lambda: _file_segments(region), copy.file_size)
         )
+    headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE)]
+    level = ctx.config.zstd_level
+    if found.info.nar_size <= INLINE_ZSTD_MAX:
+        # small NARs (most of a closure) are compressed at once, kept as the copy, and sent whole
+        # with their length: no thread hops, no chunked framing
+        body = _compress_small(ctx, source, found.info.nar_hash, level)
+        if body is not None:
+            small = body
+            return ranged(
+                request,
+                [*headers, ("Accept-Ranges", "bytes")],
+                len(small),
+                lambda start, length: small[start : start + length],
+            )
     ctx.schedule_compression(found.info, source)
     # the copy's length is known if one was made before (and evicted since): the live stream is
     # byte for byte that copy. Without a copy there are no ranges (Range is ignored: a 200).
     meta = ctx.copies.meta(found.info.nar_hash)
-    headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE)]
     length = meta.file_size if meta is not None else None
     if request.method == "HEAD":
         return Response(200, headers, StreamBody(_nothing, length))
-    level = ctx.config.zstd_level
     nar_hash = found.info.nar_hash
 
     def stream() -> AsyncIterator[bytes]:
         return _zstd_stream(source, level, ctx.keep_live_copy(nar_hash), ctx.copy_kept)
 
     return Response(200, headers, StreamBody(stream, length))
+
+
+def _compress_small(ctx: Context, source: FsNar, nar_hash: bytes, level: int) -> bytes | None:
+    """A small NAR compressed in the event loop (microseconds), its bytes kept as the copy."""
+    try:
+        body = b"".join(compress_chunks(iter_nar_bytes(source.segments()), level))
+    except (NarError, OSError):
+        return None  # the streaming path reports it
+    keep = ctx.keep_live_copy(nar_hash)
+    if keep is not None:
+        keep.write(body)
+        if keep.finish(durable=False) is not None:
+            ctx.copy_kept(nar_hash)
+    return body
 
 
 async def nar_response(ctx: Context, request: Request, resolved: Resolved) -> Response:
@@ -215,7 +242,8 @@ async def _zstd_stream(
     finally:
         if keep is not None:
             with trio.CancelScope(shield=True):
-                if finished and await trio.to_thread.run_sync(keep.finish) is not None and kept:
+                # no fsync: the response ends now (a copy a crash cut short fails its size check)
+                if finished and await trio.to_thread.run_sync(keep.finish, False) is not None and kept:
                     kept(keep.nar_hash)
                 else:
                     keep.abort()

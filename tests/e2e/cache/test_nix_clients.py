@@ -301,8 +301,9 @@ def test_a_cut_zstd_stream_is_not_resumed_by_nix_2_26(
     nix_daemon_env: dict[str, str],
 ) -> None:
     """What a current Nix does with a cut live zstd stream (the `.nar.zst` URL before its copy exists:
-    no length, no `Accept-Ranges`): no resume, no retry — that copy fails. Nothing is lost: the next
-    attempt copies the path. The `.nar.zst` copy, once made, resumes (above)."""
+    no length, no `Accept-Ranges`; NARs over 256 KiB — smaller ones are compressed whole and have both):
+    no resume, no retry — that copy fails. Nothing is lost: the next attempt copies the path. The
+    `.nar.zst` copy, once made, resumes (above)."""
     client = trixie_nix_client
     directory = client.root / "tmp" / f"harmonia-test-cut-{tmp_path.name}"
     directory.mkdir(parents=True)
@@ -310,7 +311,7 @@ def test_a_cut_zstd_stream_is_not_resumed_by_nix_2_26(
         state = tmp_path / "state"
         state.mkdir()
         (state / "nar-zstd").write_text("not a directory")  # live streams only
-        path = store_fixtures.tree
+        path = store_fixtures.big
         with start_cache(tmp_path / "srv", state_directory=str(state)) as cache:
             narinfo = httpx.get(f"{cache.url}/{Path(path).name[:32]}.narinfo", timeout=10).text
             url = next(line[5:] for line in narinfo.splitlines() if line.startswith("URL: "))
