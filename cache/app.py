@@ -206,7 +206,12 @@ class App:
         zstd = (
             self.copies is not None
             and fs is not None
-            and self.copies.compressible(info.nar_hash, info.nar_size, fs.segments)
+            and info.nar_size >= MIN_COMPRESS_SIZE
+            # a copy made (by the watch for new paths, say) settles it without reading a sample
+            and (
+                self.copies.meta(info.nar_hash) is not None
+                or self.copies.compressible(info.nar_hash, info.nar_size, fs.segments)
+            )
         )
         fresh = Known(Resolved(hash_part, info), real, key or (0, 0), time.monotonic(), fs, zstd)
         if key is None:

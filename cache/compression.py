@@ -39,6 +39,7 @@ SAMPLE_BYTES = 128 * 1024
 # a sample that zstd cannot shrink below this share is already compressed (or random)
 COMPRESSIBLE_RATIO = 0.9
 EVICT_CHECK_BYTES = 1 << 20
+SMALL_NAR = 256 * 1024  # compressed whole when asked for (routes/nar.py), never sampled
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,6 +369,10 @@ class CopyIndex:
     def compressible(self, nar_hash: bytes, size: int, segments: Callable[[], Iterator[Segment]]) -> bool:
         if size < MIN_COMPRESS_SIZE:
             return False
+        if size <= SMALL_NAR:
+            # not worth a sample: zstd's framing on an incompressible small NAR is a few bytes, and
+            # a closure's narinfos are answered without reading the paths
+            return True
         known = self._compressible.get(nar_hash)
         if known is None:
             try:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import trio
 
-from ..compression import LiveCopy, compress_chunks, iter_nar_bytes
+from ..compression import SMALL_NAR, LiveCopy, compress_chunks, iter_nar_bytes
 from ..context import Context, Resolved
 from ..daemon import DaemonError
 from ..hashes import nix32_encode
@@ -26,7 +26,7 @@ from .ranged import ranged, segment_slices, select_range
 NAR_TYPE = "application/x-nix-nar"
 IMMUTABLE = "public, max-age=31536000, immutable"
 DAEMON_FIRST_BYTE_TIMEOUT = 30.0
-INLINE_ZSTD_MAX = 256 * 1024
+INLINE_ZSTD_MAX = SMALL_NAR
 _NIX32_SHA256 = re.compile(r"[0123456789abcdfghijklmnpqrsvwxyz]{52}")
 
 

@@ -67,11 +67,18 @@ def test_compressibility_is_judged_on_a_sample(tmp_path: Path) -> None:
     text.write_text("\n".join(str(i) for i in range(100_000)))
     noise = tmp_path / "noise"
     noise.write_bytes(os.urandom(1 << 20))
+    small_noise = tmp_path / "small-noise"
+    small_noise.write_bytes(os.urandom(100_000))
     tiny = tmp_path / "tiny"
     tiny.write_bytes(b"x")
     assert looks_compressible(nar_segments(os.fsencode(text)))
     assert not looks_compressible(nar_segments(os.fsencode(noise)))
     assert not looks_compressible(nar_segments(os.fsencode(tiny)))
+    # small NARs are offered compressed without a sample; large ones by their sample
+    index = CopyIndex(CopyStore(tmp_path / "copies", 3, 1 << 30))
+    assert index.compressible(b"\3" * 32, 100_000, lambda: nar_segments(os.fsencode(small_noise)))
+    assert not index.compressible(b"\4" * 32, 1 << 20, lambda: nar_segments(os.fsencode(noise)))
+    assert not index.compressible(b"\5" * 32, 100, lambda: nar_segments(os.fsencode(tiny)))
 
 
 def test_an_unusable_state_directory_raises_and_leaves_nothing(tmp_path: Path) -> None:
