@@ -166,6 +166,7 @@ OURS = ("ours-daemon", "ours-db")
 CADDY = ("caddy-zstd", "caddy-none")
 SERVERS = (*OURS, *CADDY)
 MEASURES = ("at_once", "first", "again", "closure")
+SETTLE = 2.0
 
 
 def run_shaped(
@@ -210,7 +211,7 @@ def run_shaped(
                 )
             ),
         }
-        for client in found:
+        for n, client in enumerate(found):
             tag = f"{client.name.replace('.', '')}-{time.time_ns()}"
             say(f"{client.name}: building a fresh {big_mb} MB path and a {small_count + 1}-path closure")
             fresh = build_fresh(work, tag, big_mb, small_count)
@@ -226,18 +227,21 @@ def run_shaped(
             say(f"{client.name}: first fetches of the fresh paths")
             # at once: our caches right after the build, before the copy can exist (a live
             # stream); a static cache cannot serve the path yet at all
-            for server in OURS:
+            for server in OURS if n % 2 == 0 else tuple(reversed(OURS)):
                 times[server]["at_once"] = fetch(server, [fresh.big])
             # published: a static cache has the paths once they were pushed to it (not timed);
             # then every server's first fetch of another fresh path
             export_to([fresh.published, fresh.top], exports["zstd"], "zstd", work)
             export_to([fresh.published, fresh.top], exports["none"], "none", work)
-            for server in SERVERS:
+            time.sleep(SETTLE)  # the exports' writes and threads out of the way of whoever goes first
+            # the order alternates between clients, so that no server always goes first
+            order = SERVERS if n % 2 == 0 else (*reversed(OURS), *reversed(CADDY))
+            for server in order:
                 times[server]["first"] = fetch(server, [fresh.published])
             say(f"{client.name}: the same path again, then the closure")
-            for server in SERVERS:
+            for server in order:
                 times[server]["again"] = fetch(server, [fresh.published])
-            for server in SERVERS:
+            for server in order:
                 times[server]["closure"] = fetch(server, [fresh.top])
             result["clients"][client.name] = times
     return result
