@@ -32,6 +32,12 @@ log = logging.getLogger("harmonia.app")
 
 
 METADATA_TTL = 1.0
+# references fetched ahead of the client walking a closure: levels, per path, at once, queued
+PREFETCH_DEPTH = 3
+PREFETCH_FANOUT = 64
+PREFETCH_PARALLEL = 2
+PREFETCH_QUEUE = 1024
+PREFETCH_WAIT = 2.0
 NEW_PATHS_POLL = 1.0
 
 
@@ -110,6 +116,8 @@ class App:
             self.copies = CopyIndex(copy_store)
             self.compressor = Compressor(copy_store, self.copies, self.metrics, self._copy_made)
         self._known: dict[str, Known] = {}
+        self._prefetch: trio.MemorySendChannel[tuple[str, str, int]] | None = None
+        self._prefetching: dict[str, trio.Event] = {}
         self._known_entries = max(1024, config.narinfo_cache_entries)
         # <state>/nix/db/db.sqlite beside <state>/log/nix/drvs, as Nix lays them out
         parents = config.nix_db_path.parents
@@ -119,6 +127,9 @@ class App:
         """Hosts background work (the compressor, the watch for new paths) for the worker's life.
         Nothing in here may end the worker: every job's failure is logged and survived."""
         async with trio.open_nursery() as nursery:
+            send, receive = trio.open_memory_channel[tuple[str, str, int]](PREFETCH_QUEUE)
+            self._prefetch = send
+            nursery.start_soon(self._run_prefetch, receive)
             if self.compressor is not None:
                 await nursery.start(self.compressor.run)
                 nursery.start_soon(self._watch_new_paths)
@@ -129,10 +140,8 @@ class App:
         await self.store.aclose()
 
     def _copy_made(self, nar_hash: bytes) -> None:
-        # the narinfo gains FileHash/FileSize: render anew on the next request
-        for known in self._known.values():
-            if known.resolved.info.nar_hash == nar_hash:
-                known.location = None
+        """A copy was made: its narinfo gains FileHash/FileSize on the next request (`narinfo_body`
+        looks for the meta the index just forgot)."""
 
     async def _watch_new_paths(self) -> None:
         """Compress paths as Nix registers them (the database numbers them in order), so the first
@@ -192,11 +201,27 @@ class App:
         if entry is not None:
             key = stat_key(entry.real)
             if key == entry.stat_key and time.monotonic() - entry.checked < METADATA_TTL:
+                if entry.ahead:
+                    entry.ahead = False
+                    self._prefetch_references(entry.resolved.info, PREFETCH_DEPTH)
                 return entry
+        if entry is None and (ahead := self._prefetching.get(hash_part)) is not None:
+            # on its way: wait for it rather than ask the store a second time
+            with trio.move_on_after(PREFETCH_WAIT):
+                await ahead.wait()
+            if (found := self._known.get(hash_part)) is not None:
+                found.ahead = False
+                self._prefetch_references(found.resolved.info, PREFETCH_DEPTH)
+                return found
         info = await self.store.info_from_hash_part(hash_part)
         if info is None or not self.store.servable(info):
             self._known.pop(hash_part, None)
             return None
+        if entry is None:
+            self._prefetch_references(info, PREFETCH_DEPTH)
+        return self._remember(hash_part, info, entry)
+
+    def _remember(self, hash_part: str, info: PathInfo, entry: Known | None = None) -> Known:
         real = self.store.real_path(info.path)
         key = stat_key(real)
         if entry is not None and key == entry.stat_key and entry.resolved.info == info:
@@ -220,6 +245,50 @@ class App:
             self._known.clear()
         self._known[hash_part] = fresh
         return fresh
+
+    def _prefetch_references(self, info: PathInfo, depth: int) -> None:
+        """A client that asked for a path asks for its references next (it walks the closure, one
+        level at a time): their metadata is fetched ahead, so those narinfos are answered from
+        memory. Best effort: a full queue drops the hint."""
+        if self._prefetch is None or depth <= 0:
+            return
+        for ref in info.references[:PREFETCH_FANOUT]:
+            if ref == info.path:
+                continue
+            ref_hash = ref.rsplit("/", 1)[-1][:32]
+            if ref_hash in self._known or ref_hash in self._prefetching:
+                continue
+            try:
+                self._prefetch.send_nowait((ref_hash, ref, depth))
+            except trio.WouldBlock:
+                return
+            self._prefetching[ref_hash] = trio.Event()
+
+    async def _run_prefetch(self, receive: trio.MemoryReceiveChannel[tuple[str, str, int]]) -> None:
+        async def one(hash_part: str, path: str, depth: int) -> None:
+            try:
+                if hash_part in self._known:
+                    return
+                info = await self.store.path_info(path)
+                if info is not None and self.store.servable(info) and hash_part not in self._known:
+                    self._remember(hash_part, info).ahead = True
+                    self._prefetch_references(info, depth - 1)
+            except StoreError:
+                pass  # only a hint: the request itself asks again
+            finally:
+                done = self._prefetching.pop(hash_part, None)
+                if done is not None:
+                    done.set()
+
+        async with trio.open_nursery() as nursery:
+            limit = trio.CapacityLimiter(PREFETCH_PARALLEL)
+            async for hash_part, path, depth in receive:
+
+                async def limited(h: str = hash_part, p: str = path, d: int = depth) -> None:
+                    async with limit:
+                        await one(h, p, d)
+
+                nursery.start_soon(limited)
 
     async def resolve(self, hash_part: str) -> Resolved | None:
         known = await self.known(hash_part)

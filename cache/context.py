@@ -44,6 +44,7 @@ class Known:
     location: NarLocation | None = None
     text: bytes | None = None
     json: bytes | None = None
+    ahead: bool = False  # fetched ahead of the client: its first use fetches the next level
 
 
 class Context(Protocol):
