@@ -293,3 +293,94 @@ def test_evicted_copies_are_never_advertised_or_served_empty(
         # a client that accepts zstd gets the whole NAR whether or not a copy survived
         encoded = _raw(client, nar_url(client, small))
         assert zstandard.ZstdDecompressor().decompressobj().decompress(encoded) == dump(small, nix_daemon_env)
+
+
+ACCEPT_ENCODINGS = [
+    None,  # Nix 2.8
+    "zstd, br, gzip, deflate, bzip2, xz",  # Nix 2.14-2.33
+    "identity",
+    "identity;q=1, *;q=0",
+    "*",
+    "bzip2",
+    "zstd;q=0",
+]
+
+
+def _codings(resp: httpx.Response) -> list[str]:
+    return [c.strip().lower() for v in resp.headers.get_list("content-encoding") for c in v.split(",")]
+
+
+def test_no_response_ever_says_content_encoding_identity(
+    server: CacheServer, store_fixtures: Fixtures, tmp_path: Path
+) -> None:
+    """Nix before 2.31 fails on `Content-Encoding: identity`: every route, status, range and HEAD, over
+    HTTP/1.1 and HTTP/2, either names a real coding (zstd for NARs, bzip2 for logs) or none at all."""
+    import bz2
+
+    drv_name = "0" * 31 + "2-identity-check.drv"
+    log_dir = Path("/nix/var/log/nix/drvs") / drv_name[:2]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_dir / (drv_name[2:] + ".bz2")
+    log_file.write_bytes(bz2.compress(b"log\n"))
+    tree_hash = Path(store_fixtures.tree).name[:32]
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as probe:
+            narinfo = f"/{tree_hash}.narinfo"
+            deadline = time.monotonic() + 60
+            while "Compression: zstd" not in (text := probe.get(narinfo).text):
+                assert time.monotonic() < deadline, "no compressed copy after 60 s"
+                time.sleep(0.1)
+            zst_url = "/" + next(line[5:] for line in text.splitlines() if line.startswith("URL: "))
+            plain = nar_url(probe, store_fixtures.tree)
+            narhash = plain.split("/nar/")[1].split(".nar")[0]
+        ranged = [plain, zst_url, f"/nar/{tree_hash}-{narhash}.nar", f"/serve/{tree_hash}/deep/a/b/c/numbers"]
+        urls = [
+            *ranged,
+            "/",
+            "/nix-cache-info",
+            "/version",
+            "/health",
+            "/metrics",
+            narinfo,
+            narinfo + "?json",
+            f"/{tree_hash}.ls",
+            f"/log/{drv_name}",
+            f"/log/{'0' * 32}-absent.drv",
+            f"/serve/{tree_hash}/",
+            f"/serve/{tree_hash}/dir/index.html",
+            "/" + "0" * 32 + ".narinfo",  # 404
+            "/nar/not-a-hash.nar?hash=x",  # 400
+            "/nowhere",
+        ]
+        seen: set[tuple[int, str]] = set()
+        for http2 in (False, True):
+            with httpx.Client(base_url=server.url, timeout=60, http1=not http2, http2=http2) as client:
+                for accept in ACCEPT_ENCODINGS:
+                    for url in urls:
+                        ranges = (
+                            [None, "bytes=0-9", "bytes=5-", "bytes=999999999-"] if url in ranged else [None]
+                        )
+                        for rng in ranges:
+                            headers = {"Accept-Encoding": accept} if accept else {}
+                            if rng:
+                                headers["Range"] = rng
+                            for method in ("GET", "HEAD"):
+                                req = client.build_request(method, url, headers=headers)
+                                if accept is None:
+                                    del req.headers["accept-encoding"]  # none at all, as Nix 2.8
+                                resp = client.send(req)
+                                assert resp.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+                                assert resp.request.headers.get("accept-encoding") == accept
+                                codings = _codings(resp)
+                                assert "identity" not in codings, (method, url, accept, rng, resp.headers)
+                                assert set(codings) <= {"zstd", "bzip2"}, (url, resp.headers)
+                                seen.add((resp.status_code, ",".join(codings)))
+            # a client that ruled zstd out never gets it
+            with httpx.Client(base_url=server.url, timeout=60, http1=not http2, http2=http2) as client:
+                assert "zstd" not in _codings(client.get(plain, headers={"Accept-Encoding": "zstd;q=0"}))
+        # the walk covered what it claims: codings, plain answers, ranges and errors
+        statuses = {status for status, _ in seen}
+        assert {200, 206, 400, 404, 416} <= statuses, seen
+        assert (200, "zstd") in seen and (200, "bzip2") in seen and (200, "") in seen, seen
+    finally:
+        log_file.unlink()

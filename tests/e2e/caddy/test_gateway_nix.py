@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
+import shutil
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -19,6 +22,7 @@ import zstandard
 from caddy.policy import Policy
 from tests.e2e.caddy.gateway_support import IO_TIMEOUT, Gateway, refused_address, run_gateway, wait_for
 from tests.support.cache_server import start_cache
+from tests.support.clients import NixClient
 from tests.support.fixtures import Fixtures
 from tests.support.nix import dump, nix_env, path_info, run
 
@@ -116,6 +120,49 @@ def test_nix_copy_through_the_gateway_with_signatures_and_unchanged_nars(
         assert _direct(cache.url, f"/serve/{hash_part}/dir/one-byte") == b"x"
         for path in (f"/serve/{hash_part}/dir/one-byte", "/metrics", f"/serve/{hash_part}/"):
             assert gw.request("GET", path)[0] == 404, path
+
+
+def test_both_clients_copy_through_the_gateway_over_http2(
+    nix_client: NixClient,
+    tmp_path: Path,
+    store_fixtures: Fixtures,
+    client_dir: Path,
+    host_nix_client: NixClient,
+    nix_daemon_env: dict[str, str],
+) -> None:
+    """Nix 2.8 and 2.26 through the gateway (compressed copies on, as the fleet runs it): a signed copy over
+    HTTP/2, as Caddy's access log shows for every request the client made, and never `identity` coding."""
+    with (
+        start_cache(tmp_path / "cache", priority=60, zstd={"level": 3}) as cache,
+        run_gateway(tmp_path, [cache.url]) as gw,
+    ):
+        ca = client_dir / "gateway-ca.pem"
+        shutil.copyfile(gw.ca_file, ca)
+        env = nix_client.env(
+            client_dir / "xdg",
+            f"require-sigs = true\ntrusted-public-keys = {cache.public_key}\n",
+            NIX_SSL_CERT_FILE=nix_client.inside(ca),
+        )
+        store = nix_client.inside(client_dir / "store")
+        nix_client.run(["nix", "copy", "--from", gw.url, "--to", store, store_fixtures.tree], env=env)
+        for path in (store_fixtures.tree, store_fixtures.dep):
+            copied = nix_client.path_info(path, env, store=store)
+            assert copied["narHash"] == host_nix_client.path_info(path, nix_daemon_env)["narHash"]
+
+        def client_entries() -> list[dict[str, Any]]:
+            lines = gw.access_log.read_text().splitlines() if gw.access_log.exists() else []
+            entries = [json.loads(line) for line in lines]
+            agent = f"Nix/{nix_client.version}"
+            return [
+                e for e in entries if any(agent in ua for ua in e["request"]["headers"].get("User-Agent", []))
+            ]
+
+        entries = wait_for(lambda: [e for e in client_entries() if "/nar/" in e["request"]["uri"]], timeout=5)
+        assert entries, gw.access_log.read_text()
+        entries = client_entries()
+        assert {e["request"]["proto"] for e in entries} == {"HTTP/2.0"}, entries
+        for entry in entries:
+            assert "identity" not in entry.get("resp_headers", {}).get("Content-Encoding", []), entry
 
 
 def test_nix_copy_fails_over_when_the_first_upstream_is_down(

@@ -10,7 +10,9 @@
   cache runs as an unprivileged uid with no passwd entry (setpriv, no new privileges), owning only
   its state directory and its credential copy; the secret key files stay root's. What this cannot
   emulate without systemd: the rest of the sandbox (ProtectSystem=…); `systemd-analyze verify`
-  checks those settings in test_deploy_systemd.py.
+  checks those settings in test_deploy_systemd.py. The programs are those of a deployment's install
+  (`pip install .`, non-editable, into a venv every user can read: tests/support/service_venv.py),
+  not this checkout's editable `.venv`, which the service uid cannot read in a private clone.
 - The client fetches a signed artifact with `nix copy --from http://10.88.0.1:5000` into its own
   store with require-sigs and the cache's key (and fails with another key).
 - The cache restarts, this time through the socket unit (LISTEN_FDS, as harmonia-dev.socket
@@ -48,6 +50,7 @@ import pytest
 from cache import gcroots
 from deploy import render
 from tests.support.nix import build, have_nix, nix_env, path_info
+from tests.support.service_venv import service_venv
 
 pytestmark = [
     pytest.mark.e2e,
@@ -57,7 +60,6 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) is missing"),
 ]
 
-VENV_BIN = str(Path(sys.executable).parent)
 SERVER_IP, CLIENT_IP = "10.88.0.1", "10.88.0.2"
 PORT = 5000
 SYSTEMD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -167,7 +169,7 @@ def timespan_usec(text: str) -> int:
 
 @dataclass
 class Unit:
-    """harmonia-dev.service installed under `root` (prefix: this venv), ready to start."""
+    """harmonia-dev.service installed under `root` (prefix: the bundle's bin directory), ready to start."""
 
     root: Path
     argv: list[str]
@@ -179,9 +181,9 @@ class Unit:
     groups: list[int]  # SupplementaryGroups=
 
     @classmethod
-    def install(cls, root: Path, dropins: list[str]) -> Unit:
+    def install(cls, root: Path, dropins: list[str], prefix: str) -> Unit:
         """Install the unit (plus drop-ins, in order) under `root`: files, keys, credentials."""
-        text = render.with_prefix((render.UNIT_DIR / "harmonia-dev.service").read_text(), VENV_BIN)
+        text = render.with_prefix((render.UNIT_DIR / "harmonia-dev.service").read_text(), prefix)
         text = "\n".join([text, *dropins])
         sections = render.parse_unit(text)
         creds = root / "run/credentials/harmonia-dev.service"
@@ -201,7 +203,7 @@ class Unit:
             if not secret.exists():
                 generated = subprocess.run(
                     [
-                        f"{VENV_BIN}/harmonia-cache",
+                        f"{prefix}/harmonia-cache",
                         "key",
                         "generate",
                         name,
@@ -478,22 +480,31 @@ def host_root() -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_two_hosts_fetch_restart_pin_and_collect(tmp_path: Path, host_root: Path) -> None:
+@pytest.fixture(scope="module")
+def service_bin() -> str:
+    """The bundle installed as docs/deploy.md does (`pip install .` into a venv every user can read):
+    the service's uid must read its programs wherever this checkout is, a private clone included."""
+    return str(service_venv())
+
+
+def test_two_hosts_fetch_restart_pin_and_collect(tmp_path: Path, host_root: Path, service_bin: str) -> None:
     with private_daemon(host_root) as daemon:  # the shipped settings use store_backend = "daemon"
-        two_hosts_fetch_restart_pin_and_collect(tmp_path, host_root, daemon)
+        two_hosts_fetch_restart_pin_and_collect(tmp_path, host_root, daemon, service_bin)
     # the cache read the store through the daemon, as the service user
     assert f"user {SERVICE_UID}" in (host_root / "nix-daemon.log").read_text()
 
 
-def two_hosts_fetch_restart_pin_and_collect(tmp_path: Path, host_root: Path, daemon: Path) -> None:
+def two_hosts_fetch_restart_pin_and_collect(
+    tmp_path: Path, host_root: Path, daemon: Path, prefix: str
+) -> None:
     tag = uuid.uuid4().hex[:10]
     local_env = nix_env(tmp_path / "xdg-local")
-    unit = Unit.install(host_root, dropins())
+    unit = Unit.install(host_root, dropins(), prefix)
     cache_cli = unit.argv[0]
     pinned, loose = artifacts(local_env, tag)
     root = gcroots.default_gcroots_dir() / gcroots.root_name(gcroots.parse_store_path(pinned))
     health_cmd = render.service_command(
-        render.with_prefix((render.UNIT_DIR / "harmonia-healthcheck.service").read_text(), VENV_BIN),
+        render.with_prefix((render.UNIT_DIR / "harmonia-healthcheck.service").read_text(), prefix),
         {},
     )
     try:
@@ -537,7 +548,9 @@ def two_hosts_fetch_restart_pin_and_collect(tmp_path: Path, host_root: Path, dae
 
             # --- restart, through the socket unit, with a short watchdog to see the pings, and
             # with the key-rotation drop-in: a second key signs too
-            rotated = Unit.install(host_root, [*dropins(), (render.UNIT_DIR / "rotate-key.conf").read_text()])
+            rotated = Unit.install(
+                host_root, [*dropins(), (render.UNIT_DIR / "rotate-key.conf").read_text()], prefix
+            )
             assert rotated.public_keys[0] == unit.public_key
             assert rotated.env["SIGN_KEY_PATHS"].split() == [
                 str(rotated.root / "run/credentials/harmonia-dev.service" / name)
