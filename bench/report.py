@@ -284,9 +284,10 @@ def _shaped_panel(ax: Any, shaped: dict[str, Any]) -> None:
     width = 0.8 / len(servers)
     for k, (key, label, color) in enumerate(servers):
         xs = [i + (k - 1.5) * width for i in range(len(groups))]
-        ys = [shaped["clients"][client][key].get(m, 0.0) for client, m in groups]
-        bars = ax.bar(xs, ys, width, label=label, color=color)
-        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ys = [shaped["clients"][client][key].get(m) for client, m in groups]
+        bars = ax.bar(xs, [y or 0.0 for y in ys], width, label=label, color=color)
+        # no bar label where the server has no such fetch (a static cache cannot serve at once)
+        ax.bar_label(bars, labels=["" if y is None else f"{y:.1f}" for y in ys], fontsize=7)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(
         [

@@ -190,7 +190,8 @@ class App:
                 continue
             for row_id, path, nar_hash, nar_size in rows:
                 last = max(last, row_id)
-                if nar_size >= MIN_COMPRESS_SIZE:
+                # within the copy budget: a NAR larger than all of it would only evict the rest
+                if MIN_COMPRESS_SIZE <= nar_size <= self.config.compressed_cache_max_bytes:
                     self.compressor.submit(nar_hash, db.real_path(path), nar_size)
 
     # --- lookups shared by the routes -------------------------------------------------
