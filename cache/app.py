@@ -32,6 +32,7 @@ log = logging.getLogger("harmonia.app")
 
 
 METADATA_TTL = 1.0
+KNOWN_ENTRIES = 16384
 # references fetched ahead of the client walking a closure: levels, per path, at once, queued
 PREFETCH_DEPTH = 3
 PREFETCH_FANOUT = 64
@@ -118,7 +119,8 @@ class App:
         self._known: dict[str, Known] = {}
         self._prefetch: trio.MemorySendChannel[tuple[str, str, int]] | None = None
         self._prefetching: dict[str, trio.Event] = {}
-        self._known_entries = max(1024, config.narinfo_cache_entries)
+        # about 2 KiB an entry (metadata and the rendered answers): at most ~32 MiB a worker
+        self._known_entries = max(1024, min(config.narinfo_cache_entries, KNOWN_ENTRIES))
         # <state>/nix/db/db.sqlite beside <state>/log/nix/drvs, as Nix lays them out
         parents = config.nix_db_path.parents
         self.log_dir = (parents[2] if len(parents) > 2 else Path("/nix/var")) / "log" / "nix" / "drvs"
