@@ -40,9 +40,35 @@ QUEUE = 4096
 PAUSE_AFTER_REFUSAL = 60.0
 RESTART_DELAY = 5.0
 STATE_CONDITIONS = ("full", "read-only", "not-writable", "io-error")
-# idle scheduling from exec on, so even the interpreter's start never competes with the workers
-# (the child also lowers itself, where chrt is missing)
-IDLE_PREFIX = ["chrt", "--idle", "0"] if shutil.which("chrt") else []
+
+
+def _idle_allowed() -> bool:
+    """Whether this process may switch to SCHED_IDLE (a seccomp filter such as systemd's
+    `SystemCallFilter=~@resources` refuses it): tried in a throwaway thread, since the policy is
+    per thread on Linux and the worker's own must not change."""
+    import threading
+
+    allowed: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            allowed.append(True)
+        except (AttributeError, OSError):
+            allowed.append(False)
+
+    thread = threading.Thread(target=probe, name="sched-idle-probe")
+    thread.start()
+    thread.join()
+    return bool(allowed and allowed[0])
+
+
+def idle_prefix() -> list[str]:
+    """Idle scheduling from exec on, so even the interpreter's start never competes with the
+    workers; nothing where it is refused (the child then runs at the normal priority)."""
+    if shutil.which("chrt") and _idle_allowed():
+        return ["chrt", "--idle", "0"]
+    return []
 
 
 # --- the worker's side ----------------------------------------------------------------------
@@ -69,6 +95,7 @@ class Compressor:
     _warned: set[str] = field(default_factory=set)
     _settled: set[bytes] = field(default_factory=set)  # no copy will ever be made (incompressible)
     paused_until: float = 0.0
+    _prefix: list[str] = field(default_factory=list)
     degraded: str | None = None
 
     def refusing(self) -> bool:
@@ -93,6 +120,9 @@ class Compressor:
         return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._prefix = idle_prefix()
+        if not self._prefix:
+            log.info("compressed copies are made at normal CPU priority: idle scheduling is not allowed here")
         send, receive = trio.open_memory_channel[Job](QUEUE)
         self._send = send
         task_status.started()
@@ -108,7 +138,7 @@ class Compressor:
     async def _serve(self, first: Job, jobs: trio.MemoryReceiveChannel[Job]) -> None:
         args = [str(self.copies.dir), str(self.copies.level), str(self.copies.max_bytes)]
         process = await trio.lowlevel.open_process(
-            [*IDLE_PREFIX, sys.executable, "-m", "cache.copymaker", *args],
+            [*self._prefix, sys.executable, "-m", "cache.copymaker", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
