@@ -18,8 +18,9 @@ from .fixtures import SIZES_MB, build_closure, export
 from .measure import PeakRss, best_of, cpu_count, curl, wrk
 from .report import check_targets, render_chart, render_table
 from .servers import Server, caddy_file_server, harmonia_cache
+from .shaped import run_shaped
 
-PHASES = 9
+PHASES = 10
 
 
 def progress(step: int, text: str) -> None:
@@ -52,32 +53,9 @@ def publish(table: str, chart: Path, doc: Path = Path("docs/benchmarks.md")) -> 
         shutil.copy(chart, doc.with_suffix(".png"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument(
-        "--work",
-        type=Path,
-        default=Path("/var/tmp/harmonia-bench"),
-        help="build state, export and server state (reused between runs)",
-    )
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each load phase")
-    parser.add_argument("--small", type=int, default=300, help="number of small paths")
-    parser.add_argument("--workers", type=int, default=cpu_count())
-    parser.add_argument(
-        "--backend", choices=("db", "daemon"), default="db", help="harmonia-cache's store_backend"
-    )
-    parser.add_argument(
-        "--publish",
-        action="store_true",
-        help="also write the table and chart into docs/benchmarks.md and docs/benchmarks.png",
-    )
-    args = parser.parse_args(argv)
-    work: Path = args.work
-    work.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+def loopback(args: argparse.Namespace, work: Path) -> dict[str, dict[str, object]]:
+    """Every loopback phase: warm transfers, request rates, memory, against Caddy in the same minutes."""
     secs = args.seconds
-
     progress(0, "building the closure in the store")
     closure = build_closure(work, args.small, SIZES_MB)
     progress(1, "exporting it with nix copy --to file://…?compression=none")
@@ -87,13 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     hashes = [Path(p).name[:32] for p in closure.small]
     narinfo_paths = [f"/{h}.narinfo" for h in hashes]
     big_hash = Path(closure.big).name[:32]
-    results: dict[str, dict[str, object]] = {"caddy": {}, "harmonia": {}}
+    results: dict[str, dict[str, object]] = {"caddy": {}, "harmonia": {}, "harmonia_other": {}}
+    other_backend = "daemon" if args.backend == "db" else "db"
 
     # a fresh state directory: no compressed copies from an earlier run
     shutil.rmtree(work / "harmonia" / "nar-zstd", ignore_errors=True)
+    shutil.rmtree(work / "harmonia-other" / "nar-zstd", ignore_errors=True)
     with (
         caddy_file_server(export_dir, work) as caddy,
         harmonia_cache(work / "harmonia", args.workers, args.backend) as ours,
+        harmonia_cache(work / "harmonia-other", args.workers, other_backend) as other,
     ):
         servers: dict[str, Server] = {"caddy": caddy, "harmonia": ours}
 
@@ -131,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         mid_identity = best_of(3, live_url)
 
         progress(2, "narinfo requests, 16 connections")
-        for key, srv in servers.items():
+        for small in closure.small:  # the other backend's first answers too
+            fetch_text(f"{other.url}/{Path(small).name[:32]}.narinfo")
+        for key, srv in (*servers.items(), ("harmonia_other", other)):
             r = wrk(srv.url, narinfo_paths, work, connections=16, seconds=secs)
             results[key]["narinfo"] = {
                 "rps": r.rps,
@@ -190,7 +173,62 @@ def main(argv: list[str] | None = None) -> int:
                 series[str(mb)] = {"seconds": t.seconds, "bytes": t.size}
             results[key]["by_size"] = series
 
-    progress(9, "done")
+    results["harmonia_other"]["backend"] = other_backend
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/var/tmp/harmonia-bench"),
+        help="build state, export and server state (reused between runs)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each load phase")
+    parser.add_argument("--small", type=int, default=300, help="number of small paths")
+    parser.add_argument("--workers", type=int, default=cpu_count())
+    parser.add_argument(
+        "--backend", choices=("db", "daemon"), default="db", help="harmonia-cache's store_backend"
+    )
+    parser.add_argument("--rate", default="100mbit", help="the shaped link's rate (tc tbf syntax)")
+    parser.add_argument(
+        "--fresh-mb", type=int, default=100, help="size of the freshly built path of the shaped-link phase"
+    )
+    parser.add_argument(
+        "--closure", type=int, default=300, help="small paths in the shaped-link closure (plus its top)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="for development: 1 s load phases, a 20 MB fresh path and a 31-path closure",
+    )
+    parser.add_argument("--no-shaped", action="store_true", help="skip the shaped-link phase")
+    parser.add_argument("--no-loopback", action="store_true", help="only the shaped-link phase")
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="also write the table and chart into docs/benchmarks.md and docs/benchmarks.png",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.fresh_mb, args.closure = 1.0, 20, 30
+    work: Path = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    secs = args.seconds
+
+    results: dict[str, dict[str, object]] = {}
+    if not args.no_loopback:
+        results = loopback(args, work)
+    shaped: dict[str, object] = {"skipped": "--no-shaped"}
+    if not args.no_shaped:
+        progress(9, f"shaped link ({args.rate}): fresh path, again, closure")
+        shaped = run_shaped(
+            work, args.rate, args.fresh_mb, args.closure, args.workers, lambda text: progress(9, text)
+        )
+    progress(10, "done")
     report = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": {"cores": cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
@@ -198,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         "backend": args.backend,
         "seconds_per_phase": secs,
         "results": results,
-        "targets": check_targets(results),
+        "shaped": shaped,
+        "targets": check_targets(results, shaped),
     }
     (args.out / "latest.json").write_text(json.dumps(report, indent=2))
     table = render_table(report)

@@ -105,3 +105,69 @@ def nar_size(path: str, state: Path) -> int:
     ).stdout
     info = json.loads(out)
     return int((info[0] if isinstance(info, list) else info[path])["narSize"])
+
+
+_FRESH_EXPR = """
+let
+  mk = name: script: extra: builtins.derivation ({
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" script ];
+  } // extra);
+  small = i: prev: mk "fresh-SALT-small-${toString i}" ''
+    /bin/mkdir -p $out/share
+    /bin/echo "path ${toString i} after $prev" > $out/share/info
+    /usr/bin/seq 1 ${toString (50 + i * 7)} > $out/share/data
+  '' { inherit prev; };
+  chain = builtins.foldl' (acc: i: acc ++ [ (small i (if acc == [] then "none" else builtins.elemAt acc (i - 1))) ])
+    [] (builtins.genList (x: x) COUNT);
+in {
+  big = mk "fresh-SALT-MBmb" "/usr/bin/seq SALTNUM $((SALTNUM + MB * 117000)) > $out" {};
+  published = mk "fresh-SALT-MBmb-published" "/usr/bin/seq $((SALTNUM + 1)) $((SALTNUM + 1 + MB * 117000)) > $out" {};
+  top = mk "fresh-SALT-top" "/bin/echo ${builtins.elemAt chain (COUNT - 1)} > $out" {};
+}
+"""
+
+
+@dataclass(frozen=True)
+class Fresh:
+    """Paths built a moment ago: two big compressible ones (one fetched at once, one once every
+    server has it), and the top of a closure of small ones."""
+
+    big: str
+    published: str
+    top: str
+    closure_size: int  # paths in the top's closure
+
+
+def build_fresh(state: Path, tag: str, big_mb: int, small_count: int) -> Fresh:
+    """Builds new paths nobody has fetched (their names carry `tag`): one nix-build, both attributes."""
+    salt = str(abs(hash(tag)) % 10**9)
+    expr = (
+        _FRESH_EXPR.replace("SALTNUM", salt)
+        .replace("SALT", f"{tag}")
+        .replace("COUNT", str(small_count))
+        .replace("MB", str(big_mb))
+    )
+    out = subprocess.run(
+        ["nix-build", "--no-out-link", "-E", f"let x = {expr}; in [ x.big x.published x.top ]"],
+        env=nix_env(state),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=1800,
+    ).stdout.split()
+    return Fresh(out[0], out[1], out[2], small_count + 1)
+
+
+def export_to(paths: list[str], target: Path, compression: str, state: Path) -> None:
+    """`nix copy --to file://…?compression=…`: a static cache Caddy serves (its closure included)."""
+    subprocess.run(
+        ["nix", "copy", "--to", f"file://{target}?compression={compression}", *paths],
+        env=nix_env(state),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=1800,
+    )

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import time
@@ -14,9 +15,10 @@ from pathlib import Path
 import trio
 
 from . import __version__
-from .compression import CompressedNar, ZstdCache
+from .compression import MIN_COMPRESS_SIZE, CompressedNar, CopyIndex, CopyStore, LiveCopy
+from .compressor import Compressor
 from .config import Config
-from .context import Resolved
+from .context import Known, Resolved
 from .daemon import DaemonStore
 from .hashes import nix32_encode
 from .metrics import Metrics
@@ -24,10 +26,29 @@ from .narinfo import NarInfo, NarLocation, PathInfo, signatures
 from .push.service import PushService
 from .routes import dispatch
 from .signing import PublicKey, Signer
-from .store import DbStore, Store, StoreError
+from .store import DbStore, FsNar, Store, StoreError
 from .transport.messages import Request, Response, error
 
 log = logging.getLogger("harmonia.app")
+
+
+METADATA_TTL = 1.0
+KNOWN_ENTRIES = 16384
+# references fetched ahead of the client walking a closure: levels, per path, at once, queued
+PREFETCH_DEPTH = 3
+PREFETCH_FANOUT = 64
+PREFETCH_PARALLEL = 2
+PREFETCH_QUEUE = 1024
+PREFETCH_WAIT = 2.0
+NEW_PATHS_POLL = 1.0
+
+
+def stat_key(real: bytes) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(real)
+    except OSError:
+        return None
+    return st.st_ino, st.st_ctime_ns
 
 
 class NarinfoCache:
@@ -86,13 +107,21 @@ class App:
         self.narinfo_cache = NarinfoCache(config.narinfo_cache_entries)
         self.started = time.time()
         self.version = __version__
-        self.zstd: ZstdCache | None = None
+        self.copies: CopyIndex | None = None
+        self.compressor: Compressor | None = None
         if config.enable_compression:
-            self.zstd = ZstdCache(
+            copy_store = CopyStore(
                 default_state_directory(config) / "nar-zstd",
                 config.zstd_level,
                 config.compressed_cache_max_bytes,
             )
+            self.copies = CopyIndex(copy_store)
+            self.compressor = Compressor(copy_store, self.copies, self.metrics, self._copy_made)
+        self._known: dict[str, Known] = {}
+        self._prefetch: trio.MemorySendChannel[tuple[str, str, int]] | None = None
+        self._prefetching: dict[str, trio.Event] = {}
+        # about 2 KiB an entry (metadata and the rendered answers): at most ~32 MiB a worker
+        self._known_entries = max(1024, min(config.narinfo_cache_entries, KNOWN_ENTRIES))
         # <state>/nix/db/db.sqlite beside <state>/log/nix/drvs, as Nix lays them out
         parents = config.nix_db_path.parents
         self.log_dir = (parents[2] if len(parents) > 2 else Path("/nix/var")) / "log" / "nix" / "drvs"
@@ -101,63 +130,232 @@ class App:
             self.push = PushService(
                 config.push, default_state_directory(config), config.daemon_socket, config.virtual_nix_store
             )
-        self._nursery: trio.Nursery | None = None
 
     async def run_background(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Hosts background work (compression) for the lifetime of the worker."""
-        if self.zstd is not None:
-            try:
-                self.zstd.ensure_dir()
-            except OSError as exc:
-                log.warning(
-                    "compressed NAR copies disabled: cannot create %s: %s", self.zstd.dir, exc.strerror
-                )
-                self.zstd = None
+        """Hosts background work (the compressor, the watch for new paths) for the worker's life.
+        Nothing in here may end the worker: every job's failure is logged and survived."""
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
             if self.push is not None:
                 await nursery.start(self.push.run_sweeps)
+            send, receive = trio.open_memory_channel[tuple[str, str, int]](PREFETCH_QUEUE)
+            self._prefetch = send
+            nursery.start_soon(self._run_prefetch, receive)
+            if self.compressor is not None:
+                await nursery.start(self.compressor.run)
+                nursery.start_soon(self._watch_new_paths)
             task_status.started()
             await trio.sleep_forever()
 
     async def aclose(self) -> None:
         await self.store.aclose()
 
+    def _copy_made(self, nar_hash: bytes) -> None:
+        """A copy was made: its narinfo gains FileHash/FileSize on the next request (`narinfo_body`
+        looks for the meta the index just forgot)."""
+
+    async def _watch_new_paths(self) -> None:
+        """Compress paths as Nix registers them (the database numbers them in order), so the first
+        client of a freshly built path already gets the copy. One worker watches (a lock in the
+        state directory); when the database cannot be read (a daemon-only service), paths are
+        compressed when first asked for instead."""
+        assert self.compressor is not None
+        lock_path = self.compressor.copies.dir.parent / "new-paths.lock"
+        while True:
+            try:
+                lock_path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                log.info("not watching for new store paths: %s: %s", lock_path, exc.strerror)
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                await trio.sleep(10)  # another worker watches; take over if it goes
+                continue
+            try:
+                await self._poll_new_paths()
+            finally:
+                os.close(fd)
+            return
+
+    async def _poll_new_paths(self) -> None:
+        assert self.compressor is not None
+        db = (
+            self.store
+            if isinstance(self.store, DbStore)
+            else DbStore(self.config.nix_db_path, self.config.virtual_nix_store, self.config.real_nix_store)
+        )
+        try:
+            last = db.last_path_id()
+        except StoreError as exc:
+            log.info("not watching for new store paths (%s): paths are compressed when first asked for", exc)
+            return
+        while True:
+            await trio.sleep(NEW_PATHS_POLL)
+            try:
+                rows = db.paths_after(last)
+            except StoreError as exc:
+                log.info("watching for new store paths failed: %s", exc)
+                continue
+            for row_id, path, nar_hash, nar_size in rows:
+                last = max(last, row_id)
+                # within the copy budget: a NAR larger than all of it would only evict the rest
+                if MIN_COMPRESS_SIZE <= nar_size <= self.config.compressed_cache_max_bytes:
+                    self.compressor.submit(nar_hash, db.real_path(path), nar_size)
+
     # --- lookups shared by the routes -------------------------------------------------
 
-    async def resolve(self, hash_part: str) -> Resolved | None:
-        """A valid path whose NAR this process can produce, or None (a 404)."""
+    async def known(self, hash_part: str) -> Known | None:
+        """The hot path: a valid path this process can produce the NAR of, or None (a 404)."""
+        entry = self._known.get(hash_part)
+        if entry is not None:
+            key = stat_key(entry.real)
+            if key == entry.stat_key and time.monotonic() - entry.checked < METADATA_TTL:
+                if entry.ahead:
+                    entry.ahead = False
+                    self._prefetch_references(entry.resolved.info, PREFETCH_DEPTH)
+                return entry
+        if entry is None and (ahead := self._prefetching.get(hash_part)) is not None:
+            # on its way: wait for it rather than ask the store a second time
+            with trio.move_on_after(PREFETCH_WAIT):
+                await ahead.wait()
+            if (found := self._known.get(hash_part)) is not None:
+                found.ahead = False
+                self._prefetch_references(found.resolved.info, PREFETCH_DEPTH)
+                return found
         info = await self.store.info_from_hash_part(hash_part)
         if info is None or not self.store.servable(info):
+            self._known.pop(hash_part, None)
             return None
-        return Resolved(hash_part, info)
+        if entry is None:
+            self._prefetch_references(info, PREFETCH_DEPTH)
+        return self._remember(hash_part, info, entry)
+
+    def _remember(self, hash_part: str, info: PathInfo, entry: Known | None = None) -> Known:
+        real = self.store.real_path(info.path)
+        key = stat_key(real)
+        if entry is not None and key == entry.stat_key and entry.resolved.info == info:
+            entry.checked = time.monotonic()
+            return entry
+        fs = self.store.fs_nar(info)
+        zstd = (
+            self.copies is not None
+            and fs is not None
+            and info.nar_size >= MIN_COMPRESS_SIZE
+            # a copy made (by the watch for new paths, say) settles it without reading a sample
+            and (
+                self.copies.meta(info.nar_hash) is not None
+                or self.copies.compressible(info.nar_hash, info.nar_size, fs.segments)
+            )
+        )
+        fresh = Known(Resolved(hash_part, info), real, key or (0, 0), time.monotonic(), fs, zstd)
+        if key is None:
+            return fresh  # nothing to check it by: not remembered
+        if len(self._known) >= self._known_entries:
+            self._known.clear()
+        self._known[hash_part] = fresh
+        return fresh
+
+    def _prefetch_references(self, info: PathInfo, depth: int) -> None:
+        """A client that asked for a path asks for its references next (it walks the closure, one
+        level at a time): their metadata is fetched ahead, so those narinfos are answered from
+        memory. Best effort: a full queue drops the hint."""
+        if self._prefetch is None or depth <= 0:
+            return
+        for ref in info.references[:PREFETCH_FANOUT]:
+            if ref == info.path:
+                continue
+            ref_hash = ref.rsplit("/", 1)[-1][:32]
+            if ref_hash in self._known or ref_hash in self._prefetching:
+                continue
+            try:
+                self._prefetch.send_nowait((ref_hash, ref, depth))
+            except trio.WouldBlock:
+                return
+            self._prefetching[ref_hash] = trio.Event()
+
+    async def _run_prefetch(self, receive: trio.MemoryReceiveChannel[tuple[str, str, int]]) -> None:
+        async def one(hash_part: str, path: str, depth: int) -> None:
+            try:
+                if hash_part in self._known:
+                    return
+                info = await self.store.path_info(path)
+                if info is not None and self.store.servable(info) and hash_part not in self._known:
+                    self._remember(hash_part, info).ahead = True
+                    self._prefetch_references(info, depth - 1)
+            except StoreError:
+                pass  # only a hint: the request itself asks again
+            finally:
+                done = self._prefetching.pop(hash_part, None)
+                if done is not None:
+                    done.set()
+
+        async with trio.open_nursery() as nursery:
+            limit = trio.CapacityLimiter(PREFETCH_PARALLEL)
+            async for hash_part, path, depth in receive:
+
+                async def limited(h: str = hash_part, p: str = path, d: int = depth) -> None:
+                    async with limit:
+                        await one(h, p, d)
+
+                nursery.start_soon(limited)
+
+    async def resolve(self, hash_part: str) -> Resolved | None:
+        known = await self.known(hash_part)
+        return None if known is None else known.resolved
+
+    def keep_live_copy(self, nar_hash: bytes) -> LiveCopy | None:
+        if self.copies is None or self.compressor is None or self.compressor.refusing():
+            return None
+        keep = LiveCopy(self.copies.copies, nar_hash)
+        return None if keep.failed else keep
+
+    def copy_kept(self, nar_hash: bytes) -> None:
+        if self.copies is not None:
+            self.copies.forget(nar_hash)
+        self._copy_made(nar_hash)
+        self.metrics.copy_made()
 
     def compressed_copy(self, info: PathInfo) -> CompressedNar | None:
-        if self.zstd is None:
+        if self.copies is None:
             return None
-        return self.zstd.cached_lookup(info.nar_hash)
+        return self.copies.copy(info.nar_hash)
 
-    def schedule_compression(self, info: PathInfo) -> None:
-        if self.zstd is None or self._nursery is None:
+    def schedule_compression(self, info: PathInfo, fs: FsNar | None = None) -> None:
+        if self.compressor is None:
             return
-        nar = self.store.fs_nar(info)
-        if nar is not None:
-            self.zstd.schedule(self._nursery, info.nar_hash, info.nar_size, nar.segments)
+        nar = fs if fs is not None else self.store.fs_nar(info)
+        if nar is not None and info.nar_size >= MIN_COMPRESS_SIZE:
+            self.compressor.submit(info.nar_hash, nar.root, info.nar_size)
 
-    def narinfo(self, resolved: Resolved) -> NarInfo:
+    def location(self, known: Known) -> NarLocation:
+        """Where the narinfo sends the client. A compressible path is offered compressed from the
+        first answer (the URL never changes); FileHash/FileSize are added once a copy was made."""
+        resolved = known.resolved
+        narhash = nix32_encode(resolved.info.nar_hash)
+        if not known.zstd or self.copies is None:
+            return NarLocation(f"nar/{narhash}.nar?hash={resolved.hash_part}", "none")
+        meta = self.copies.meta(resolved.info.nar_hash)
+        url = f"nar/{narhash}.nar.zst?hash={resolved.hash_part}"
+        if meta is None:
+            self.schedule_compression(resolved.info, known.fs)
+            return NarLocation(url, "zstd")
+        return NarLocation(url, "zstd", meta.file_hash, meta.file_size)
+
+    def narinfo(self, resolved: Resolved, location: NarLocation | None = None) -> NarInfo:
         info = resolved.info
-        compressed = self.compressed_copy(info)
-        narhash = nix32_encode(info.nar_hash)
-        if compressed is not None:
-            location = NarLocation(
-                f"nar/{narhash}.nar.zst?hash={resolved.hash_part}",
-                "zstd",
-                compressed.file_hash,
-                compressed.file_size,
-            )
-        else:
-            location = NarLocation(f"nar/{narhash}.nar?hash={resolved.hash_part}", "none")
-            self.schedule_compression(info)
+        if location is None:
+            known = self._known.get(resolved.hash_part)
+            if known is None or known.resolved != resolved:
+                fs = self.store.fs_nar(info)
+                zstd = (
+                    self.copies is not None
+                    and fs is not None
+                    and self.copies.compressible(info.nar_hash, info.nar_size, fs.segments)
+                )
+                known = Known(resolved, self.store.real_path(info.path), (0, 0), 0.0, fs, zstd)
+            location = self.location(known)
         key = (
             info.path,
             info.nar_hash,
@@ -173,6 +371,31 @@ class App:
             cached = NarInfo(info, location, signatures(info, self.signers))
             self.narinfo_cache.put(key, cached)
         return cached
+
+    def _copy_known(self, known: Known) -> bool:
+        return (
+            known.zstd
+            and self.copies is not None
+            and self.copies.meta(known.resolved.info.nar_hash) is not None
+        )
+
+    def narinfo_body(self, known: Known, as_json: bool) -> bytes:
+        """The rendered answer, remembered with the entry while its location stays the same."""
+        location = known.location
+        # a location changes only when a copy's FileHash/FileSize become known
+        if location is None or (location.file_hash is None and self._copy_known(known)):
+            location = self.location(known)
+            if location != known.location:
+                known.location, known.text, known.json = location, None, None
+        elif location.compression == "zstd" and location.file_hash is None:
+            self.schedule_compression(known.resolved.info, known.fs)
+        if as_json:
+            if known.json is None:
+                known.json = self.narinfo(known.resolved, location).to_json().encode()
+            return known.json
+        if known.text is None:
+            known.text = self.narinfo(known.resolved, location).render().encode()
+        return known.text
 
     # --- dispatch ---------------------------------------------------------------------
 

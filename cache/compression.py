@@ -1,38 +1,53 @@
-"""zstd for NARs: compressed copies kept under the state directory, and on-the-fly streams.
+"""zstd for NARs: compressed copies kept under the state directory, and the same bytes made live.
 
 Nix 2.8 sends no Accept-Encoding, so HTTP content coding alone would never compress for it.
-Instead the narinfo of a path whose compressed copy exists says `Compression: zstd` with a
-`.nar.zst` URL and exact FileHash/FileSize: such a file has a Content-Length and resumes with
-Range like any static file. Copies are made in the background after a narinfo is asked for
-(so the second host of a fleet gets the compressed file), and evicted oldest-first past a size.
-Clients that send `Accept-Encoding: zstd` get `Content-Encoding: zstd` as from harmonia.
+Instead the narinfo of every compressible path says `Compression: zstd` with a `.nar.zst` URL
+from its first answer. That URL serves the copy (`sendfile`, Range) once it exists, and until
+then the same bytes compressed on the fly: zstd's streaming output depends only on the input
+bytes and the parameters, not on how the input is cut, so the live stream and the copy are
+byte-identical and a narinfo a client cached stays true. Once a copy has been made its
+FileHash/FileSize are known and added to the narinfo (only information is added; the URL never
+changes); the `.meta` file that records them outlives an evicted copy.
+
+Copies are made by a separate low-priority process (`cache.compressor`), so a full or read-only
+state directory, or a crash while compressing, never takes a worker down.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import trio
 import zstandard
 
 from .hashes import nix32_encode
-from .nar import Segment, read_region
-
-log = logging.getLogger("harmonia.compression")
+from .nar import NarError, Segment, read_region
 
 MIN_COMPRESS_SIZE = 4096
 NEGATIVE_TTL = 1.0
 MEMO_ENTRIES = 100_000
 CHUNK = 1 << 20
+SAMPLE_BYTES = 128 * 1024
+# a sample that zstd cannot shrink below this share is already compressed (or random)
+COMPRESSIBLE_RATIO = 0.9
+EVICT_CHECK_BYTES = 1 << 20
+SMALL_NAR = 256 * 1024  # compressed whole when asked for (routes/nar.py), never sampled
+
+
+@dataclass(frozen=True, slots=True)
+class CopyMeta:
+    """FileHash and FileSize of a path's compressed NAR (known once a copy was made)."""
+
+    file_hash: bytes
+    file_size: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +55,30 @@ class CompressedNar:
     path: Path
     file_hash: bytes
     file_size: int
+
+
+class StateDirectoryError(Exception):
+    """The state directory cannot take a copy (full, read-only, not ours): `reason` names which."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def condition(exc: OSError) -> str:
+    """A short, stable name for what is wrong with the state directory."""
+    return {
+        errno.ENOSPC: "full",
+        errno.EDQUOT: "full",
+        errno.EROFS: "read-only",
+        errno.EACCES: "not-writable",
+        errno.EPERM: "not-writable",
+    }.get(exc.errno or 0, "io-error")
+
+
+def params_tag(level: int) -> str:
+    """What the compressed bytes depend on besides the NAR: a copy made otherwise is not reused."""
+    return f"zstandard-{zstandard.__version__}-level-{level}"
 
 
 def iter_nar_bytes(segments: Iterator[Segment]) -> Iterator[bytes]:
@@ -51,7 +90,7 @@ def iter_nar_bytes(segments: Iterator[Segment]) -> Iterator[bytes]:
 
 
 def compress_chunks(chunks: Iterator[bytes], level: int) -> Iterator[bytes]:
-    """zstd frames of the concatenated chunks. Used both for copies and for live streams."""
+    """zstd frames of the concatenated chunks: the same bytes for copies and live streams."""
     comp = zstandard.ZstdCompressor(level=level).compressobj()
     for chunk in chunks:
         out = comp.compress(chunk)
@@ -62,105 +101,140 @@ def compress_chunks(chunks: Iterator[bytes], level: int) -> Iterator[bytes]:
         yield tail
 
 
-class ZstdCache:
-    """Compressed NAR copies named by NAR hash: `<nix32>.nar.zst` with a `.meta` JSON beside."""
+def looks_compressible(segments: Iterator[Segment]) -> bool:
+    """Whether zstd shrinks the NAR's first bytes: a cheap test that skips already-compressed
+    content. Deterministic, so every worker decides the same for a path."""
+    sample = bytearray()
+    for seg in segments:
+        if isinstance(seg, bytes):
+            sample += seg
+        else:
+            for piece in read_region(seg, SAMPLE_BYTES - len(sample)):
+                sample += piece
+                if len(sample) >= SAMPLE_BYTES:
+                    break
+        if len(sample) >= SAMPLE_BYTES:
+            break
+    if len(sample) < MIN_COMPRESS_SIZE:
+        return False
+    return len(zstandard.ZstdCompressor(level=1).compress(bytes(sample))) <= COMPRESSIBLE_RATIO * len(sample)
+
+
+def _source_errors(blocks: Iterator[bytes]) -> Iterator[bytes]:
+    """Reading the store is not writing the state directory: its errors are the NAR's."""
+    try:
+        yield from blocks
+    except OSError as exc:
+        raise NarError(f"cannot read the store path: {exc}") from exc
+
+
+class CopyStore:
+    """Compressed NAR copies named by NAR hash: `<nix32>.nar.zst` with a `.meta` JSON beside.
+
+    Blocking filesystem work; the worker only reads (`meta`, `lookup`), the compressor process
+    writes (`build`, `evict`)."""
 
     def __init__(self, directory: Path, level: int, max_bytes: int) -> None:
         self.dir = directory
         self.level = level
         self.max_bytes = max_bytes
-        self._pending: set[bytes] = set()
-        self._memo: dict[bytes, tuple[float, CompressedNar | None]] = {}
-        self._limiter = trio.CapacityLimiter(1)  # one background compression per worker
+        self.tag = params_tag(level)
 
-    def ensure_dir(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-
-    def _paths(self, nar_hash: bytes) -> tuple[Path, Path]:
+    def paths(self, nar_hash: bytes) -> tuple[Path, Path]:
         name = nix32_encode(nar_hash)
         return self.dir / f"{name}.nar.zst", self.dir / f"{name}.meta"
 
-    def cached_lookup(self, nar_hash: bytes) -> CompressedNar | None:
-        """`lookup` with memory: a found copy is remembered (and re-checked when served), an
-        absent one for a second, since another worker may finish it meanwhile."""
-        now = time.monotonic()
-        hit = self._memo.get(nar_hash)
-        if hit is not None:
-            if hit[1] is not None and os.path.exists(hit[1].path):
-                return hit[1]  # one stat: another worker may have evicted it
-            if hit[1] is None and now - hit[0] < NEGATIVE_TTL:
+    def meta(self, nar_hash: bytes) -> CopyMeta | None:
+        try:
+            doc = json.loads(self.paths(nar_hash)[1].read_bytes())
+            if doc.get("params") != self.tag:
                 return None
-        found = self.lookup(nar_hash)
-        if len(self._memo) >= MEMO_ENTRIES:
-            self._memo.clear()
-        self._memo[nar_hash] = (now, found)
-        return found
-
-    def forget(self, nar_hash: bytes) -> None:
-        self._memo.pop(nar_hash, None)
+            return CopyMeta(bytes.fromhex(str(doc["sha256"])), int(doc["size"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
 
     def lookup(self, nar_hash: bytes) -> CompressedNar | None:
-        data_path, meta_path = self._paths(nar_hash)
+        meta = self.meta(nar_hash)
+        if meta is None:
+            return None
+        data_path = self.paths(nar_hash)[0]
         try:
-            meta = json.loads(meta_path.read_bytes())
             size = data_path.stat().st_size
-        except (OSError, ValueError):
+        except OSError:
             return None
-        if not isinstance(meta, dict) or meta.get("size") != size:
+        if size != meta.file_size:
             return None
-        try:
-            return CompressedNar(data_path, bytes.fromhex(str(meta["sha256"])), size)
-        except (KeyError, ValueError):
-            return None
+        return CompressedNar(data_path, meta.file_hash, size)
 
     def build(self, nar_hash: bytes, segments: Callable[[], Iterator[Segment]]) -> CompressedNar | None:
-        """Compress one NAR into the cache (blocking; run it in a thread).
+        """Compress one NAR into the store. None when another process holds the NAR's lock;
+        `StateDirectoryError` when the directory cannot take it (nothing is left behind).
 
-        An flock on the temporary file keeps worker processes from compressing the same NAR twice;
-        the file is renamed into place while still locked, so nobody truncates a finished copy.
+        An flock on the temporary file keeps processes from compressing the same NAR twice; the
+        file is renamed into place while still locked, so nobody truncates a finished copy.
         """
-        data_path, meta_path = self._paths(nar_hash)
+        data_path, meta_path = self.paths(nar_hash)
         tmp = data_path.with_suffix(".tmp")
         try:
+            self.dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            log.warning("cannot write compressed NARs under %s: %s", self.dir, exc.strerror)
-            return None
-        try:
-            # a lock, not the file's existence, says someone is on it: a crashed worker's
-            # leftover is simply overwritten
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        os.ftruncate(fd, 0)
-        digest = hashlib.sha256()
-        size = 0
+            raise StateDirectoryError(
+                condition(exc), f"cannot write under {self.dir}: {exc.strerror}"
+            ) from exc
         out = os.fdopen(fd, "wb")
         try:
-            for block in compress_chunks(iter_nar_bytes(segments()), self.level):
+            try:
+                # a lock, not the file's existence, says someone is on it: a crashed
+                # process's leftover is simply overwritten
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            os.ftruncate(fd, 0)
+            digest = hashlib.sha256()
+            size = 0
+            for n, block in enumerate(
+                _source_errors(compress_chunks(iter_nar_bytes(segments()), self.level))
+            ):
                 out.write(block)
                 digest.update(block)
                 size += len(block)
+                if n % 16 == 15 and (made := self.lookup(nar_hash)) is not None:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
+                    return made  # a live stream kept its bytes first
             out.flush()
+            os.fsync(fd)  # ENOSPC on a delayed write shows here, not after the rename
+            meta_tmp = meta_path.with_suffix(".meta-tmp")
+            meta_tmp.write_text(json.dumps({"sha256": digest.hexdigest(), "size": size, "params": self.tag}))
             os.replace(tmp, data_path)
-            meta_path.write_text(json.dumps({"sha256": digest.hexdigest(), "size": size}))
-            self.forget(nar_hash)
-        except Exception as exc:
-            log.warning("compressing NAR %s failed: %s", nix32_encode(nar_hash), exc)
+            os.replace(meta_tmp, meta_path)
+        except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            return None
+            with contextlib.suppress(OSError):
+                meta_path.with_suffix(".meta-tmp").unlink()
+            raise StateDirectoryError(
+                condition(exc), f"cannot write a compressed copy under {self.dir}: {exc.strerror}"
+            ) from exc
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         finally:
-            out.close()
-        self._evict(keep=data_path)
+            with contextlib.suppress(OSError):
+                out.close()
+        self.evict(keep=data_path)
         return CompressedNar(data_path, digest.digest(), size)
 
-    def _evict(self, keep: Path) -> None:
-        try:
-            entries = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.dir.glob("*.nar.zst")]
-        except OSError:
-            return
+    def evict(self, keep: Path) -> None:
+        """Oldest copies first, until the copies fit the budget. Their `.meta` stays: the
+        narinfo keeps its FileHash/FileSize, and the live stream sends the same bytes."""
+        entries = []
+        for p in self.dir.glob("*.nar.zst"):
+            with contextlib.suppress(OSError):
+                st = p.stat()
+                entries.append((st.st_mtime, st.st_size, p))
         total = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries):
             if total <= self.max_bytes:
@@ -168,33 +242,12 @@ class ZstdCache:
             if path == keep:
                 continue  # the copy just made is about to be advertised
             with contextlib.suppress(OSError):
-                path.with_suffix("").with_suffix(".meta").unlink()
                 path.unlink()
             total -= size
 
-    async def ensure(
-        self, nar_hash: bytes, segments: Callable[[], Iterator[Segment]]
-    ) -> CompressedNar | None:
-        """The copy, made now if missing (waits for it)."""
-        found = self.lookup(nar_hash)
-        if found is not None:
-            return found
-        for _ in range(2):
-            built = await trio.to_thread.run_sync(self.build, nar_hash, segments, abandon_on_cancel=True)
-            if built is not None:
-                return built
-            # another worker holds the lock: wait for its result while it works
-            for _ in range(1200):
-                await trio.sleep(0.1)
-                if (found := self.lookup(nar_hash)) is not None:
-                    return found
-                if not self._locked(nar_hash):
-                    break
-        return self.lookup(nar_hash)
-
-    def _locked(self, nar_hash: bytes) -> bool:
+    def locked(self, nar_hash: bytes) -> bool:
         try:
-            fd = os.open(self._paths(nar_hash)[0].with_suffix(".tmp"), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.paths(nar_hash)[0].with_suffix(".tmp"), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return False
         try:
@@ -205,19 +258,128 @@ class ZstdCache:
             os.close(fd)
         return False
 
-    def schedule(
-        self, nursery: trio.Nursery, nar_hash: bytes, size: int, segments: Callable[[], Iterator[Segment]]
-    ) -> None:
-        if size < MIN_COMPRESS_SIZE or nar_hash in self._pending:
+
+class LiveCopy:
+    """The bytes of a live stream kept as the copy, so that a client waiting for a fresh path's
+    NAR pays for its compression once, and the background job finds the copy made. Any error of
+    the state directory only ends the keeping, never the stream; a stream that does not reach its
+    end leaves nothing. The bytes are the copy's by construction (same input, same level), so it
+    does not matter whether this or the background job renames its file into place first."""
+
+    def __init__(self, copies: CopyStore, nar_hash: bytes) -> None:
+        self.copies = copies
+        self.nar_hash = nar_hash
+        self.data_path, self.meta_path = copies.paths(nar_hash)
+        self.tmp = self.data_path.with_name(f"{self.data_path.name}.live-{os.getpid()}-{id(self):x}")
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.failed: str | None = None
+        try:
+            self._fd: int | None = os.open(
+                self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+            )
+        except OSError as exc:
+            self._fd = None
+            self.failed = condition(exc)
+
+    def write(self, block: bytes) -> None:
+        if self._fd is None:
             return
-        self._pending.add(nar_hash)
+        try:
+            view = memoryview(block)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            self.digest.update(block)
+            self.size += len(block)
+        except OSError as exc:
+            self.failed = condition(exc)
+            self.abort()
 
-        async def job() -> None:
+    def finish(self, durable: bool = True) -> CompressedNar | None:
+        """The stream reached its end: the file becomes the copy (blocking; run it in a thread).
+        Without `durable` there is no fsync: a copy cut short by a crash has a size its `.meta`
+        does not match, and is not used."""
+        if self._fd is None:
+            return None
+        fd, self._fd = self._fd, None
+        meta_tmp = self.tmp.with_name(self.tmp.name + ".meta")
+        try:
+            if durable:
+                os.fsync(fd)
+            os.close(fd)
+            meta = {"sha256": self.digest.hexdigest(), "size": self.size, "params": self.copies.tag}
+            meta_tmp.write_text(json.dumps(meta))
+            os.replace(self.tmp, self.data_path)
+            os.replace(meta_tmp, self.meta_path)
+        except OSError as exc:
+            self.failed = condition(exc)
+            for leftover in (self.tmp, meta_tmp):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            return None
+        if self.size > EVICT_CHECK_BYTES:  # small copies leave the budget to the compressor's checks
+            with contextlib.suppress(OSError):
+                self.copies.evict(keep=self.data_path)
+        return CompressedNar(self.data_path, self.digest.digest(), self.size)
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+
+class CopyIndex:
+    """The worker's memory of the copies: what is known is remembered (a found copy is re-checked
+    with one stat when served), what is absent for a second, since another process may finish it."""
+
+    def __init__(self, copies: CopyStore) -> None:
+        self.copies = copies
+        self._meta: dict[bytes, tuple[float, CopyMeta | None]] = {}
+        self._compressible: dict[bytes, bool] = {}
+
+    def meta(self, nar_hash: bytes) -> CopyMeta | None:
+        now = time.monotonic()
+        hit = self._meta.get(nar_hash)
+        if hit is not None and (hit[1] is not None or now - hit[0] < NEGATIVE_TTL):
+            return hit[1]
+        found = self.copies.meta(nar_hash)
+        if len(self._meta) >= MEMO_ENTRIES:
+            self._meta.clear()
+        self._meta[nar_hash] = (now, found)
+        return found
+
+    def copy(self, nar_hash: bytes) -> CompressedNar | None:
+        meta = self.meta(nar_hash)
+        if meta is None:
+            return None
+        data_path = self.copies.paths(nar_hash)[0]
+        try:
+            if os.stat(data_path).st_size != meta.file_size:
+                return None
+        except OSError:
+            return None  # evicted: the live stream sends the same bytes
+        return CompressedNar(data_path, meta.file_hash, meta.file_size)
+
+    def forget(self, nar_hash: bytes) -> None:
+        self._meta.pop(nar_hash, None)
+
+    def compressible(self, nar_hash: bytes, size: int, segments: Callable[[], Iterator[Segment]]) -> bool:
+        if size < MIN_COMPRESS_SIZE:
+            return False
+        if size <= SMALL_NAR:
+            # not worth a sample: zstd's framing on an incompressible small NAR is a few bytes, and
+            # a closure's narinfos are answered without reading the paths
+            return True
+        known = self._compressible.get(nar_hash)
+        if known is None:
             try:
-                async with self._limiter:
-                    if self.lookup(nar_hash) is None:
-                        await trio.to_thread.run_sync(self.build, nar_hash, segments, abandon_on_cancel=True)
-            finally:
-                self._pending.discard(nar_hash)
-
-        nursery.start_soon(job)
+                known = looks_compressible(segments())
+            except (OSError, NarError):
+                return False  # unreadable now: decided (and remembered) on a later request
+            if len(self._compressible) >= MEMO_ENTRIES:
+                self._compressible.clear()
+            self._compressible[nar_hash] = known
+        return known

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from .compression import CompressedNar, ZstdCache
+from .compression import CompressedNar, CopyIndex, LiveCopy
 from .config import Config
 from .metrics import Metrics
-from .narinfo import NarInfo, PathInfo
+from .narinfo import NarInfo, NarLocation, PathInfo
 from .push.service import PushService
 from .signing import PublicKey
-from .store import Store
+from .store import FsNar, Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +27,25 @@ class Resolved:
 
     hash_part: str
     info: PathInfo
+
+
+@dataclass(slots=True)
+class Known:
+    """What a worker knows of a valid path, and its rendered answers. Checked on every use with
+    one `lstat` of the store path (a collected path is a 404 at once; a path rebuilt under the
+    same name has a new inode), and asked of the store again after a short time (a signature
+    added since)."""
+
+    resolved: Resolved
+    real: bytes  # where the path's files are
+    stat_key: tuple[int, int]
+    checked: float
+    fs: FsNar | None  # the NAR from the files, when this process can read them
+    zstd: bool  # offered compressed (decided once: compression on, files readable, compressible)
+    location: NarLocation | None = None
+    text: bytes | None = None
+    json: bytes | None = None
+    ahead: bool = False  # fetched ahead of the client: its first use fetches the next level
 
 
 class Context(Protocol):
@@ -39,8 +58,8 @@ class Context(Protocol):
     def store(self) -> Store: ...
 
     @property
-    def zstd(self) -> ZstdCache | None:
-        """The compressed-copy cache, None when compression is off or its directory is unusable."""
+    def copies(self) -> CopyIndex | None:
+        """What is known of the compressed copies; None when compression is off."""
         ...
 
     @property
@@ -62,13 +81,29 @@ class Context(Protocol):
         """Nix's build-log directory (`…/log/nix/drvs`)."""
         ...
 
+    async def known(self, hash_part: str) -> Known | None:
+        """A valid path whose NAR this process can produce, or None (a 404): the hot path."""
+        ...
+
     async def resolve(self, hash_part: str) -> Resolved | None:
-        """A valid path whose NAR this process can produce, or None (a 404)."""
+        """`known`, for routes that need only the metadata."""
+        ...
+
+    def narinfo_body(self, known: Known, as_json: bool) -> bytes:
+        """The rendered narinfo (text or `?json`), remembered while it stays the same."""
         ...
 
     def compressed_copy(self, info: PathInfo) -> CompressedNar | None: ...
 
-    def schedule_compression(self, info: PathInfo) -> None: ...
+    def keep_live_copy(self, nar_hash: bytes) -> LiveCopy | None:
+        """A writer that keeps a live stream's bytes as the copy, or None (no copies now)."""
+        ...
+
+    def copy_kept(self, nar_hash: bytes) -> None:
+        """A live stream's bytes became the copy."""
+        ...
+
+    def schedule_compression(self, info: PathInfo, fs: FsNar | None = None) -> None: ...
 
     def narinfo(self, resolved: Resolved) -> NarInfo:
         """The rendered, signed narinfo of a resolved path (cached)."""

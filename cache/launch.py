@@ -38,12 +38,21 @@ def running(
     env: Mapping[str, str] | None = None,
     timeout: float = 30,
     cwd: Path | None = None,
+    netns: str | None = None,
 ) -> Iterator[Launched]:
-    """`python -m cache --config FILE` until the block ends (SIGTERM, then SIGKILL after 15 s)."""
+    """`python -m cache --config FILE` until the block ends (SIGTERM, then SIGKILL after 15 s);
+    inside network namespace `netns` if given (`ip netns exec` execs, so the pid is the server's)."""
     proc_env = dict(os.environ if env is None else env)
     proc_env.pop("CONFIG_FILE", None)  # the file given here is the configuration
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cache", "--config", str(config_file)],
+        [
+            *(["ip", "netns", "exec", netns] if netns else []),
+            sys.executable,
+            "-m",
+            "cache",
+            "--config",
+            str(config_file),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -48,7 +48,10 @@ _INFLIGHT = _BYTES + _R
 _CONNS = _INFLIGHT + 1
 _PUSHES = _CONNS + 1
 _RECEIVED = _PUSHES + len(PUSH_OUTCOMES)
-SLOT_WORDS = _RECEIVED + 1
+_COPIES = _RECEIVED + 1
+_COPY_FAILURES = _COPIES + 1
+_DEGRADED = _COPY_FAILURES + 1
+SLOT_WORDS = _DEGRADED + 1
 
 _ROUTE_INDEX = {r: i for i, r in enumerate(ROUTES)}
 _STATUS_INDEX = {s: i for i, s in enumerate(STATUSES)}
@@ -101,6 +104,15 @@ class Metrics:
 
     def connection_closed(self) -> None:
         self._all[self._base() + _CONNS] -= 1
+
+    def copy_made(self) -> None:
+        self._all[self._base() + _COPIES] += 1
+
+    def copy_failed(self) -> None:
+        self._all[self._base() + _COPY_FAILURES] += 1
+
+    def set_degraded(self, degraded: bool) -> None:
+        self._all[self._base() + _DEGRADED] = int(degraded)
 
     def _sum(self, offset: int) -> int:
         return sum(self._all[w * SLOT_WORDS + offset] for w in range(self.workers))
@@ -159,6 +171,16 @@ class Metrics:
             "# HELP harmonia_push_bytes_received_total Request body bytes received by push uploads.",
             "# TYPE harmonia_push_bytes_received_total counter",
             f"harmonia_push_bytes_received_total {self._sum(_RECEIVED)}",
+            "# HELP harmonia_compressed_copies_total Compressed NAR copies made.",
+            "# TYPE harmonia_compressed_copies_total counter",
+            f"harmonia_compressed_copies_total {self._sum(_COPIES)}",
+            "# HELP harmonia_compressed_copy_failures_total Copies the state directory or the store refused.",
+            "# TYPE harmonia_compressed_copy_failures_total counter",
+            f"harmonia_compressed_copy_failures_total {self._sum(_COPY_FAILURES)}",
+            "# HELP harmonia_state_directory_degraded Workers serving live zstd streams because the "
+            "state directory refuses copies (full, read-only).",
+            "# TYPE harmonia_state_directory_degraded gauge",
+            f"harmonia_state_directory_degraded {self._sum(_DEGRADED)}",
             "# HELP harmonia_workers Worker processes serving.",
             "# TYPE harmonia_workers gauge",
             f"harmonia_workers {self.workers}",

@@ -143,6 +143,21 @@ class DbStore:
             return self._info(rows[0])
         return None
 
+    def last_path_id(self) -> int:
+        rows = self._query("SELECT max(id) FROM ValidPaths", ())
+        top = rows[0][0] if rows else None
+        return top if isinstance(top, int) else 0
+
+    def paths_after(self, after: int, limit: int = 500) -> list[tuple[int, str, bytes, int]]:
+        """Paths registered since row `after` (ids only grow): id, path, NAR hash, NAR size."""
+        rows = self._query(
+            "SELECT id, path, hash, narSize FROM ValidPaths WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        )
+        return [
+            (int(row_id), str(path), _parse_db_hash(str(nar_hash)), int(nar_size or 0))  # type: ignore[call-overload]
+            for row_id, path, nar_hash, nar_size in rows
+        ]
+
     def _info(self, row: tuple[object, ...]) -> PathInfo:
         row_id, path, nar_hash, reg_time, deriver, nar_size, sigs, ca = row
         refs = self._query(

@@ -9,15 +9,15 @@ seen as incomplete by the client.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import trio
 
-from ..compression import compress_chunks, iter_nar_bytes
+from ..compression import SMALL_NAR, LiveCopy, compress_chunks, iter_nar_bytes
 from ..context import Context, Resolved
 from ..daemon import DaemonError
 from ..hashes import nix32_encode
-from ..nar import FileRegion, Segment
+from ..nar import FileRegion, NarError, Segment
 from ..store import FsNar, StreamedNar
 from ..storepath import is_hash_part
 from ..transport.messages import Request, Response, SegmentsBody, StreamBody, error
@@ -26,6 +26,7 @@ from .ranged import ranged, segment_slices, select_range
 NAR_TYPE = "application/x-nix-nar"
 IMMUTABLE = "public, max-age=31536000, immutable"
 DAEMON_FIRST_BYTE_TIMEOUT = 30.0
+INLINE_ZSTD_MAX = SMALL_NAR
 _NIX32_SHA256 = re.compile(r"[0123456789abcdfghijklmnpqrsvwxyz]{52}")
 
 
@@ -63,23 +64,64 @@ def _file_segments(region: FileRegion) -> Iterator[Segment]:
 
 
 async def get_nar_zst(ctx: Context, request: Request, match: re.Match[str]) -> Response:
+    """The compressed NAR: the copy when it exists, else the same bytes compressed on the fly
+    (with their length once a copy was made before), so this URL never fails for a valid path."""
     found = await _lookup(ctx, request.query_value("hash"), match["narhash"])
     if isinstance(found, Response):
         return found
-    if ctx.zstd is None:
+    if ctx.copies is None:
         return error(404, "compression is disabled on this cache")
     source = await ctx.store.nar(found.info)
     if not isinstance(source, FsNar):
-        return error(404, "no compressed copy with this store backend")
-    # normally made in the background after the narinfo; made now if it was evicted since
-    copy = await ctx.zstd.ensure(found.info.nar_hash, source.segments)
-    if copy is None:
-        return error(503, "the compressed copy is not available yet", [("Retry-After", "2")])
-    region = FileRegion(bytes(copy.path), copy.file_size)
-    headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE), ("Accept-Ranges", "bytes")]
-    return ranged(
-        request, headers, copy.file_size, segment_slices(lambda: _file_segments(region), copy.file_size)
-    )
+        return error(404, "no compressed NAR with this store backend (nar_source = daemon)")
+    copy = ctx.compressed_copy(found.info)
+    if copy is not None:
+        region = FileRegion(bytes(copy.path), copy.file_size)
+        headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE), ("Accept-Ranges", "bytes")]
+        return ranged(
+            request, headers, copy.file_size, segment_slices(lambda: _file_segments(region), copy.file_size)
+        )
+    headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE)]
+    level = ctx.config.zstd_level
+    if found.info.nar_size <= INLINE_ZSTD_MAX:
+        # small NARs (most of a closure) are compressed at once, kept as the copy, and sent whole
+        # with their length: no thread hops, no chunked framing
+        body = _compress_small(ctx, source, found.info.nar_hash, level)
+        if body is not None:
+            small = body
+            return ranged(
+                request,
+                [*headers, ("Accept-Ranges", "bytes")],
+                len(small),
+                lambda start, length: small[start : start + length],
+            )
+    ctx.schedule_compression(found.info, source)
+    # the copy's length is known if one was made before (and evicted since): the live stream is
+    # byte for byte that copy. Without a copy there are no ranges (Range is ignored: a 200).
+    meta = ctx.copies.meta(found.info.nar_hash)
+    length = meta.file_size if meta is not None else None
+    if request.method == "HEAD":
+        return Response(200, headers, StreamBody(_nothing, length))
+    nar_hash = found.info.nar_hash
+
+    def stream() -> AsyncIterator[bytes]:
+        return _zstd_stream(source, level, ctx.keep_live_copy(nar_hash), ctx.copy_kept)
+
+    return Response(200, headers, StreamBody(stream, length))
+
+
+def _compress_small(ctx: Context, source: FsNar, nar_hash: bytes, level: int) -> bytes | None:
+    """A small NAR compressed in the event loop (microseconds), its bytes kept as the copy."""
+    try:
+        body = b"".join(compress_chunks(iter_nar_bytes(source.segments()), level))
+    except (NarError, OSError):
+        return None  # the streaming path reports it
+    keep = ctx.keep_live_copy(nar_hash)
+    if keep is not None:
+        keep.write(body)
+        if keep.finish(durable=False) is not None:
+            ctx.copy_kept(nar_hash)
+    return body
 
 
 async def nar_response(ctx: Context, request: Request, resolved: Resolved) -> Response:
@@ -99,12 +141,15 @@ async def nar_response(ctx: Context, request: Request, resolved: Resolved) -> Re
                 SegmentsBody(lambda: _file_segments(region), copy.file_size),
             )
         if isinstance(source, FsNar):
-            ctx.schedule_compression(info)
-            level = min(ctx.config.zstd_level, 3)  # live streams favour speed
+            ctx.schedule_compression(info, source)
+            level = ctx.config.zstd_level  # the copy's bytes, whoever asks
             return Response(
                 200,
                 [*headers, ("Content-Encoding", "zstd")],
-                StreamBody(lambda: _zstd_stream(source, level), None),
+                StreamBody(
+                    lambda: _zstd_stream(source, level, ctx.keep_live_copy(info.nar_hash), ctx.copy_kept),
+                    None,
+                ),
             )
     headers.append(("Accept-Ranges", "bytes"))
     if isinstance(source, FsNar):
@@ -171,13 +216,34 @@ async def _close(stream: AsyncIterator[bytes]) -> None:
             await aclose()
 
 
-async def _zstd_stream(source: FsNar, level: int) -> AsyncIterator[bytes]:
-    """Compress in a thread, a block at a time, so the event loop keeps serving."""
+async def _zstd_stream(
+    source: FsNar, level: int, keep: LiveCopy | None = None, kept: Callable[[bytes], None] | None = None
+) -> AsyncIterator[bytes]:
+    """Compress in a thread, a block at a time, so the event loop keeps serving; with `keep`, the
+    bytes also become the compressed copy once the stream reached its end."""
     blocks = compress_chunks(iter_nar_bytes(source.segments()), level)
     done = object()
-    while True:
-        block = await trio.to_thread.run_sync(next, blocks, done)
-        if block is done:
-            return
-        assert isinstance(block, bytes)
-        yield block
+
+    def step() -> object:
+        block = next(blocks, done)
+        if keep is not None and isinstance(block, bytes):
+            keep.write(block)
+        return block
+
+    finished = False
+    try:
+        while True:
+            block = await trio.to_thread.run_sync(step)
+            if block is done:
+                break
+            assert isinstance(block, bytes)
+            yield block
+        finished = True
+    finally:
+        if keep is not None:
+            with trio.CancelScope(shield=True):
+                # no fsync: the response ends now (a copy a crash cut short fails its size check)
+                if finished and await trio.to_thread.run_sync(keep.finish, False) is not None and kept:
+                    kept(keep.nar_hash)
+                else:
+                    keep.abort()

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import trustme
 
+from cache.app import METADATA_TTL
 from tests.support.cache_server import generate_key, render_toml, start_cache
 from tests.support.fixtures import Fixtures
 
@@ -371,7 +372,8 @@ def test_daemon_backend_survives_a_daemon_restart(
             assert httpx.get(url, timeout=20).status_code == 200
             before = relay.accepted
             relay.drop_all()  # every pooled connection is now dead, as after a daemon restart
-            time.sleep(0.2)
+            # past the worker's metadata cache, so that the daemon is asked again
+            time.sleep(METADATA_TTL + 0.2)
             for _ in range(5):
                 resp = httpx.get(url, timeout=20)
                 assert resp.status_code == 200, resp.text
@@ -393,3 +395,35 @@ def test_daemon_backend_forgets_collected_paths(tmp_path: Path, nix_daemon_env: 
         assert httpx.get(url, timeout=20).status_code == 200
         run(["nix-store", "--delete", path], env=nix_daemon_env)
         assert httpx.get(url, timeout=20).status_code == 404
+
+
+@pytest.mark.parametrize("backend", ["db", "daemon"])
+def test_references_fetched_ahead_are_still_404_once_collected(
+    tmp_path: Path, nix_daemon_env: dict[str, str], backend: str
+) -> None:
+    """A narinfo's references are looked up ahead of the client (it walks the closure next); such an
+    entry is checked like any other: once the path is collected it is a 404 at once."""
+    from tests.support.fixtures import _MK
+    from tests.support.nix import build, run
+
+    tag = f"{backend}-{time.time_ns()}"
+    expr = (
+        "let"
+        + _MK
+        + f'dep = mk "hc-ahead-dep-{tag}" "/bin/echo dep > $out" {{}}; '
+        + f'in mk "hc-ahead-top-{tag}" "/bin/echo ${{dep}} > $out" {{}}'
+    )
+    top = build(expr, nix_daemon_env)[0]
+    dep = next(
+        r
+        for r in run(["nix-store", "-q", "--references", top], env=nix_daemon_env).stdout.split()
+        if r != top
+    )
+    with start_cache(tmp_path, store_backend=backend) as cache:
+        top_url = f"{cache.url}/{Path(top).name[:32]}.narinfo"
+        dep_url = f"{cache.url}/{Path(dep).name[:32]}.narinfo"
+        assert httpx.get(top_url, timeout=20).status_code == 200  # dep is fetched ahead now
+        time.sleep(0.2)
+        run(["nix-store", "--delete", top, dep], env=nix_daemon_env)
+        assert httpx.get(dep_url, timeout=20).status_code == 404
+        assert httpx.get(top_url, timeout=20).status_code == 404

@@ -166,3 +166,56 @@ def test_nix_consumes_the_compressed_copy(
         )
         # the compressed copy went over the wire, not the 196 MB NAR
         assert int(sent.split()[-1]) < 0.5 * 195_000_000
+
+
+def _nar_bytes_sent(cache_url: str) -> int:
+    metrics = httpx.get(f"{cache_url}/metrics", timeout=10).text
+    for line in metrics.splitlines():
+        if line.startswith('harmonia_bytes_sent_total{route="nar"}'):
+            return int(line.split()[-1])
+    return 0
+
+
+def test_a_freshly_built_path_goes_out_compressed_from_its_first_fetch(
+    tmp_path: Path, nix_daemon_env: dict[str, str]
+) -> None:
+    """Nix 2.8 (no Accept-Encoding) gets zstd on the first fetch of a path nobody asked for yet:
+    a path registered while the cache runs is compressed as it appears (no request needed), and
+    one fetched at once is streamed through the compressor."""
+    import time
+
+    from cache.hashes import nix32_encode, parse_sha256
+    from tests.support.cache_server import start_cache
+    from tests.support.fixtures import _MK
+    from tests.support.nix import build
+
+    def fresh(tag: str) -> str:
+        # about 2.7 MB of decimal numbers, a path no other test has
+        expr = "let" + _MK + f'in mk "hc-seq-{tag}-{time.time_ns()}" "/usr/bin/seq 1 400000 > $out" {{}}'
+        return build(expr, nix_daemon_env)[0]
+
+    with start_cache(tmp_path / "srv", zstd={"level": 3}) as cache:
+        watched = fresh("watched")
+        info = path_info(watched, nix_daemon_env)
+        meta = (
+            tmp_path
+            / "srv"
+            / "state"
+            / "nar-zstd"
+            / f"{nix32_encode(parse_sha256(str(info['narHash'])))}.meta"
+        )
+        deadline = time.monotonic() + 30
+        while not meta.exists():
+            assert time.monotonic() < deadline, "a newly registered path was not compressed within 30 s"
+            time.sleep(0.2)
+        at_once = fresh("at-once")
+        for n, path in enumerate((at_once, watched)):
+            before = _nar_bytes_sent(cache.url)
+            root = tmp_path / f"client-{n}"
+            env = client_env(tmp_path / f"c{n}", cache)
+            run(["nix", "copy", "--from", cache.url, "--to", str(root), path], env=env, timeout=120)
+            copied = path_info(path, env, store=str(root))
+            original = path_info(path, nix_daemon_env)
+            assert copied["narHash"] == original["narHash"]
+            sent = _nar_bytes_sent(cache.url) - before
+            assert 0 < sent < 0.5 * int(str(original["narSize"])), (path, sent)

@@ -42,9 +42,9 @@ def nar_url(client: httpx.Client, path: str) -> str:
 
 def test_head_matches_get(client: httpx.Client, store_fixtures: Fixtures) -> None:
     narinfo = f"/{Path(store_fixtures.tree).name[:32]}.narinfo"
-    # the first narinfo request starts a compressed copy, which then changes the narinfo: let it settle
+    # the first narinfo request starts a compressed copy, which then adds FileHash/FileSize: let it settle
     deadline = time.monotonic() + 60
-    while "Compression: zstd" not in client.get(narinfo).text:
+    while "FileSize: " not in client.get(narinfo).text:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     for url in ["/nix-cache-info", narinfo, nar_url(client, store_fixtures.tree)]:
@@ -115,29 +115,53 @@ def _raw(client: httpx.Client, url: str) -> bytes:
         return b"".join(resp.iter_raw())
 
 
-def test_compressed_copy_advertised_after_first_narinfo(
-    client: httpx.Client, store_fixtures: Fixtures, nix_daemon_env: dict[str, str]
+def _fields(text: str) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in text.splitlines())
+
+
+def test_compressed_from_the_first_narinfo_and_the_same_bytes_ever_after(
+    tmp_path: Path, store_fixtures: Fixtures, nix_daemon_env: dict[str, str]
 ) -> None:
-    hash_part = Path(store_fixtures.big).name[:32]
-    first = client.get(f"/{hash_part}.narinfo").text
-    deadline = time.monotonic() + 120
-    while "Compression: zstd" not in (text := client.get(f"/{hash_part}.narinfo").text):
-        assert time.monotonic() < deadline, "no compressed copy after 120 s"
-        time.sleep(0.5)
-    assert "Compression: none" in first
-    fields = dict(line.split(": ", 1) for line in text.splitlines())
-    assert fields["URL"].startswith("nar/") and ".nar.zst?hash=" in fields["URL"]
-    data = client.get("/" + fields["URL"]).content
-    assert len(data) == int(fields["FileSize"])
-    assert len(data) < 0.5 * int(fields["NarSize"])
+    """The first narinfo already says zstd; its URL never changes; the live stream before the
+    copy, the copy, and the live stream after the copy was evicted are the same bytes, and once a
+    copy was made FileHash/FileSize are added (and stay true)."""
     import hashlib
 
     from cache.hashes import sha256_nix32
 
-    assert sha256_nix32(hashlib.sha256(data).digest()) == fields["FileHash"]
-    part = client.get("/" + fields["URL"], headers={"Range": "bytes=10-19"})
-    assert part.status_code == 206
-    assert part.content == data[10:20]
+    big = store_fixtures.big
+    hash_part = Path(big).name[:32]
+    with (
+        start_cache(tmp_path, zstd={"level": 3}) as srv,
+        httpx.Client(base_url=srv.url, timeout=120, headers={"Accept-Encoding": "identity"}) as c,
+    ):
+        first = _fields(c.get(f"/{hash_part}.narinfo").text)
+        assert first["Compression"] == "zstd"
+        assert first["URL"].startswith("nar/") and ".nar.zst?hash=" in first["URL"]
+        live = c.get("/" + first["URL"]).content  # most likely before the copy exists
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(live) == dump(big, nix_daemon_env)
+        deadline = time.monotonic() + 120
+        while "FileHash" not in (text := c.get(f"/{hash_part}.narinfo").text):
+            assert time.monotonic() < deadline, "no compressed copy after 120 s"
+            time.sleep(0.3)
+        later = _fields(text)
+        assert later["URL"] == first["URL"]
+        assert {k: v for k, v in later.items() if k not in ("FileHash", "FileSize")} == first
+        copy = c.get("/" + later["URL"])
+        assert copy.headers["accept-ranges"] == "bytes"
+        assert copy.content == live
+        assert len(copy.content) == int(later["FileSize"]) < 0.5 * int(later["NarSize"])
+        assert sha256_nix32(hashlib.sha256(copy.content).digest()) == later["FileHash"]
+        part = c.get("/" + later["URL"], headers={"Range": "bytes=10-19"})
+        assert part.status_code == 206
+        assert part.content == live[10:20]
+        # evicted (as by the size cap): the narinfo keeps its facts, the stream its bytes
+        narhash = first["NarHash"].removeprefix("sha256:")
+        (tmp_path / "state" / "nar-zstd" / f"{narhash}.nar.zst").unlink()
+        assert _fields(c.get(f"/{hash_part}.narinfo").text) == later
+        again = c.get("/" + later["URL"])
+        assert again.headers["content-length"] == later["FileSize"]
+        assert again.content == live
 
 
 def test_listing(client: httpx.Client, store_fixtures: Fixtures, nix_daemon_env: dict[str, str]) -> None:
@@ -249,7 +273,7 @@ def test_evicted_copies_are_never_advertised_or_served_empty(
         def settle(path: str) -> None:
             narinfo = f"/{Path(path).name[:32]}.narinfo"
             deadline = time.monotonic() + 120
-            while "Compression: zstd" not in client.get(narinfo).text:
+            while "FileSize: " not in client.get(narinfo).text:  # a copy was made
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
 

@@ -1,0 +1,247 @@
+"""The shaped-link phase: servers in one network namespace, Nix clients in another, joined by a
+veth limited with `tbf` on both ends (this kernel has no netem: no added delay, only the rate).
+
+What it times is what a fleet host waits for: `nix copy` of a path that was built a moment ago
+(nobody has fetched it yet), the same path again, and a closure of small paths, each into a
+fresh client store with a fresh narinfo cache, with Debian's Nix 2.8 and trixie's Nix 2.26.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SERVER_IP = "10.231.77.1"
+CLIENT_IP = "10.231.77.2"
+BASE_NIX_CONFIG = "experimental-features = nix-command\nsubstituters =\nconnect-timeout = 10\n"
+TRIXIE_ROOT = Path(os.environ.get("TRIXIE_ROOT") or "/var/cache/harmonia-bundle/trixie-nix")
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+
+
+@dataclass(frozen=True)
+class Link:
+    server_ns: str
+    client_ns: str
+    rate: str
+
+
+@contextmanager
+def shaped_link(rate: str) -> Iterator[Link]:
+    """Two namespaces joined by a veth, `tbf rate <rate> burst 128kb latency 100ms` on each end;
+    deleted afterwards (the veth goes with its namespaces)."""
+    tag = uuid.uuid4().hex[:6]
+    srv, cli = f"hb-srv-{tag}", f"hb-cli-{tag}"
+    a, b = f"hbs{tag}", f"hbc{tag}"
+    _ip("netns", "add", srv)
+    try:
+        _ip("netns", "add", cli)
+        try:
+            _ip("link", "add", a, "type", "veth", "peer", "name", b)
+            _ip("link", "set", a, "netns", srv)
+            _ip("link", "set", b, "netns", cli)
+            for ns, dev, addr in ((srv, a, SERVER_IP), (cli, b, CLIENT_IP)):
+                _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+                _ip("-n", ns, "link", "set", dev, "up")
+                _ip("-n", ns, "link", "set", "lo", "up")
+                subprocess.run(
+                    [
+                        "tc",
+                        "-n",
+                        ns,
+                        "qdisc",
+                        "add",
+                        "dev",
+                        dev,
+                        "root",
+                        "tbf",
+                        "rate",
+                        rate,
+                        "burst",
+                        "128kb",
+                        "latency",
+                        "100ms",
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+            yield Link(srv, cli, rate)
+        finally:
+            subprocess.run(["ip", "netns", "del", cli], capture_output=True, check=False, timeout=30)
+    finally:
+        subprocess.run(["ip", "netns", "del", srv], capture_output=True, check=False, timeout=30)
+
+
+def link_available() -> str | None:
+    """Why the phase cannot run here, or None."""
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (iproute2)"
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    return None
+
+
+@dataclass(frozen=True)
+class Client:
+    """One real Nix client: Debian's on this machine, or trixie's in its chroot (`root`)."""
+
+    name: str
+    root: Path | None  # None: this machine's client
+
+    def inside(self, host_path: Path) -> str:
+        if self.root is None:
+            return str(host_path)
+        return "/" + str(host_path.relative_to(self.root))
+
+    def scratch(self, tag: str) -> Path:
+        """A fresh directory the client can write (under its root's /tmp for the chroot)."""
+        base = (self.root / "tmp") if self.root is not None else Path("/tmp")
+        path = base / f"harmonia-bench-{tag}-{uuid.uuid4().hex[:8]}"
+        path.mkdir(parents=True)
+        return path
+
+    def copy(self, url: str, paths: list[str], scratch: Path, netns: str, timeout: float = 900) -> float:
+        """`nix copy --from url` into a fresh store with a fresh narinfo cache: wall seconds."""
+        store = scratch / "store"
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            "HOME": "/root",
+            "TMPDIR": "/tmp",
+            "XDG_CACHE_HOME": self.inside(scratch / "xdg"),
+            "NIX_CONFIG": BASE_NIX_CONFIG,
+        }
+        args = ["nix", "copy", "--no-check-sigs", "--from", url, "--to", self.inside(store), *paths]
+        if self.root is not None:
+            args = ["chroot", str(self.root), *args]
+        start = time.monotonic()
+        proc = subprocess.run(
+            ["ip", "netns", "exec", netns, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        seconds = time.monotonic() - start
+        if proc.returncode != 0:
+            raise RuntimeError(f"[{self.name}] {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+        return seconds
+
+
+def remove_tree(path: Path) -> None:
+    """rm -rf for a client store (its directories are read-only)."""
+    for directory, _subdirs, _files in os.walk(path):
+        mode = os.lstat(directory).st_mode
+        if not mode & 0o200:
+            os.chmod(directory, mode | 0o200)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def clients() -> tuple[list[Client], list[str]]:
+    """The clients present, and a note for each one missing (`./bootstrap bench` builds the chroot)."""
+    found, missing = [Client("nix-2.8", None)], []
+    if shutil.which("nix") is None:
+        found, missing = [], ["nix-2.8: Debian's nix-bin is not installed"]
+    if (TRIXIE_ROOT / "usr/bin/nix").exists() and (TRIXIE_ROOT / "proc/self").exists():
+        found.append(Client("nix-2.26", TRIXIE_ROOT))
+    else:
+        missing.append(f"nix-2.26: no trixie chroot with its mounts at {TRIXIE_ROOT} (./bootstrap trixie)")
+    return found, missing
+
+
+OURS = ("ours-daemon", "ours-db")
+CADDY = ("caddy-zstd", "caddy-none")
+SERVERS = (*OURS, *CADDY)
+MEASURES = ("at_once", "first", "again", "closure")
+SETTLE = 2.0
+
+
+def run_shaped(
+    work: Path, rate: str, big_mb: int, small_count: int, workers: int, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """The whole phase; a dict for the report (`skipped` says why when it cannot run here)."""
+    from .fixtures import build_fresh, export_to
+    from .servers import caddy_file_server, harmonia_cache
+
+    why = link_available()
+    if why is not None:
+        return {"skipped": why}
+    found, missing = clients()
+    result: dict[str, Any] = {
+        "rate": rate,
+        "big_mb": big_mb,
+        "closure_paths": small_count + 1,
+        "missing_clients": missing,
+        "clients": {},
+    }
+    exports = {"zstd": work / "shaped-export-zstd", "none": work / "shaped-export-none"}
+    for directory in (*exports.values(), work / "shaped-daemon", work / "shaped-db"):
+        shutil.rmtree(directory, ignore_errors=True)
+    for directory in exports.values():
+        directory.mkdir(parents=True)
+    with shaped_link(rate) as link, ExitStack() as stack:
+        servers = {
+            "ours-daemon": stack.enter_context(
+                harmonia_cache(work / "shaped-daemon", workers, "daemon", SERVER_IP, link.server_ns)
+            ),
+            "ours-db": stack.enter_context(
+                harmonia_cache(work / "shaped-db", workers, "db", SERVER_IP, link.server_ns)
+            ),
+            "caddy-zstd": stack.enter_context(
+                caddy_file_server(
+                    exports["zstd"], work / "caddy-zstd", SERVER_IP, link.server_ns, "caddy zstd"
+                )
+            ),
+            "caddy-none": stack.enter_context(
+                caddy_file_server(
+                    exports["none"], work / "caddy-none", SERVER_IP, link.server_ns, "caddy none"
+                )
+            ),
+        }
+        for n, client in enumerate(found):
+            tag = f"{client.name.replace('.', '')}-{time.time_ns()}"
+            say(f"{client.name}: building a fresh {big_mb} MB path and a {small_count + 1}-path closure")
+            fresh = build_fresh(work, tag, big_mb, small_count)
+            times: dict[str, dict[str, float]] = {s: {} for s in SERVERS}
+
+            def fetch(server: str, paths: list[str], client: Client = client) -> float:
+                scratch = client.scratch(server)
+                try:
+                    return client.copy(servers[server].url, paths, scratch, link.client_ns)
+                finally:
+                    remove_tree(scratch)
+
+            say(f"{client.name}: first fetches of the fresh paths")
+            # at once: our caches right after the build, before the copy can exist (a live
+            # stream); a static cache cannot serve the path yet at all
+            for server in OURS if n % 2 == 0 else tuple(reversed(OURS)):
+                times[server]["at_once"] = fetch(server, [fresh.big])
+            # published: a static cache has the paths once they were pushed to it (not timed);
+            # then every server's first fetch of another fresh path
+            export_to([fresh.published, fresh.top], exports["zstd"], "zstd", work)
+            export_to([fresh.published, fresh.top], exports["none"], "none", work)
+            time.sleep(SETTLE)  # the exports' writes and threads out of the way of whoever goes first
+            # the order alternates between clients, so that no server always goes first
+            order = SERVERS if n % 2 == 0 else (*reversed(OURS), *reversed(CADDY))
+            for server in order:
+                times[server]["first"] = fetch(server, [fresh.published])
+            say(f"{client.name}: the same path again, then the closure")
+            for server in order:
+                times[server]["again"] = fetch(server, [fresh.published])
+            for server in order:
+                times[server]["closure"] = fetch(server, [fresh.top])
+            result["clients"][client.name] = times
+    return result

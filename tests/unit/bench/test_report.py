@@ -1,0 +1,61 @@
+"""The bench's report from a recorded quick run: targets, the table with the shaped-link phase, the chart."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.report import check_targets, render_chart, render_table, shaped_ratio
+
+RUN = Path(__file__).with_name("quick_run.json")
+
+
+def _report() -> dict[str, Any]:
+    report: dict[str, Any] = json.loads(RUN.read_text())
+    return report
+
+
+def test_targets_cover_both_backends_and_both_clients() -> None:
+    report = _report()
+    targets = {t["name"]: t for t in check_targets(report["results"], report["shaped"])}
+    assert targets["narinfo requests/s vs Caddy, db backend"]["target"] == 0.8
+    assert targets["narinfo requests/s vs Caddy, daemon backend"]["target"] == 0.7
+    for client in ("nix-2.8", "nix-2.26"):
+        for backend in ("daemon", "db"):
+            first = targets[f"shaped link, {client}, {backend} backend: first vs Caddy zstd export"]
+            times = report["shaped"]["clients"][client]
+            expected = times["caddy-zstd"]["first"] / times[f"ours-{backend}"]["first"]
+            assert math.isclose(first["value"], expected, abs_tol=1e-3)
+            assert first["met"] == (expected >= 0.9)
+
+
+def test_a_missing_client_is_a_missed_target_not_a_pass() -> None:
+    report = _report()
+    del report["shaped"]["clients"]["nix-2.26"]
+    targets = check_targets(report["results"], report["shaped"])
+    missing = [t for t in targets if "nix-2.26" in t["name"]]
+    assert missing and all(t["value"] is None and not t["met"] for t in missing)
+
+
+def test_table_shows_the_shaped_phase() -> None:
+    report = _report()
+    report["targets"] = check_targets(report["results"], report["shaped"])
+    table = render_table(report)
+    assert "| first fetch of a fresh 20 MB path, once every server has it | nix-2.26 |" in table
+    assert "daemon backend" in table and "Caddy, zstd export" in table
+    ratio = shaped_ratio(report["shaped"]["clients"]["nix-2.8"], "ours-db", "closure")
+    assert f"{ratio:.2f}×" in table
+    only_shaped = dict(report, results={})
+    only_shaped["targets"] = check_targets({}, report["shaped"])
+    assert "shaped link, nix-2.8" in render_table(only_shaped)
+
+
+def test_chart(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    report = _report()
+    render_chart(report, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").stat().st_size > 10_000
