@@ -203,6 +203,17 @@ def _gateway(args: argparse.Namespace) -> str:
     if max_push is not None and max_push < 1:
         problems.append(Problem("--max-push-body", "must be at least 1 byte, or 'none'"))
         max_push = None
+    active_checks = not args.no_active_health_checks
+    if active_checks and node is not None and any(u.scheme == "https" for u in upstreams):
+        # caddy-tailscale's transport gives Caddy's health checker no TLS: its probes reach port 443
+        # as plain HTTP, get 400, and the only upstream stays "down" (every request a 503). Passive
+        # checks still see real failures.
+        print(
+            "harmonia-caddy: --via-tailnet with an https upstream: active health checks are off "
+            "(the tailnet transport cannot probe over TLS); passive checks stay on",
+            file=sys.stderr,
+        )
+        active_checks = False
     policy = Policy(
         expose_push="push" in args.expose,
         max_push_body_bytes=max_push,
@@ -213,7 +224,7 @@ def _gateway(args: argparse.Namespace) -> str:
         max_request_body_bytes=max_body,
         compress_small_text=not args.no_compress,
         access_log=not args.no_access_log,
-        active_health_checks=not args.no_active_health_checks,
+        active_health_checks=active_checks,
     )
     # the site-level settings are checked even when the upstreams were bad (all problems at once)
     stand_in = upstreams or (Upstream("127.0.0.1:5000"),)

@@ -106,9 +106,22 @@ def test_gateway_via_tailnet(capsys: pytest.CaptureFixture[str]) -> None:
         )
         == 0
     )
-    out = capsys.readouterr().out
-    assert "transport tailscale gateway" in out
-    assert "dial_timeout" not in out
+    captured = capsys.readouterr()
+    assert "transport tailscale gateway" in captured.out
+    assert "dial_timeout" not in captured.out
+    # the tailnet transport cannot probe an https upstream over TLS: active checks off, said once
+    assert "health_uri" not in captured.out
+    assert "fail_duration" in captured.out
+    assert "active health checks are off" in captured.err
+
+
+def test_gateway_via_tailnet_to_plain_http_keeps_active_checks(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(["gateway", "--site", "a.example", "--upstream", "http://harmonia", "--via-tailnet", "gw"]) == 0
+    )
+    captured = capsys.readouterr()
+    assert "health_uri" in captured.out
+    assert captured.err == ""
 
 
 def test_gateway_without_active_health_checks(capsys: pytest.CaptureFixture[str]) -> None:
