@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import trio
 
-from ..compression import SMALL_NAR, LiveCopy, compress_chunks, iter_nar_bytes
+from ..compression import MIN_COMPRESS_SIZE, SMALL_NAR, LiveCopy, compress_chunks, iter_nar_bytes
 from ..context import Context, Resolved
 from ..daemon import DaemonError
 from ..hashes import nix32_encode
@@ -129,7 +129,11 @@ async def nar_response(ctx: Context, request: Request, resolved: Resolved) -> Re
     source = await ctx.store.nar(info)
     headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE), ("Vary", "Accept-Encoding")]
     wants_zstd = (
-        ctx.config.enable_compression and request.accepts_encoding("zstd") and request.header("range") is None
+        ctx.config.enable_compression
+        # a NAR this small gains nothing from zstd, and a live stream costs it a round of threads
+        and info.nar_size >= MIN_COMPRESS_SIZE
+        and request.accepts_encoding("zstd")
+        and request.header("range") is None
     )
     if wants_zstd:
         copy = ctx.compressed_copy(info)
