@@ -65,8 +65,11 @@ class Metrics:
         self.slot = 0
 
     def use_slot(self, slot: int) -> None:
-        """Called in each worker after fork: which slot this process writes."""
+        """Called in each worker after fork: which slot this process writes. A restarted worker
+        holds no connections and no transfers: a dead one's gauges must not linger."""
         self.slot = slot
+        self._all[self._base() + _CONNS] = 0
+        self._all[self._base() + _INFLIGHT] = 0
 
     def _base(self) -> int:
         return self.slot * SLOT_WORDS
@@ -101,6 +104,14 @@ class Metrics:
 
     def bytes_received(self, n: int) -> None:
         self._all[self._base() + _RECEIVED] += n
+
+    def fewer_connections_elsewhere(self, slack: int) -> bool:
+        """True when another worker holds more than `slack` fewer open connections than this one."""
+        words = self._all
+        mine = words[self._base() + _CONNS]
+        return any(
+            words[w * SLOT_WORDS + _CONNS] + slack < mine for w in range(self.workers) if w != self.slot
+        )
 
     def connection_closed(self) -> None:
         self._all[self._base() + _CONNS] -= 1

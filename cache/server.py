@@ -124,6 +124,11 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 
 
 ACCEPT_BATCH = 64  # connections accepted in a row before other tasks run
+# Workers share one listening socket and all wake for a new connection; the first to accept wins,
+# so one worker could take every keep-alive connection of a client while the other core idles.
+# A worker holding BALANCE_SLACK more connections than another lets that one try first.
+BALANCE_SLACK = 1
+BALANCE_DEFER = 0.0005
 
 
 def dead_on_arrival(sock: socket.socket) -> bool:
@@ -161,6 +166,8 @@ class Worker:
                 self.slots.acquire_nowait()  # no scheduling round per connection
             except trio.WouldBlock:
                 await self.slots.acquire()  # max_connections open: stop accepting until one closes
+            if self.app.metrics.fewer_connections_elsewhere(BALANCE_SLACK):
+                await trio.sleep(BALANCE_DEFER)
             try:
                 raw, addr = listener.accept()
             except BlockingIOError:
@@ -187,6 +194,8 @@ class Worker:
                 raw.close()
                 self.slots.release()
             else:
+                # counted at once, not when its task first runs: the balance between workers reads it
+                self.app.metrics.connection_opened()
                 conns.start_soon(self.connection, trio.socket.from_stdlib_socket(raw), addr)
             batch += 1
             if batch >= ACCEPT_BATCH:
@@ -195,7 +204,6 @@ class Worker:
 
     async def connection(self, sock: trio.socket.SocketType, addr: object) -> None:
         client = addr[0] if isinstance(addr, tuple) else "unix"
-        self.app.metrics.connection_opened()
         try:
             stream = trio.SocketStream(sock)
             if self.ssl is not None:

@@ -230,14 +230,28 @@ def _reason(status: int) -> bytes:
     return found
 
 
+_HEADER_LINES: dict[tuple[str, str], bytes] = {}
+_HEADER_LINES_MAX = 4096
+
+
+def _header_line(name: str, value: str) -> bytes:
+    raw_value = value.encode("latin-1")
+    if b"\r" in raw_value or b"\n" in raw_value or _TOKEN.fullmatch(name.encode("ascii")) is None:
+        raise ValueError(f"refusing to write an unsafe header {name!r}")
+    return b"%s: %s\r\n" % (name.encode("ascii"), raw_value)
+
+
 def write_head(status: int, headers: list[tuple[str, str]], *, close: bool) -> bytes:
     """A response head. Header names and values are ours; a CR or LF in one is a bug, refused."""
     out = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
-    for name, value in headers:
-        raw_value = value.encode("latin-1")
-        if b"\r" in raw_value or b"\n" in raw_value or _TOKEN.fullmatch(name.encode("ascii")) is None:
-            raise ValueError(f"refusing to write an unsafe header {name!r}")
-        out.append(b"%s: %s\r\n" % (name.encode("ascii"), raw_value))
+    for header in headers:
+        line = _HEADER_LINES.get(header)
+        if line is None:
+            line = _header_line(*header)
+            if len(_HEADER_LINES) >= _HEADER_LINES_MAX:  # Date and lengths keep changing
+                _HEADER_LINES.clear()
+            _HEADER_LINES[header] = line  # most answers repeat the same few headers
+        out.append(line)
     if close:
         out.append(b"Connection: close\r\n")
     out.append(b"\r\n")

@@ -261,6 +261,17 @@ class H1Connection:
         return sink.keep_alive
 
     async def send(self, data: bytes) -> None:
+        if self.sock is not None:
+            # the common case, a response the kernel takes whole: one syscall, no cancel scope
+            try:
+                sent = os.write(self.sock.fileno(), data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:  # reset, broken pipe: what send_all would say
+                raise trio.BrokenResourceError(str(exc)) from exc
+            if sent == len(data):
+                return
+            data = data[sent:]
         with trio.fail_after(SEND_TIMEOUT):
             await self.stream.send_all(data)
 
