@@ -226,7 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_shaped:
         progress(9, f"shaped link ({args.rate}): fresh path, again, closure")
         shaped = run_shaped(
-            work, args.rate, args.fresh_mb, args.closure, args.workers, lambda text: progress(9, text)
+            work,
+            args.rate,
+            args.fresh_mb,
+            args.closure,
+            args.workers,
+            lambda text: progress(9, text),
+            rounds=1 if args.quick else 3,
         )
     progress(10, "done")
     report = {

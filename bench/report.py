@@ -124,7 +124,8 @@ def render_shaped(shaped: dict[str, Any]) -> list[str]:
     lines = [
         f"Shaped link: {shaped['rate']} (tbf on both ends of a veth between two network namespaces; "
         "servers in one, the client in the other), `nix copy --no-check-sigs` into a fresh store with a "
-        "fresh narinfo cache, wall seconds (lower is better); ratio = Caddy zstd export time / ours "
+        "fresh narinfo cache, wall seconds (lower is better), the median of "
+        f"{shaped.get('rounds', 1)} round(s) on newly built paths; ratio = Caddy zstd export time / ours "
         "(>= 1: we are at least as fast).",
         "",
         "| what | client | ours, daemon backend | ours, db backend | Caddy, zstd export | Caddy, none export "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import subprocess
 import time
 import uuid
@@ -170,9 +171,19 @@ SETTLE = 2.0
 
 
 def run_shaped(
-    work: Path, rate: str, big_mb: int, small_count: int, workers: int, say: Callable[[str], None]
+    work: Path,
+    rate: str,
+    big_mb: int,
+    small_count: int,
+    workers: int,
+    say: Callable[[str], None],
+    rounds: int = 3,
 ) -> dict[str, Any]:
-    """The whole phase; a dict for the report (`skipped` says why when it cannot run here)."""
+    """The whole phase; a dict for the report (`skipped` says why when it cannot run here).
+
+    Each client runs `rounds` rounds, each on newly built paths (so every first fetch is really
+    first); the report's time is the median of the rounds, and `samples` keeps every one: a single
+    transfer over the shaped link varies by up to ±50 % from one try to the next."""
     from .fixtures import build_fresh, export_to
     from .servers import caddy_file_server, harmonia_cache
 
@@ -184,8 +195,10 @@ def run_shaped(
         "rate": rate,
         "big_mb": big_mb,
         "closure_paths": small_count + 1,
+        "rounds": rounds,
         "missing_clients": missing,
         "clients": {},
+        "samples": {},
     }
     exports = {"zstd": work / "shaped-export-zstd", "none": work / "shaped-export-none"}
     for directory in (*exports.values(), work / "shaped-daemon", work / "shaped-db"):
@@ -212,10 +225,7 @@ def run_shaped(
             ),
         }
         for n, client in enumerate(found):
-            tag = f"{client.name.replace('.', '')}-{time.time_ns()}"
-            say(f"{client.name}: building a fresh {big_mb} MB path and a {small_count + 1}-path closure")
-            fresh = build_fresh(work, tag, big_mb, small_count)
-            times: dict[str, dict[str, float]] = {s: {} for s in SERVERS}
+            samples: dict[str, dict[str, list[float]]] = {s: {m: [] for m in MEASURES} for s in SERVERS}
 
             def fetch(server: str, paths: list[str], client: Client = client) -> float:
                 scratch = client.scratch(server)
@@ -224,24 +234,36 @@ def run_shaped(
                 finally:
                     remove_tree(scratch)
 
-            say(f"{client.name}: first fetches of the fresh paths")
-            # at once: our caches right after the build, before the copy can exist (a live
-            # stream); a static cache cannot serve the path yet at all
-            for server in OURS if n % 2 == 0 else tuple(reversed(OURS)):
-                times[server]["at_once"] = fetch(server, [fresh.big])
-            # published: a static cache has the paths once they were pushed to it (not timed);
-            # then every server's first fetch of another fresh path
-            export_to([fresh.published, fresh.top], exports["zstd"], "zstd", work)
-            export_to([fresh.published, fresh.top], exports["none"], "none", work)
-            time.sleep(SETTLE)  # the exports' writes and threads out of the way of whoever goes first
-            # the order alternates between clients, so that no server always goes first
-            order = SERVERS if n % 2 == 0 else (*reversed(OURS), *reversed(CADDY))
-            for server in order:
-                times[server]["first"] = fetch(server, [fresh.published])
-            say(f"{client.name}: the same path again, then the closure")
-            for server in order:
-                times[server]["again"] = fetch(server, [fresh.published])
-            for server in order:
-                times[server]["closure"] = fetch(server, [fresh.top])
-            result["clients"][client.name] = times
+            for round_ in range(rounds):
+                # the order alternates between clients and rounds, so that no server always goes first
+                flip = (n + round_) % 2 == 1
+                tag = f"{client.name.replace('.', '')}-{time.time_ns()}"
+                say(
+                    f"{client.name}, round {round_ + 1}/{rounds}: building a fresh {big_mb} MB path "
+                    f"and a {small_count + 1}-path closure"
+                )
+                fresh = build_fresh(work, tag, big_mb, small_count)
+                say(f"{client.name}, round {round_ + 1}/{rounds}: first fetches, again, the closure")
+                # at once: our caches right after the build, before the copy can exist (a live
+                # stream); a static cache cannot serve the path yet at all
+                for server in tuple(reversed(OURS)) if flip else OURS:
+                    samples[server]["at_once"].append(fetch(server, [fresh.big]))
+                # published: a static cache has the paths once they were pushed to it (not timed);
+                # then every server's first fetch of another fresh path
+                export_to([fresh.published, fresh.top], exports["zstd"], "zstd", work)
+                export_to([fresh.published, fresh.top], exports["none"], "none", work)
+                time.sleep(SETTLE)  # the exports' writes and threads out of the way of whoever goes first
+                order = (*reversed(OURS), *reversed(CADDY)) if flip else SERVERS
+                for measure, paths in (
+                    ("first", [fresh.published]),
+                    ("again", [fresh.published]),
+                    ("closure", [fresh.top]),
+                ):
+                    for server in order:
+                        samples[server][measure].append(fetch(server, paths))
+            result["samples"][client.name] = samples
+            result["clients"][client.name] = {
+                server: {m: statistics.median(v) for m, v in by_measure.items() if v}
+                for server, by_measure in samples.items()
+            }
     return result
