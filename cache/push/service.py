@@ -18,7 +18,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -26,7 +26,6 @@ import trio
 
 from ..daemon import ConnectFailed, Connection, DaemonError, DaemonGone, connect
 from ..hashes import nix32_encode
-from ..narinfo import PathInfo
 from .config import PushConfig, tokens_path
 from .narbody import ReceivedNar, receive_nar
 from .retention import is_retained, make_root, sweep, sweep_files
@@ -240,7 +239,7 @@ class PushService:
                 "push the references first (nix copy pushes a whole closure)",
             )
         await self._root(conn, info.path)
-        await conn.add_to_store_nar(_registered(info), lambda: _file_chunks(data))
+        await conn.add_to_store_nar(replace(info, registration_time=0), lambda: _file_chunks(data))  # 0: now
         self._forget(uploaded.nar)
         return "imported"
 
@@ -272,19 +271,6 @@ class PushService:
             except OSError as exc:
                 log.warning("retention sweep of %s failed: %s", self.roots, exc)
             await trio.sleep(self.config.sweep_interval)
-
-
-def _registered(info: PathInfo) -> PathInfo:
-    return PathInfo(
-        path=info.path,
-        nar_hash=info.nar_hash,
-        nar_size=info.nar_size,
-        references=info.references,
-        deriver=info.deriver,
-        sigs=info.sigs,
-        ca=info.ca,
-        registration_time=0,  # now
-    )
 
 
 def _open(path: Path) -> BinaryIO | None:
