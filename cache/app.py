@@ -37,6 +37,7 @@ KNOWN_ENTRIES = 16384
 # references fetched ahead of the client walking a closure: levels, per path, at once, queued
 PREFETCH_DEPTH = 3
 PREFETCH_FANOUT = 64
+PREFETCH_VISITS = 512  # references looked at per answer, at most
 PREFETCH_PARALLEL = 2
 PREFETCH_QUEUE = 1024
 PREFETCH_WAIT = 2.0
@@ -261,19 +262,34 @@ class App:
         """A client that asked for a path asks for its references next (it walks the closure, one
         level at a time): their metadata is fetched ahead, so those narinfos are answered from
         memory. Best effort: a full queue drops the hint."""
-        if self._prefetch is None or depth <= 0:
+        if self._prefetch is None:
             return
-        for ref in info.references[:PREFETCH_FANOUT]:
-            if ref == info.path:
-                continue
-            ref_hash = ref.rsplit("/", 1)[-1][:32]
-            if ref_hash in self._known or ref_hash in self._prefetching:
-                continue
-            try:
-                self._prefetch.send_nowait((ref_hash, ref, depth))
-            except trio.WouldBlock:
-                return
-            self._prefetching[ref_hash] = trio.Event()
+        # through the references fetched ahead and not yet asked for, down to `depth` levels: the
+        # frontier moves one level deeper with each answer instead of stalling when it is reached
+        budget = PREFETCH_VISITS
+        level = [info]
+        while level and depth > 0:
+            below: list[PathInfo] = []
+            for parent in level:
+                for ref in parent.references[:PREFETCH_FANOUT]:
+                    if ref == parent.path:
+                        continue
+                    budget -= 1
+                    if budget < 0:
+                        return
+                    ref_hash = ref.rsplit("/", 1)[-1][:32]
+                    if ref_hash in self._prefetching:
+                        continue
+                    if (known := self._known.get(ref_hash)) is not None:
+                        if known.ahead:
+                            below.append(known.resolved.info)
+                        continue
+                    try:
+                        self._prefetch.send_nowait((ref_hash, ref, depth))
+                    except trio.WouldBlock:
+                        return
+                    self._prefetching[ref_hash] = trio.Event()
+            level, depth = below, depth - 1
 
     async def _run_prefetch(self, receive: trio.MemoryReceiveChannel[tuple[str, str, int]]) -> None:
         async def one(hash_part: str, path: str, depth: int) -> None:
@@ -282,8 +298,13 @@ class App:
                     return
                 info = await self.store.path_info(path)
                 if info is not None and self.store.servable(info) and hash_part not in self._known:
-                    self._remember(hash_part, info).ahead = True
+                    entry = self._remember(hash_part, info)
+                    entry.ahead = True
                     self._prefetch_references(info, depth - 1)
+                    # rendered and signed now, while the client is busy with the answer before
+                    await trio.lowlevel.checkpoint()
+                    if self._known.get(hash_part) is entry:
+                        self.narinfo_body(entry, as_json=False)
             except StoreError:
                 pass  # only a hint: the request itself asks again
             finally:

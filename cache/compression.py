@@ -34,6 +34,7 @@ from .nar import NarError, Segment, read_region
 MIN_COMPRESS_SIZE = 4096
 NEGATIVE_TTL = 1.0
 MEMO_ENTRIES = 100_000
+META_MAX = 4096  # a .meta is under 200 bytes
 CHUNK = 1 << 20
 SAMPLE_BYTES = 128 * 1024
 # a sample that zstd cannot shrink below this share is already compressed (or random)
@@ -139,14 +140,29 @@ class CopyStore:
         self.level = level
         self.max_bytes = max_bytes
         self.tag = params_tag(level)
+        self._prefix = f"{os.fspath(directory)}{os.sep}"
 
     def paths(self, nar_hash: bytes) -> tuple[Path, Path]:
         name = nix32_encode(nar_hash)
         return self.dir / f"{name}.nar.zst", self.dir / f"{name}.meta"
 
+    def data_file(self, nar_hash: bytes) -> str:
+        return f"{self._prefix}{nix32_encode(nar_hash)}.nar.zst"
+
     def meta(self, nar_hash: bytes) -> CopyMeta | None:
+        # on every new path's first narinfo: plain os calls on a string, not pathlib
         try:
-            doc = json.loads(self.paths(nar_hash)[1].read_bytes())
+            fd = os.open(f"{self._prefix}{nix32_encode(nar_hash)}.meta", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            raw = os.read(fd, META_MAX)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        try:
+            doc = json.loads(raw)
             if doc.get("params") != self.tag:
                 return None
             return CopyMeta(bytes.fromhex(str(doc["sha256"])), int(doc["size"]))
@@ -355,13 +371,13 @@ class CopyIndex:
         meta = self.meta(nar_hash)
         if meta is None:
             return None
-        data_path = self.copies.paths(nar_hash)[0]
+        data_file = self.copies.data_file(nar_hash)
         try:
-            if os.stat(data_path).st_size != meta.file_size:
+            if os.stat(data_file).st_size != meta.file_size:
                 return None
         except OSError:
             return None  # evicted: the live stream sends the same bytes
-        return CompressedNar(data_path, meta.file_hash, meta.file_size)
+        return CompressedNar(Path(data_file), meta.file_hash, meta.file_size)
 
     def forget(self, nar_hash: bytes) -> None:
         self._meta.pop(nar_hash, None)

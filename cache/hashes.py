@@ -23,12 +23,20 @@ def nix32_length(nbytes: int) -> int:
     return (nbytes * 8 - 1) // 5 + 1
 
 
+_FROM_RFC4648 = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", NIX32_ALPHABET.encode())
+
+
 @functools.lru_cache(maxsize=65536)
 def nix32_encode(digest: bytes) -> str:
-    # Nix reads the digest as one little-endian number and prints its 5-bit groups, highest first
+    # Nix reads the digest as one little-endian number and prints its 5-bit groups, highest
+    # first. RFC 4648 base32 prints the 5-bit groups of a big-endian number highest first too, so
+    # the number padded to whole 40-bit blocks goes through b32encode (C, not a Python loop), the
+    # leading zero groups are dropped, and the alphabet is swapped.
+    length = nix32_length(len(digest))
+    padded = -(-length // 8) * 8
     number = int.from_bytes(digest, "little")
-    alphabet = NIX32_ALPHABET
-    return "".join(alphabet[(number >> (5 * n)) & 0x1F] for n in range(nix32_length(len(digest)) - 1, -1, -1))
+    encoded = base64.b32encode(number.to_bytes(padded * 5 // 8, "big"))
+    return encoded[padded - length :].translate(_FROM_RFC4648).decode()
 
 
 def nix32_decode(text: str, nbytes: int) -> bytes:

@@ -13,20 +13,28 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import trio
 
-from ..compression import MIN_COMPRESS_SIZE, SMALL_NAR, LiveCopy, compress_chunks, iter_nar_bytes
+from ..compression import (
+    MIN_COMPRESS_SIZE,
+    SMALL_NAR,
+    CompressedNar,
+    LiveCopy,
+    compress_chunks,
+    iter_nar_bytes,
+)
 from ..context import Context, Resolved
 from ..daemon import DaemonError
 from ..hashes import nix32_encode
 from ..nar import FileRegion, NarError, Segment
 from ..store import FsNar, StreamedNar
 from ..storepath import is_hash_part
-from ..transport.messages import Request, Response, SegmentsBody, StreamBody, error
+from ..transport.messages import Body, Request, Response, StreamBody, error
 from .ranged import ranged, segment_slices, select_range
 
 NAR_TYPE = "application/x-nix-nar"
 IMMUTABLE = "public, max-age=31536000, immutable"
 DAEMON_FIRST_BYTE_TIMEOUT = 30.0
 INLINE_ZSTD_MAX = SMALL_NAR
+INLINE_MAX = SMALL_NAR  # bodies up to this size are read whole on the event loop
 _NIX32_SHA256 = re.compile(r"[0123456789abcdfghijklmnpqrsvwxyz]{52}")
 
 
@@ -63,6 +71,32 @@ def _file_segments(region: FileRegion) -> Iterator[Segment]:
     yield region
 
 
+def _in_memory(segments: Callable[[], Iterator[Segment]], length: int) -> bytes | None:
+    """A small body read whole, on the event loop: a closure is mostly NARs and copies of a few
+    KiB, where the thread hops and the separate writes of a streamed body cost more than the
+    reads (page-cached metadata and contents of at most `INLINE_MAX` bytes). None when it cannot
+    be read or has another length now: the streamed path then reports it."""
+    try:
+        body = b"".join(iter_nar_bytes(segments()))
+    except (NarError, OSError):
+        return None
+    return body if len(body) == length else None
+
+
+def _bytes_slices(body: bytes) -> Callable[[int, int], bytes]:
+    return lambda start, length: body[start : start + length]
+
+
+def _copy_body(copy: CompressedNar) -> Callable[[int, int], Body]:
+    """`ranged`'s body maker for a compressed copy: its bytes when small, else sendfile."""
+    region = FileRegion(bytes(copy.path), copy.file_size)
+    if copy.file_size <= INLINE_MAX:
+        small = _in_memory(lambda: _file_segments(region), copy.file_size)
+        if small is not None:
+            return _bytes_slices(small)
+    return segment_slices(lambda: _file_segments(region), copy.file_size)
+
+
 async def get_nar_zst(ctx: Context, request: Request, match: re.Match[str]) -> Response:
     """The compressed NAR: the copy when it exists, else the same bytes compressed on the fly
     (with their length once a copy was made before), so this URL never fails for a valid path."""
@@ -76,11 +110,8 @@ async def get_nar_zst(ctx: Context, request: Request, match: re.Match[str]) -> R
         return error(404, "no compressed NAR with this store backend (nar_source = daemon)")
     copy = ctx.compressed_copy(found.info)
     if copy is not None:
-        region = FileRegion(bytes(copy.path), copy.file_size)
         headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE), ("Accept-Ranges", "bytes")]
-        return ranged(
-            request, headers, copy.file_size, segment_slices(lambda: _file_segments(region), copy.file_size)
-        )
+        return ranged(request, headers, copy.file_size, _copy_body(copy))
     headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE)]
     level = ctx.config.zstd_level
     if found.info.nar_size <= INLINE_ZSTD_MAX:
@@ -138,11 +169,8 @@ async def nar_response(ctx: Context, request: Request, resolved: Resolved) -> Re
     if wants_zstd:
         copy = ctx.compressed_copy(info)
         if copy is not None:
-            region = FileRegion(bytes(copy.path), copy.file_size)
             return Response(
-                200,
-                [*headers, ("Content-Encoding", "zstd")],
-                SegmentsBody(lambda: _file_segments(region), copy.file_size),
+                200, [*headers, ("Content-Encoding", "zstd")], _copy_body(copy)(0, copy.file_size)
             )
         if isinstance(source, FsNar):
             ctx.schedule_compression(info, source)
@@ -157,6 +185,8 @@ async def nar_response(ctx: Context, request: Request, resolved: Resolved) -> Re
             )
     headers.append(("Accept-Ranges", "bytes"))
     if isinstance(source, FsNar):
+        if info.nar_size <= INLINE_MAX and (small := _in_memory(source.segments, info.nar_size)) is not None:
+            return ranged(request, headers, info.nar_size, _bytes_slices(small))
         return ranged(request, headers, info.nar_size, segment_slices(source.segments, info.nar_size))
     return await _streamed(request, headers, source)
 

@@ -45,3 +45,18 @@ def test_parse_sha256_rejects(text: str) -> None:
 def test_nix32_rejects_bad_characters() -> None:
     with pytest.raises(HashFormatError):
         nix32_decode("e" * 52, 32)
+
+
+def test_nix32_encode_matches_its_definition_for_every_length() -> None:
+    # the definition: the digest as one little-endian number, its 5-bit groups printed highest first
+    import random
+
+    rng = random.Random(7)
+    for size in range(0, 70):
+        digest = bytes(rng.randrange(256) for _ in range(size))
+        number = int.from_bytes(digest, "little")
+        groups = (size * 8 - 1) // 5 + 1 if size else 0
+        expected = "".join(
+            "0123456789abcdfghijklmnpqrsvwxyz"[(number >> (5 * n)) & 31] for n in reversed(range(groups))
+        )
+        assert nix32_encode(digest) == expected

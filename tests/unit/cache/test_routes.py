@@ -125,3 +125,33 @@ async def test_through_the_http1_transport(store: StandInStore, tmp_path: Path) 
     assert out.count(b"HTTP/1.1 200 OK") == 2
     assert out.endswith(nar_bytes(store.real_path(info.path)))
     assert 'harmonia_requests_total{route="nar",status="200"} 1' in app.metrics.render()
+
+
+async def test_small_nars_are_one_body_in_memory_and_large_ones_segments(tmp_path: Path) -> None:
+    from cache.routes.nar import INLINE_MAX
+    from cache.transport.messages import SegmentsBody
+
+    store = StandInStore(tmp_path / "store")
+    store.root.mkdir()
+    small = store.add("small", make_tree)
+    large = store.add("large", lambda root: root.write_bytes(os.urandom(INLINE_MAX + 1)))
+    resp, body = await answer(store, tmp_path, get(nar_url(small)))
+    # read whole before the status line: one write for head and body, no thread hop per file
+    assert isinstance(resp.body, bytes) and body == nar_bytes(store.real_path(small.path))
+    resp, body = await answer(store, tmp_path, get(nar_url(small), range="bytes=3-9"))
+    assert resp.status == 206 and body == nar_bytes(store.real_path(small.path))[3:10]
+    resp, body = await answer(store, tmp_path, get(nar_url(large)))
+    assert isinstance(resp.body, SegmentsBody)  # sendfile for the file's contents
+    assert body == nar_bytes(store.real_path(large.path))
+
+
+async def test_a_small_path_changed_since_its_metadata_is_never_sent_whole(tmp_path: Path) -> None:
+    # a file that grew: the in-memory read sees another length and leaves it to the segment
+    # path, whose length check in the transport cuts the body (tests/unit/cache/transport)
+    store = StandInStore(tmp_path / "store")
+    store.root.mkdir()
+    info = store.add("tree", make_tree)
+    (Path(os.fsdecode(store.real_path(info.path))) / "dir" / "a.txt").write_text("hello, grown\n")
+    resp = await make_app(store, tmp_path).handle(get(nar_url(info)))
+    assert not isinstance(resp.body, bytes)
+    assert resp.content_length == info.nar_size != len(await body_bytes(resp))
