@@ -14,7 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from .fixtures import SIZES_MB, build_closure, export
+from cache.launch import nix_daemon
+
+from .fixtures import SIZES_MB, build_closure, export, nix_env
 from .measure import PeakRss, best_of, cpu_count, curl, wrk
 from .report import check_targets, render_chart, render_table
 from .servers import Server, caddy_file_server, harmonia_cache
@@ -220,20 +222,22 @@ def main(argv: list[str] | None = None) -> int:
     secs = args.seconds
 
     results: dict[str, dict[str, object]] = {}
-    if not args.no_loopback:
-        results = loopback(args, work)
     shaped: dict[str, object] = {"skipped": "--no-shaped"}
-    if not args.no_shaped:
-        progress(9, f"shaped link ({args.rate}): fresh path, again, closure")
-        shaped = run_shaped(
-            work,
-            args.rate,
-            args.fresh_mb,
-            args.closure,
-            args.workers,
-            lambda text: progress(9, text),
-            rounds=1 if args.quick else 3,
-        )
+    # the daemon backend asks the nix-daemon: the machine's, or one of the bench's own
+    with nix_daemon(work / "nix-daemon", nix_env(work)):
+        if not args.no_loopback:
+            results = loopback(args, work)
+        if not args.no_shaped:
+            progress(9, f"shaped link ({args.rate}): fresh path, again, closure")
+            shaped = run_shaped(
+                work,
+                args.rate,
+                args.fresh_mb,
+                args.closure,
+                args.workers,
+                lambda text: progress(9, text),
+                rounds=1 if args.quick else 3,
+            )
     progress(10, "done")
     report = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

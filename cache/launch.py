@@ -1,7 +1,8 @@
-"""Run harmonia-cache as a child process and learn where it listens.
+"""Run harmonia-cache as a child process and learn where it listens, and a nix-daemon for it.
 
 For the benchmark and the tests (and anyone scripting the server): the server binds port 0 and
-says `listening on URL` on stderr once it is ready; this waits for that line.
+says `listening on URL` on stderr once it is ready; this waits for that line. The `daemon`
+backend (the systemd unit's) needs a nix-daemon: `nix_daemon` uses the machine's or starts one.
 """
 
 from __future__ import annotations
@@ -95,3 +96,48 @@ def running(
         pumping.join(5)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+DAEMON_SOCKET = Path("/nix/var/nix/daemon-socket/socket")
+
+
+def daemon_answers(env: Mapping[str, str]) -> bool:
+    probe = dict(env, NIX_REMOTE="daemon")
+    try:
+        proc = subprocess.run(
+            ["nix", "store", "ping"], env=probe, capture_output=True, text=True, timeout=20, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0
+
+
+@contextmanager
+def nix_daemon(state: Path, env: Mapping[str, str]) -> Iterator[None]:
+    """The machine's nix-daemon if one answers; otherwise one started here (its log in `state`)
+    and stopped when the block ends."""
+    if daemon_answers(env):
+        yield
+        return
+    if DAEMON_SOCKET.exists():
+        DAEMON_SOCKET.unlink()  # a stale socket from an earlier run refuses connections
+    state.mkdir(parents=True, exist_ok=True)
+    log_path = state / "nix-daemon.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            ["nix-daemon"], env=dict(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not daemon_answers(env):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"nix-daemon did not start; see {log_path}")
+                time.sleep(0.1)
+            yield
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)

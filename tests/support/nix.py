@@ -10,12 +10,12 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-DAEMON_SOCKET = Path("/nix/var/nix/daemon-socket/socket")
+from cache.launch import nix_daemon
+
 BASE_NIX_CONFIG = "experimental-features = nix-command\nsubstituters =\n"
 
 
@@ -51,38 +51,12 @@ def run(
     return proc
 
 
-def daemon_answers(env: Mapping[str, str]) -> bool:
-    probe = dict(env, NIX_REMOTE="daemon")
-    return run(["nix", "store", "ping"], env=probe, timeout=20, check=False).returncode == 0
-
-
 @contextmanager
 def running_daemon(state: Path) -> Iterator[dict[str, str]]:
     """Use the machine's nix-daemon if one answers; otherwise start one and stop it afterwards."""
     env = nix_env(state / "daemon-cache")
-    if daemon_answers(env):
+    with nix_daemon(state, env):
         yield env
-        return
-    if DAEMON_SOCKET.exists():
-        DAEMON_SOCKET.unlink()  # a stale socket from an earlier run refuses connections
-    log = (state / "nix-daemon.log").open("wb")
-    proc = subprocess.Popen(
-        ["nix-daemon"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while not daemon_answers(env):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"nix-daemon did not start; see {state / 'nix-daemon.log'}")
-            time.sleep(0.1)
-        yield env
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def build(expr: str, env: Mapping[str, str], out_link: Path | None = None) -> list[str]:
