@@ -53,7 +53,7 @@ class CopyMeta:
 
 @dataclass(frozen=True, slots=True)
 class CompressedNar:
-    path: Path
+    path: Path | str
     file_hash: bytes
     file_size: int
 
@@ -377,7 +377,7 @@ class CopyIndex:
                 return None
         except OSError:
             return None  # evicted: the live stream sends the same bytes
-        return CompressedNar(Path(data_file), meta.file_hash, meta.file_size)
+        return CompressedNar(data_file, meta.file_hash, meta.file_size)
 
     def forget(self, nar_hash: bytes) -> None:
         self._meta.pop(nar_hash, None)

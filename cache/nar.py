@@ -202,6 +202,21 @@ def slice_segments(segments: Iterator[Segment], start: int, length: int) -> Iter
             return
 
 
+def read_small_file(path: bytes, size: int) -> bytes | None:
+    """A whole small file of `size` bytes in one read, or None (gone, unreadable, other size)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, size + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return data if len(data) == size else None
+
+
 def read_region(region: FileRegion, chunk: int = 1 << 20) -> Generator[bytes, None, None]:
     """A region's bytes by reads, for transports that cannot `sendfile` (TLS, HTTP/2, zstd)."""
     with open(region.path, "rb") as f:

@@ -8,6 +8,7 @@ seen as incomplete by the client.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -24,7 +25,7 @@ from ..compression import (
 from ..context import Context, Resolved
 from ..daemon import DaemonError
 from ..hashes import nix32_encode
-from ..nar import FileRegion, NarError, Segment
+from ..nar import FileRegion, NarError, Segment, read_small_file
 from ..store import FsNar, StreamedNar
 from ..storepath import is_hash_part
 from ..transport.messages import Body, Request, Response, StreamBody, error
@@ -89,11 +90,12 @@ def _bytes_slices(body: bytes) -> Callable[[int, int], bytes]:
 
 def _copy_body(copy: CompressedNar) -> Callable[[int, int], Body]:
     """`ranged`'s body maker for a compressed copy: its bytes when small, else sendfile."""
-    region = FileRegion(bytes(copy.path), copy.file_size)
+    path = os.fsencode(copy.path)
     if copy.file_size <= INLINE_MAX:
-        small = _in_memory(lambda: _file_segments(region), copy.file_size)
+        small = read_small_file(path, copy.file_size)
         if small is not None:
             return _bytes_slices(small)
+    region = FileRegion(path, copy.file_size)
     return segment_slices(lambda: _file_segments(region), copy.file_size)
 
 

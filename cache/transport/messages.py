@@ -109,6 +109,12 @@ class Request:
         return parse_qs(self.query, keep_blank_values=True)
 
     def query_value(self, name: str) -> str | None:
+        query = self.query
+        # the common case, `?hash=<32 letters>` on every NAR request: no parse_qs
+        if query.startswith(name) and query[len(name) : len(name) + 1] == "=":
+            value = query[len(name) + 1 :]
+            if not any(c in value for c in "&;%+"):
+                return value
         values = self.query_params().get(name)
         return values[0] if values else None
 
