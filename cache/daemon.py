@@ -38,6 +38,7 @@ OP_ADD_TO_STORE_NAR = 39
 FRAMED_NAR_MINOR = 23  # AddToStoreNar with a framed NAR, no STDERR_READ round trips
 FRAME = 1 << 20
 
+_U64 = struct.Struct("<Q")
 STDERR_NEXT = 0x6F6C6D67
 STDERR_READ = 0x64617461
 STDERR_WRITE = 0x64617416
@@ -109,6 +110,65 @@ def add_to_store_nar_header(info: PathInfo, *, repair: bool = False) -> bytes:
     )
 
 
+class _Short(Exception):
+    """The buffer ends before the reply does."""
+
+
+def _u64_at(buf: bytearray, pos: int) -> tuple[int, int]:
+    if pos + 8 > len(buf):
+        raise _Short
+    return int(_U64.unpack_from(buf, pos)[0]), pos + 8
+
+
+def _str_at(buf: bytearray, pos: int) -> tuple[str, int]:
+    n, pos = _u64_at(buf, pos)
+    if n > MAX_STRING:
+        raise DaemonError(f"the daemon sent a string of {n} bytes")
+    end = pos + n + (-n) % 8
+    if end > len(buf):
+        raise _Short
+    return buf[pos : pos + n].decode("utf-8", "surrogateescape"), end
+
+
+def _strings_at(buf: bytearray, pos: int) -> tuple[list[str], int]:
+    count, pos = _u64_at(buf, pos)
+    out = []
+    for _ in range(count):
+        text, pos = _str_at(buf, pos)
+        out.append(text)
+    return out, pos
+
+
+PathInfoFields = tuple[str, str, list[str], int, int, list[str], str]
+
+
+def parse_path_info_reply(buf: bytearray, pos: int, minor: int) -> tuple[int, PathInfoFields | None]:
+    """QueryPathInfo's answer after STDERR_LAST, from `pos`: (end, fields or None when the path
+    is not valid). Raises _Short when the buffer ends first."""
+    if minor >= 17:
+        valid, pos = _u64_at(buf, pos)
+        if not valid:
+            return pos, None
+    deriver, pos = _str_at(buf, pos)
+    nar_hash, pos = _str_at(buf, pos)
+    references, pos = _strings_at(buf, pos)
+    registration_time, pos = _u64_at(buf, pos)
+    nar_size, pos = _u64_at(buf, pos)
+    sigs: list[str] = []
+    ca = ""
+    if minor >= 16:
+        _ultimate, pos = _u64_at(buf, pos)
+        sigs, pos = _strings_at(buf, pos)
+        ca, pos = _str_at(buf, pos)
+    return pos, (deriver, nar_hash, references, registration_time, nar_size, sigs, ca)
+
+
+def _valid_path_info(buf: bytearray, pos: int, minor: int) -> tuple[int, tuple[PathInfoFields | None]]:
+    # wrapped in a 1-tuple: plain_reply's None means "not a plain reply", not "no such path"
+    end, fields = parse_path_info_reply(buf, pos, minor)
+    return end, (fields,)
+
+
 class Connection:
     """One daemon connection with a read buffer. Not safe for concurrent use."""
 
@@ -125,6 +185,27 @@ class Connection:
             if not data:
                 raise DaemonGone("the daemon closed the connection")
             self.buf += data
+
+    async def plain_reply(self, parse: Callable[[bytearray, int], tuple[int, T]]) -> T | None:
+        """The usual answer to a query, parsed from the buffer in one go: STDERR_LAST, then what
+        `parse` reads. None, with nothing consumed, when the daemon sends log messages first
+        (the caller then reads the general way)."""
+        buf = self.buf
+        while True:
+            if len(buf) >= 8:
+                if _U64.unpack_from(buf, 0)[0] != STDERR_LAST:
+                    return None
+                try:
+                    end, value = parse(buf, 8)
+                except _Short:
+                    pass
+                else:
+                    del buf[:end]
+                    return value
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise DaemonGone("the daemon closed the connection")
+            buf += data
 
     async def read_exact(self, n: int) -> bytes:
         await self._fill(n)
@@ -422,8 +503,13 @@ class DaemonStore:
         return await self._query(op)
 
     async def path_info(self, path: str) -> PathInfo | None:
-        async def op(conn: Connection) -> tuple[str, str, list[str], int, int, list[str], str] | None:
+        async def op(conn: Connection) -> PathInfoFields | None:
             await conn.send(u64(OP_QUERY_PATH_INFO) + wire_str(path))
+            minor = conn.minor
+            # one parse of the whole answer when it is the usual one (no log messages first)
+            fast = await conn.plain_reply(lambda buf, pos: _valid_path_info(buf, pos, minor))
+            if fast is not None:
+                return fast[0]
             await conn.process_stderr()
             if conn.minor >= 17 and not await conn.read_u64():
                 return None

@@ -79,6 +79,26 @@ def find_head_end(buf: bytes | bytearray, start: int = 0) -> int:
     return lf + 2
 
 
+# A client sends the same header lines with every request (Host, User-Agent, Accept...): each
+# distinct line is checked once, then looked up. Only valid lines are remembered.
+FIELD_MEMO_ENTRIES = 4096
+FIELD_MEMO_LINE = 512
+_FIELDS: dict[bytes, tuple[str, str]] = {}
+
+
+def _parse_field(line: bytes) -> tuple[str, str]:
+    """One header line: its lower-case name and its value, or BadRequest."""
+    if line[:1] in (b" ", b"\t"):
+        raise BadRequest(400, "obsolete line folding is not accepted")
+    name, sep, value = line.partition(b":")
+    if not sep or _TOKEN.fullmatch(name) is None:
+        raise BadRequest(400, "malformed header field")
+    value = value.strip(b" \t")
+    if _BAD_VALUE.search(value):
+        raise BadRequest(400, "control character in a header value")
+    return name.decode("ascii").lower(), value.decode("latin-1")
+
+
 def parse_head(raw: bytes) -> RequestHead:
     lines = raw.split(b"\n")
     # drop the terminating empty line(s) and the CRs
@@ -103,17 +123,16 @@ def parse_head(raw: bytes) -> RequestHead:
     headers: dict[str, str] = {}
     lengths: set[str] = set()
     hosts = 0
+    seen = _FIELDS
     for line in lines[1:]:
-        if line[:1] in (b" ", b"\t"):
-            raise BadRequest(400, "obsolete line folding is not accepted")
-        name, sep, value = line.partition(b":")
-        if not sep or _TOKEN.fullmatch(name) is None:
-            raise BadRequest(400, "malformed header field")
-        value = value.strip(b" \t")
-        if _BAD_VALUE.search(value):
-            raise BadRequest(400, "control character in a header value")
-        key = name.decode("ascii").lower()
-        text = value.decode("latin-1")
+        field = seen.get(line)
+        if field is None:
+            field = _parse_field(line)
+            if len(line) <= FIELD_MEMO_LINE:
+                if len(seen) >= FIELD_MEMO_ENTRIES:
+                    seen.clear()
+                seen[line] = field
+        key, text = field
         if key == "content-length":
             lengths.update(part.strip() for part in text.split(","))
         elif key == "host":

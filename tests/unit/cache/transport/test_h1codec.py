@@ -133,3 +133,13 @@ def test_chunked_decoder_refuses_bad_framing(wire: bytes) -> None:
 
     with pytest.raises(BadRequest):
         drain()
+
+
+def test_remembered_header_lines_parse_as_the_first_time_and_bad_ones_are_never_remembered() -> None:
+    good = b"GET /a HTTP/1.1\r\nHost: x\r\nUser-Agent: curl/8 Nix/2.26\r\n\r\n"
+    first, again = parse_head(good), parse_head(good)
+    assert first.headers == again.headers == {"host": "x", "user-agent": "curl/8 Nix/2.26"}
+    bad = b"GET /a HTTP/1.1\r\nHost: x\r\nBad Name: v\r\n\r\n"
+    for _ in range(2):  # refused both times: a refused line is not in the memo
+        with pytest.raises(BadRequest):
+            parse_head(bad)
