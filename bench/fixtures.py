@@ -141,24 +141,36 @@ class Fresh:
     closure_size: int  # paths in the top's closure
 
 
-def build_fresh(state: Path, tag: str, big_mb: int, small_count: int) -> Fresh:
-    """Builds new paths nobody has fetched (their names carry `tag`): one nix-build, both attributes."""
+def _fresh_expr(tag: str, big_mb: int, small_count: int) -> str:
     salt = str(abs(hash(tag)) % 10**9)
-    expr = (
+    return (
         _FRESH_EXPR.replace("SALTNUM", salt)
         .replace("SALT", f"{tag}")
         .replace("COUNT", str(small_count))
         .replace("MB", str(big_mb))
     )
-    out = subprocess.run(
-        ["nix-build", "--no-out-link", "-E", f"let x = {expr}; in [ x.big x.published x.top ]"],
+
+
+def _build(state: Path, expr: str, attrs: list[str]) -> list[str]:
+    listed = " ".join(f"x.{a}" for a in attrs)
+    return subprocess.run(
+        ["nix-build", "--no-out-link", "-E", f"let x = {expr}; in [ {listed} ]"],
         env=nix_env(state),
         capture_output=True,
         text=True,
         check=True,
         timeout=1800,
     ).stdout.split()
-    return Fresh(out[0], out[1], out[2], small_count + 1)
+
+
+def build_fresh(state: Path, tag: str, big_mb: int, small_count: int) -> Fresh:
+    """Builds new paths nobody has fetched (their names carry `tag`): the published path and the
+    closure first, then the big path alone, so that it was registered a moment ago when this
+    returns (a fetch started now finds no compressed copy)."""
+    expr = _fresh_expr(tag, big_mb, small_count)
+    published, top = _build(state, expr, ["published", "top"])
+    (big,) = _build(state, expr, ["big"])
+    return Fresh(big, published, top, small_count + 1)
 
 
 def export_to(paths: list[str], target: Path, compression: str, state: Path) -> None:

@@ -41,6 +41,7 @@ PREFETCH_VISITS = 512  # references looked at per answer, at most
 PREFETCH_PARALLEL = 2
 PREFETCH_QUEUE = 1024
 PREFETCH_WAIT = 2.0
+PREFETCH_YIELD = 0.002  # the longest a look-ahead step waits for answers in progress
 NEW_PATHS_POLL = 1.0
 
 
@@ -121,6 +122,8 @@ class App:
         self._known: dict[str, Known] = {}
         self._prefetch: trio.MemorySendChannel[tuple[str, str, int]] | None = None
         self._prefetching: dict[str, trio.Event] = {}
+        self._quiet: trio.Event | None = None
+        self._awaiting_ahead = 0  # requests waiting for a look-ahead to arrive
         # about 2 KiB an entry (metadata and the rendered answers): at most ~32 MiB a worker
         self._known_entries = max(1024, min(config.narinfo_cache_entries, KNOWN_ENTRIES))
         # <state>/nix/db/db.sqlite beside <state>/log/nix/drvs, as Nix lays them out
@@ -218,9 +221,15 @@ class App:
                     self._prefetch_references(entry.resolved.info, PREFETCH_DEPTH)
                 return entry
         if entry is None and (ahead := self._prefetching.get(hash_part)) is not None:
-            # on its way: wait for it rather than ask the store a second time
-            with trio.move_on_after(PREFETCH_WAIT):
-                await ahead.wait()
+            # on its way: wait for it rather than ask the store a second time (and let the
+            # look-ahead run now: this request waits for it, it is not delaying an answer)
+            self._awaiting_ahead += 1
+            try:
+                self._check_quiet()
+                with trio.move_on_after(PREFETCH_WAIT):
+                    await ahead.wait()
+            finally:
+                self._awaiting_ahead -= 1
             if (found := self._known.get(hash_part)) is not None:
                 found.ahead = False
                 self._prefetch_references(found.resolved.info, PREFETCH_DEPTH)
@@ -291,9 +300,32 @@ class App:
                     self._prefetching[ref_hash] = trio.Event()
             level, depth = below, depth - 1
 
+    async def _until_quiet(self) -> None:
+        """Until no request of this process is open (at most PREFETCH_YIELD): trio may run a woken
+        task before another, so without this a look-ahead could run before the answer that asked
+        for it went out, and delay it."""
+        if not self._answering():
+            return
+        quiet = self._quiet
+        if quiet is None or quiet.is_set():
+            quiet = self._quiet = trio.Event()
+            self.metrics.on_quiet = self._check_quiet
+        with trio.move_on_after(PREFETCH_YIELD):
+            await quiet.wait()
+
+    def _answering(self) -> bool:
+        """Whether a request is being answered (not waiting for the look-ahead itself)."""
+        return self.metrics.exchanges_open > self._awaiting_ahead
+
+    def _check_quiet(self) -> None:
+        if self._quiet is not None and not self._answering():
+            self._quiet.set()
+            self.metrics.on_quiet = None
+
     async def _run_prefetch(self, receive: trio.MemoryReceiveChannel[tuple[str, str, int]]) -> None:
         async def one(hash_part: str, path: str, depth: int) -> None:
             try:
+                await self._until_quiet()
                 if hash_part in self._known:
                     return
                 info = await self.store.path_info(path)
@@ -302,7 +334,7 @@ class App:
                     entry.ahead = True
                     self._prefetch_references(info, depth - 1)
                     # rendered and signed now, while the client is busy with the answer before
-                    await trio.lowlevel.checkpoint()
+                    await self._until_quiet()
                     if self._known.get(hash_part) is entry:
                         self.narinfo_body(entry, as_json=False)
             except StoreError:

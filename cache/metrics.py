@@ -7,6 +7,7 @@ writes only its own slot (so no locks and no lost updates) and `/metrics` sums t
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
 
 ROUTES = (
     "landing", "nix-cache-info", "narinfo", "nar", "ls", "log", "serve", "version", "health",
@@ -63,6 +64,18 @@ class Metrics:
         self._map = mmap.mmap(-1, max(1, workers) * SLOT_WORDS * 8)
         self._all = memoryview(self._map).cast("Q")
         self.slot = 0
+        # this process's requests between their head and their last byte (not shared): work that
+        # can wait (the look-ahead) waits for none to be open, so it never delays an answer
+        self.exchanges_open = 0
+        self.on_quiet: Callable[[], None] | None = None
+
+    def exchange_opened(self) -> None:
+        self.exchanges_open += 1
+
+    def exchange_closed(self) -> None:
+        self.exchanges_open -= 1
+        if self.on_quiet is not None:
+            self.on_quiet()
 
     def use_slot(self, slot: int) -> None:
         """Called in each worker after fork: which slot this process writes. A restarted worker

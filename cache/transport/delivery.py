@@ -66,7 +66,7 @@ async def respond(handler: Handler, request: Request) -> Response:
 class Exchange:
     """One request/response pair, for the metrics and the access log."""
 
-    __slots__ = ("client", "method", "metrics", "path", "protocol", "sent", "started")
+    __slots__ = ("client", "closed", "method", "metrics", "path", "protocol", "sent", "started")
 
     def __init__(self, metrics: Metrics, client: str, method: str, path: str, protocol: str) -> None:
         self.metrics = metrics
@@ -76,8 +76,17 @@ class Exchange:
         self.protocol = protocol
         self.sent = 0  # body bytes handed to the transport so far (a cut transfer counts what went)
         self.started = time.monotonic()
+        self.closed = False
+        metrics.exchange_opened()
+
+    def close(self) -> None:
+        """The exchange is over, answered or not (the transports call it in a `finally`)."""
+        if not self.closed:
+            self.closed = True
+            self.metrics.exchange_closed()
 
     def record(self, route: str, status: int, sent: int) -> None:
+        self.close()
         elapsed = time.monotonic() - self.started
         self.metrics.observe(route, status, elapsed, sent)
         if access_log.isEnabledFor(logging.DEBUG):

@@ -229,6 +229,12 @@ class H1Connection:
         """Answer one request; True when the connection may serve another."""
         path, _, query = origin_form(head.target).partition("?")
         exchange = Exchange(self.metrics, self.client, head.method, path, f"HTTP/1.{head.minor}")
+        try:
+            return await self._answer(head, path, query, exchange)
+        finally:
+            exchange.close()
+
+    async def _answer(self, head: RequestHead, path: str, query: str, exchange: Exchange) -> bool:
         body = H1RequestBody(self, head) if head.has_body else EMPTY_BODY
         if not path.startswith("/"):
             resp = error(400, "request target must be a path")

@@ -428,6 +428,12 @@ class H2Connection:
 
     async def _answer(self, stream: _Stream, request: Request) -> None:
         exchange = Exchange(self.metrics, self.client, request.method, request.raw_path, "HTTP/2")
+        try:
+            await self._answer_exchange(stream, request, exchange)
+        finally:
+            exchange.close()
+
+    async def _answer_exchange(self, stream: _Stream, request: Request, exchange: Exchange) -> None:
         if not request.raw_path.startswith("/"):
             resp = error(400, "request target must be a path")
         else:
