@@ -8,6 +8,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from cache.hashes import parse_sha256
+
 SMALL_COUNT = 300
 SIZES_MB = (10, 100, 200)
 
@@ -105,6 +107,19 @@ def nar_size(path: str, state: Path) -> int:
     ).stdout
     info = json.loads(out)
     return int((info[0] if isinstance(info, list) else info[path])["narSize"])
+
+
+def nar_hash(path: str, state: Path) -> bytes:
+    out = subprocess.run(
+        ["nix", "path-info", "--json", path],
+        env=nix_env(state),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    info = json.loads(out)
+    return parse_sha256(str((info[0] if isinstance(info, list) else info[path])["narHash"]))
 
 
 _FRESH_EXPR = """

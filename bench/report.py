@@ -143,6 +143,17 @@ def render_shaped(shaped: dict[str, Any]) -> list[str]:
             ]
             ratios = [f"{shaped_ratio(times, s, measure):.2f}×" for s in ("ours-daemon", "ours-db")]
             lines.append(f"| {label} | {client} | {' | '.join(cells)} | {' | '.join(ratios)} |")
+    lagged = shaped.get("first_without_copy", {})
+    if lagged:
+        rounds = shaped.get("rounds", 1)
+        counts = "; ".join(
+            f"{client}: daemon {by.get('ours-daemon', 0)}/{rounds}, db {by.get('ours-db', 0)}/{rounds}"
+            for client, by in lagged.items()
+        )
+        lines.append(
+            "\nOur first fetches once every server has the path that found no compressed copy yet "
+            f"(a live stream instead): {counts}."
+        )
     for note in shaped.get("missing_clients", []):
         lines.append(f"\nNot measured: {note}.")
     return lines

@@ -217,7 +217,9 @@ def run_shaped(
     Each client runs `rounds` rounds, each on newly built paths (so every first fetch is really
     first); the report's time is the median of the rounds, and `samples` keeps every one: a single
     transfer over the shaped link varies by up to ±50 % from one try to the next."""
-    from .fixtures import build_fresh, export_to
+    from cache.hashes import nix32_encode
+
+    from .fixtures import build_fresh, export_to, nar_hash
     from .servers import caddy_file_server, harmonia_cache
 
     why = link_available()
@@ -232,6 +234,9 @@ def run_shaped(
         "missing_clients": missing,
         "clients": {},
         "samples": {},
+        # per client and server of ours: first fetches of the published path that found no
+        # compressed copy yet (the copy lagged: those were live streams)
+        "first_without_copy": {},
     }
     exports = {"zstd": work / "shaped-export-zstd", "none": work / "shaped-export-none"}
     for directory in (*exports.values(), work / "shaped-daemon", work / "shaped-db"):
@@ -259,6 +264,7 @@ def run_shaped(
         }
         for n, client in enumerate(found):
             samples: dict[str, dict[str, list[float]]] = {s: {m: [] for m in MEASURES} for s in SERVERS}
+            lagged = dict.fromkeys(OURS, 0)
 
             disk = stack.enter_context(client_disk(client))
 
@@ -288,6 +294,11 @@ def run_shaped(
                 export_to([fresh.published, fresh.top], exports["zstd"], "zstd", work)
                 export_to([fresh.published, fresh.top], exports["none"], "none", work)
                 time.sleep(SETTLE)  # the exports' writes and threads out of the way of whoever goes first
+                copy_name = f"{nix32_encode(nar_hash(fresh.published, work))}.nar.zst"
+                for server in OURS:
+                    state = work / ("shaped-daemon" if server == "ours-daemon" else "shaped-db")
+                    if not (state / "nar-zstd" / copy_name).exists():
+                        lagged[server] += 1
                 # every server goes first in turn (whoever goes first after a pause pays for it)
                 turn = (n * rounds + round_) % len(SERVERS)
                 order = (*SERVERS[turn:], *SERVERS[:turn])
@@ -299,6 +310,7 @@ def run_shaped(
                     for server in order:
                         samples[server][measure].append(fetch(server, paths))
             result["samples"][client.name] = samples
+            result["first_without_copy"][client.name] = lagged
             result["clients"][client.name] = {
                 server: {m: statistics.median(v) for m, v in by_measure.items() if v}
                 for server, by_measure in samples.items()

@@ -59,3 +59,15 @@ def test_chart(tmp_path: Path) -> None:
     report = _report()
     render_chart(report, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 10_000
+
+
+def test_table_says_how_many_first_fetches_found_no_copy() -> None:
+    report = _report()
+    report["shaped"]["rounds"] = 3
+    report["shaped"]["first_without_copy"] = {
+        "nix-2.8": {"ours-daemon": 0, "ours-db": 1},
+        "nix-2.26": {"ours-daemon": 2, "ours-db": 0},
+    }
+    report["targets"] = check_targets(report["results"], report["shaped"])
+    table = render_table(report)
+    assert "nix-2.8: daemon 0/3, db 1/3; nix-2.26: daemon 2/3, db 0/3" in table
