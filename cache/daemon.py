@@ -13,7 +13,6 @@ import re
 import select
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -400,6 +399,37 @@ async def connect(socket_path: Path, generation: int = 0) -> Connection:
     return conn
 
 
+class _Lease:
+    """`async with store._connection() as conn`: a pooled connection for one operation (a class,
+    not a generator: it is entered once per query). A broken one becomes DaemonGone and drops
+    the pool's generation."""
+
+    __slots__ = ("conn", "store")
+
+    def __init__(self, store: DaemonStore) -> None:
+        self.store = store
+        self.conn: Connection | None = None
+
+    async def __aenter__(self) -> Connection:
+        self.conn = await self.store._take()
+        return self.conn
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> bool:
+        conn = self.conn
+        assert conn is not None
+        if not self.store._give_back(conn, exc is None):
+            with trio.CancelScope(shield=True):
+                await conn.aclose()
+        if isinstance(exc, (trio.BrokenResourceError, trio.ClosedResourceError, OSError)):
+            self.store._invalidate(conn.generation)
+            raise DaemonGone(f"the nix-daemon connection broke: {exc}") from exc
+        if isinstance(exc, DaemonGone):
+            self.store._invalidate(conn.generation)
+        return False
+
+
 class DaemonStore:
     """Store metadata and NARs through the daemon socket: for a store this process cannot read."""
 
@@ -451,32 +481,27 @@ class DaemonStore:
             self._invalidate(conn.generation)
         return await self._connect()
 
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[Connection]:
-        conn = await self._take()
-        ok = False
-        try:
-            yield conn
-            ok = True
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._invalidate(conn.generation)
-            raise DaemonGone(f"the nix-daemon connection broke: {exc}") from exc
-        except DaemonGone:
-            self._invalidate(conn.generation)
-            raise
-        finally:
-            # a connection interrupted mid-operation is in an unknown state: drop it
-            if ok and conn.generation == self._generation and len(self._idle) < self._pool_size:
-                self._idle.append(conn)
-            else:
-                with trio.CancelScope(shield=True):
-                    await conn.aclose()
+    def _connection(self) -> _Lease:
+        return _Lease(self)
+
+    def _give_back(self, conn: Connection, ok: bool) -> bool:
+        """Pool a connection after use; False when it must be closed instead (a connection
+        interrupted mid-operation is in an unknown state)."""
+        if ok and conn.generation == self._generation and len(self._idle) < self._pool_size:
+            self._idle.append(conn)
+            return True
+        return False
 
     async def _query(self, operation: Callable[[Connection], Awaitable[T]]) -> T:
         """Run one query on a pooled connection. The queries are reads, so one that meets a dead
         connection (a daemon restart) or a refused connect is retried on a new connection for up
         to RECONNECT_SECONDS: a daemon restart costs a delay, not an error."""
-        async with self._queries:
+        # a free slot is taken without a scheduling round (most queries find one)
+        try:
+            self._queries.acquire_nowait()
+        except trio.WouldBlock:
+            await self._queries.acquire()
+        try:
             give_up = trio.current_time() + RECONNECT_SECONDS
             attempt = 0
             while True:
@@ -492,6 +517,8 @@ class DaemonStore:
                     if trio.current_time() + pause > give_up:
                         raise
                     await trio.sleep(pause)
+        finally:
+            self._queries.release()
 
     async def path_from_hash_part(self, hash_part: str) -> str | None:
         async def op(conn: Connection) -> str | None:
