@@ -180,7 +180,11 @@ class H1Connection:
                 if idle:
                     self.idle.add(scope)
                 try:
-                    data = await self.stream.receive_some(READ_SIZE)
+                    data = await (
+                        self._receive_plain()
+                        if self.sock is not None
+                        else self.stream.receive_some(READ_SIZE)
+                    )
                 finally:
                     self.idle.discard(scope)
                 if not data:
@@ -192,6 +196,18 @@ class H1Connection:
                 self.buf += data
                 continue
             return None
+
+    async def _receive_plain(self) -> bytes:
+        """The next bytes from a plain socket. A keep-alive client sends its next request after
+        reading the answer, so the socket is waited on first: a read tried at once would fail."""
+        sock = self.sock
+        assert sock is not None
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                return os.read(sock.fileno(), READ_SIZE)
+            except BlockingIOError:
+                continue
 
     async def _refuse(self, exc: BadRequest) -> None:
         resp = error(exc.status, f"bad request: {exc}")
