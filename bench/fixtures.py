@@ -96,7 +96,7 @@ def export(closure: Closure, target: Path, state: Path) -> None:
     )
 
 
-def nar_size(path: str, state: Path) -> int:
+def _path_info(path: str, state: Path) -> dict[str, object]:
     out = subprocess.run(
         ["nix", "path-info", "--json", path],
         env=nix_env(state),
@@ -106,20 +106,16 @@ def nar_size(path: str, state: Path) -> int:
         timeout=60,
     ).stdout
     info = json.loads(out)
-    return int((info[0] if isinstance(info, list) else info[path])["narSize"])
+    found: dict[str, object] = info[0] if isinstance(info, list) else info[path]
+    return found
+
+
+def nar_size(path: str, state: Path) -> int:
+    return int(str(_path_info(path, state)["narSize"]))
 
 
 def nar_hash(path: str, state: Path) -> bytes:
-    out = subprocess.run(
-        ["nix", "path-info", "--json", path],
-        env=nix_env(state),
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    info = json.loads(out)
-    return parse_sha256(str((info[0] if isinstance(info, list) else info[path])["narHash"]))
+    return parse_sha256(str(_path_info(path, state)["narHash"]))
 
 
 _FRESH_EXPR = """

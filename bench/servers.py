@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cache.keys import write_key_pair
-from cache.launch import running
+from cache.launch import running, stop
 
 
 @dataclass
@@ -58,16 +58,6 @@ def _wait_http(url: str, proc: subprocess.Popen[Any], timeout: float = 30, netns
         time.sleep(0.1)
 
 
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
 @contextmanager
 def caddy_file_server(
     root: Path,
@@ -108,7 +98,7 @@ def caddy_file_server(
         _wait_http(url, proc, netns=netns)
         yield Server(name, url, proc)
     finally:
-        _stop(proc)
+        stop(proc, 15)
 
 
 @contextmanager

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 READY = re.compile(r"listening on (\S+)")
 
@@ -30,6 +31,17 @@ class Launched:
     @property
     def log(self) -> str:
         return "".join(self.lines)
+
+
+def stop(proc: subprocess.Popen[Any], grace: float) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds, and reap it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 @contextmanager
@@ -86,13 +98,7 @@ def running(
             ready.wait(0.1)
         yield Launched(found[0], proc, lines)
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        stop(proc, 15)
         pumping.join(5)
         if proc.stderr is not None:
             proc.stderr.close()
@@ -135,9 +141,4 @@ def nix_daemon(state: Path, env: Mapping[str, str]) -> Iterator[None]:
                 time.sleep(0.1)
             yield
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop(proc, 10)
