@@ -162,12 +162,6 @@ def parse_path_info_reply(buf: bytearray, pos: int, minor: int) -> tuple[int, Pa
     return pos, (deriver, nar_hash, references, registration_time, nar_size, sigs, ca)
 
 
-def _valid_path_info(buf: bytearray, pos: int, minor: int) -> tuple[int, tuple[PathInfoFields | None]]:
-    # wrapped in a 1-tuple: plain_reply's None means "not a plain reply", not "no such path"
-    end, fields = parse_path_info_reply(buf, pos, minor)
-    return end, (fields,)
-
-
 class Connection:
     """One daemon connection with a read buffer. Not safe for concurrent use."""
 
@@ -185,26 +179,17 @@ class Connection:
                 raise DaemonGone("the daemon closed the connection")
             self.buf += data
 
-    async def plain_reply(self, parse: Callable[[bytearray, int], tuple[int, T]]) -> T | None:
-        """The usual answer to a query, parsed from the buffer in one go: STDERR_LAST, then what
-        `parse` reads. None, with nothing consumed, when the daemon sends log messages first
-        (the caller then reads the general way)."""
-        buf = self.buf
+    async def read_parsed(self, parse: Callable[[bytearray, int], tuple[int, T]]) -> T:
+        """What `parse` reads from the start of the buffer, in one go once every byte it needs has
+        arrived (fewer awaits than reading field by field)."""
         while True:
-            if len(buf) >= 8:
-                if _U64.unpack_from(buf, 0)[0] != STDERR_LAST:
-                    return None
-                try:
-                    end, value = parse(buf, 8)
-                except _Short:
-                    pass
-                else:
-                    del buf[:end]
-                    return value
-            data = await self.stream.receive_some(65536)
-            if not data:
-                raise DaemonGone("the daemon closed the connection")
-            buf += data
+            try:
+                end, value = parse(self.buf, 0)
+            except _Short:
+                await self._fill(len(self.buf) + 1)
+                continue
+            del self.buf[:end]
+            return value
 
     async def read_exact(self, n: int) -> bytes:
         await self._fill(n)
@@ -532,26 +517,9 @@ class DaemonStore:
     async def path_info(self, path: str) -> PathInfo | None:
         async def op(conn: Connection) -> PathInfoFields | None:
             await conn.send(u64(OP_QUERY_PATH_INFO) + wire_str(path))
-            minor = conn.minor
-            # one parse of the whole answer when it is the usual one (no log messages first)
-            fast = await conn.plain_reply(lambda buf, pos: _valid_path_info(buf, pos, minor))
-            if fast is not None:
-                return fast[0]
             await conn.process_stderr()
-            if conn.minor >= 17 and not await conn.read_u64():
-                return None
-            deriver = await conn.read_str()
-            nar_hash = await conn.read_str()
-            references = await conn.read_strings()
-            registration_time = await conn.read_u64()
-            nar_size = await conn.read_u64()
-            sigs: list[str] = []
-            ca = ""
-            if conn.minor >= 16:
-                await conn.read_u64()  # ultimate
-                sigs = await conn.read_strings()
-                ca = await conn.read_str()
-            return deriver, nar_hash, references, registration_time, nar_size, sigs, ca
+            minor = conn.minor
+            return await conn.read_parsed(lambda buf, pos: parse_path_info_reply(buf, pos, minor))
 
         found = await self._query(op)
         if found is None:

@@ -34,8 +34,7 @@ from .ranged import ranged, segment_slices, select_range
 NAR_TYPE = "application/x-nix-nar"
 IMMUTABLE = "public, max-age=31536000, immutable"
 DAEMON_FIRST_BYTE_TIMEOUT = 30.0
-INLINE_ZSTD_MAX = SMALL_NAR
-INLINE_MAX = SMALL_NAR  # bodies up to this size are read whole on the event loop
+INLINE_MAX = SMALL_NAR  # bodies up to this size are read (and compressed) whole on the event loop
 _NIX32_SHA256 = re.compile(r"[0123456789abcdfghijklmnpqrsvwxyz]{52}")
 
 
@@ -116,7 +115,7 @@ async def get_nar_zst(ctx: Context, request: Request, match: re.Match[str]) -> R
         return ranged(request, headers, copy.file_size, _copy_body(copy))
     headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE)]
     level = ctx.config.zstd_level
-    if found.info.nar_size <= INLINE_ZSTD_MAX:
+    if found.info.nar_size <= INLINE_MAX:
         # small NARs (most of a closure) are compressed at once, kept as the copy, and sent whole
         # with their length: no thread hops, no chunked framing
         body = _compress_small(ctx, source, found.info.nar_hash, level)

@@ -28,7 +28,7 @@ import pytest
 
 from cache.hashes import nix32_encode
 
-from .nix import BASE_NIX_CONFIG, have_nix
+from .nix import BASE_NIX_CONFIG, have_nix, run
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TRIXIE_ROOT = Path("/var/cache/harmonia-bundle/trixie-nix")
@@ -116,21 +116,7 @@ class NixClient:
         check: bool = True,
         netns: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        argv = self.argv(args, netns)
-        proc = subprocess.run(
-            argv,
-            env=dict(env) if env is not None else None,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"[{self.name}] {' '.join(argv)} exited {proc.returncode}\n"
-                f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-            )
-        return proc
+        return run(self.argv(args, netns), env, timeout, check, label=f"[{self.name}] ")
 
     def path_info(self, path: str, env: Mapping[str, str], store: str | None = None) -> dict[str, Any]:
         """`nix path-info --json` of one path, the same shape from both clients (narHash as sha256:nix32)."""

@@ -34,7 +34,11 @@ def nix_env(cache_home: Path, extra_config: str = "", **extra: str) -> dict[str,
 
 
 def run(
-    args: list[str], env: Mapping[str, str] | None = None, timeout: float = 300, check: bool = True
+    args: list[str],
+    env: Mapping[str, str] | None = None,
+    timeout: float = 300,
+    check: bool = True,
+    label: str = "",
 ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         args,
@@ -46,7 +50,7 @@ def run(
     )
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+            f"{label}{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
         )
     return proc
 
