@@ -239,17 +239,19 @@ def run_shaped(
         "first_without_copy": {},
     }
     exports = {"zstd": work / "shaped-export-zstd", "none": work / "shaped-export-none"}
-    for directory in (*exports.values(), work / "shaped-daemon", work / "shaped-db"):
+    # our servers' state directories (each starts empty: no compressed copies)
+    states = {server: work / f"shaped-{server.removeprefix('ours-')}" for server in OURS}
+    for directory in (*exports.values(), *states.values()):
         shutil.rmtree(directory, ignore_errors=True)
     for directory in exports.values():
         directory.mkdir(parents=True)
     with shaped_link(rate) as link, ExitStack() as stack:
         servers = {
             "ours-daemon": stack.enter_context(
-                harmonia_cache(work / "shaped-daemon", workers, "daemon", SERVER_IP, link.server_ns)
+                harmonia_cache(states["ours-daemon"], workers, "daemon", SERVER_IP, link.server_ns)
             ),
             "ours-db": stack.enter_context(
-                harmonia_cache(work / "shaped-db", workers, "db", SERVER_IP, link.server_ns)
+                harmonia_cache(states["ours-db"], workers, "db", SERVER_IP, link.server_ns)
             ),
             "caddy-zstd": stack.enter_context(
                 caddy_file_server(
@@ -296,8 +298,7 @@ def run_shaped(
                 time.sleep(SETTLE)  # the exports' writes and threads out of the way of whoever goes first
                 copy_name = f"{nix32_encode(nar_hash(fresh.published, work))}.nar.zst"
                 for server in OURS:
-                    state = work / ("shaped-daemon" if server == "ours-daemon" else "shaped-db")
-                    if not (state / "nar-zstd" / copy_name).exists():
+                    if not (states[server] / "nar-zstd" / copy_name).exists():
                         lagged[server] += 1
                 # every server goes first in turn (whoever goes first after a pause pays for it)
                 turn = (n * rounds + round_) % len(SERVERS)
