@@ -35,6 +35,7 @@ import trio
 
 from sidecar.control_http import request_unix
 from tests.e2e.sidecar.scenarios import Sidecar, all_running
+from tests.support.processes import stop_process
 from tests.tailnet import Tailnet, TailnetConfig, serve_tailnet
 from tests.tailnet.nodes import (
     NODE_ENV,
@@ -131,13 +132,7 @@ async def sidecar_for(work: Path, tailnet: Tailnet, upstream: str) -> AsyncItera
     try:
         yield Sidecar(proc, str(work / "state" / "sidecar.sock"), log_path)
     finally:
-        with trio.CancelScope(shield=True):
-            proc.terminate()
-            with trio.move_on_after(15):
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        await stop_process(proc)
 
 
 async def _get(client: httpx.AsyncClient, url: str) -> tuple[int, bytes]:

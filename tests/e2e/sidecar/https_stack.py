@@ -45,6 +45,7 @@ import trio
 
 from tests.e2e.caddy.scenarios import GATEWAY_PORT, gateway_global_options, render_gateway_cli
 from tests.e2e.sidecar.scenarios import Sidecar, all_running
+from tests.support.processes import stop_process
 from tests.tailnet.netns import report_ready
 from tests.tailnet.nodes import NODE_ENV, CaddyProcess, caddy, mesh_node
 
@@ -84,15 +85,7 @@ async def start_sidecar(work: Path, upstream: str, env: dict[str, str]) -> Sidec
 
 
 async def stop_sidecar(side: Sidecar) -> int | None:
-    with trio.CancelScope(shield=True):
-        if side.proc.returncode is None:
-            side.proc.terminate()
-            with trio.move_on_after(15):
-                await side.proc.wait()
-        if side.proc.returncode is None:
-            side.proc.kill()
-            await side.proc.wait()
-    return side.proc.returncode
+    return await stop_process(side.proc)
 
 
 def tls_probe(address: str, sni: str, ca_file: str, timeout: float = 90) -> dict[str, Any]:

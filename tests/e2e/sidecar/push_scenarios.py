@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from tests.e2e.sidecar.scenarios import Sidecar, all_running
+from tests.support.processes import stop_process
 from tests.tailnet import Tailnet, TailnetConfig, serve_tailnet
 from tests.tailnet.nodes import NODE_ENV, http_get_retrying, mesh_node
 
@@ -108,13 +109,7 @@ async def push_through_sidecar(
                     seen["wrong_token"] = await copy("hcp_not-a-token", "wrong")
                     seen["push"] = await copy(token, "right")
             finally:
-                with trio.CancelScope(shield=True):
-                    proc.terminate()
-                    with trio.move_on_after(15):
-                        await proc.wait()
-                    if proc.returncode is None:
-                        proc.kill()
-                        await proc.wait()
+                await stop_process(proc)
             nursery.cancel_scope.cancel()
         seen["token_logged"] = token in cache.log or token in log_path.read_text(errors="replace")
     finally:

@@ -26,6 +26,7 @@ import trio
 import trustme
 
 from sidecar.control_http import request_unix
+from tests.support.processes import stop_process
 from tests.tailnet import Tailnet, TailnetConfig, serve_tailnet
 from tests.tailnet.nodes import NODE_ENV, http_get, http_get_retrying, mesh_node
 from tests.unit.sidecar.upstream import Echo
@@ -121,14 +122,7 @@ async def sidecar_process(work: Path, config: str, tailnet: Tailnet) -> AsyncIte
             nursery.cancel_scope.cancel()
     finally:
         notify.close()
-        with trio.CancelScope(shield=True):
-            if proc.returncode is None:
-                proc.terminate()
-                with trio.move_on_after(15):
-                    await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        await stop_process(proc)
 
 
 def service_toml(name: str, upstream: str, plaintext: bool = True, **extra: Any) -> str:
@@ -389,13 +383,7 @@ async def nix_copy(workdir: str, host: str, paths: list[str], closure: list[str]
 
                     seen["copied"][path] = await trio.to_thread.run_sync(info_of)
             finally:
-                with trio.CancelScope(shield=True):
-                    proc.terminate()
-                    with trio.move_on_after(15):
-                        await proc.wait()
-                    if proc.returncode is None:
-                        proc.kill()
-                        await proc.wait()
+                await stop_process(proc)
             nursery.cancel_scope.cancel()
     finally:
         await trio.to_thread.run_sync(cache_cm.__exit__, None, None, None)
