@@ -31,7 +31,9 @@ import zstandard
 from .hashes import nix32_encode
 from .nar import NarError, Segment, read_region
 
-MIN_COMPRESS_SIZE = 4096
+# below this zstd saves fewer bytes than FileHash/FileSize add to the narinfo; above it even
+# incompressible contents gain from the NAR framing's padding and repeated strings
+MIN_COMPRESS_SIZE = 512
 NEGATIVE_TTL = 1.0
 MEMO_ENTRIES = 100_000
 META_MAX = 4096  # a .meta is under 200 bytes
@@ -40,6 +42,8 @@ SAMPLE_BYTES = 128 * 1024
 # a sample that zstd cannot shrink below this share is already compressed (or random)
 COMPRESSIBLE_RATIO = 0.9
 EVICT_CHECK_BYTES = 1 << 20
+# other processes add copies too: the running total is refreshed from a listing this often
+RESCAN_SECONDS = 10.0
 SMALL_NAR = 256 * 1024  # compressed whole when asked for (routes/nar.py), never sampled
 
 
@@ -141,6 +145,8 @@ class CopyStore:
         self.max_bytes = max_bytes
         self.tag = params_tag(level)
         self._prefix = f"{os.fspath(directory)}{os.sep}"
+        self._total: int | None = None  # the copies' bytes at the last listing, plus ours since
+        self._listed_at = 0.0
 
     def paths(self, nar_hash: bytes) -> tuple[Path, Path]:
         name = nix32_encode(nar_hash)
@@ -240,12 +246,21 @@ class CopyStore:
         finally:
             with contextlib.suppress(OSError):
                 out.close()
-        self.evict(keep=data_path)
+        self.evict(keep=data_path, added=size)
         return CompressedNar(data_path, digest.digest(), size)
 
-    def evict(self, keep: Path) -> None:
+    def evict(self, keep: Path, added: int = 0) -> None:
         """Oldest copies first, until the copies fit the budget. Their `.meta` stays: the
-        narinfo keeps its FileHash/FileSize, and the live stream sends the same bytes."""
+        narinfo keeps its FileHash/FileSize, and the live stream sends the same bytes.
+
+        The directory is listed (a stat per copy) only when the running total may exceed the
+        budget or is older than RESCAN_SECONDS: listing it for every copy made a closure of new
+        paths quadratic in the number of copies."""
+        now = time.monotonic()
+        if self._total is not None and now - self._listed_at < RESCAN_SECONDS:
+            self._total += added
+            if self._total <= self.max_bytes:
+                return
         entries = []
         for p in self.dir.glob("*.nar.zst"):
             with contextlib.suppress(OSError):
@@ -260,6 +275,7 @@ class CopyStore:
             with contextlib.suppress(OSError):
                 path.unlink()
             total -= size
+        self._total, self._listed_at = total, now
 
     def locked(self, nar_hash: bytes) -> bool:
         try:
@@ -335,7 +351,7 @@ class LiveCopy:
             return None
         if self.size > EVICT_CHECK_BYTES:  # small copies leave the budget to the compressor's checks
             with contextlib.suppress(OSError):
-                self.copies.evict(keep=self.data_path)
+                self.copies.evict(keep=self.data_path, added=self.size)
         return CompressedNar(self.data_path, self.digest.digest(), self.size)
 
     def abort(self) -> None:

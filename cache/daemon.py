@@ -173,8 +173,15 @@ class Connection:
         self.nix_version = ""
 
     async def _fill(self, n: int) -> None:
+        # the socket is waited on before it is read: the daemon's answer is never there yet
+        # right after a request, and a read tried at once costs a syscall and an exception
+        sock = self.stream.socket
         while len(self.buf) < n:
-            data = await self.stream.receive_some(max(65536, n - len(self.buf)))
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                data = os.read(sock.fileno(), max(65536, n - len(self.buf)))
+            except BlockingIOError:
+                continue
             if not data:
                 raise DaemonGone("the daemon closed the connection")
             self.buf += data
@@ -214,7 +221,13 @@ class Connection:
         return [await self.read_str() for _ in range(await self.read_u64())]
 
     async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
+        # a request the kernel takes whole (every query): one syscall, no cancel scope
+        try:
+            sent = os.write(self.stream.socket.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            await self.stream.send_all(data[sent:])
 
     async def handshake(self) -> None:
         await self.send(u64(WORKER_MAGIC_1))
