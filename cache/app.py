@@ -15,13 +15,15 @@ from pathlib import Path
 import trio
 
 from . import __version__
-from .compression import MIN_COMPRESS_SIZE, CompressedNar, CopyIndex, CopyStore, LiveCopy
+from .bodies import BodyMemo
+from .compression import MIN_COMPRESS_SIZE, CompressedNar, CopyIndex, CopyStore, LiveCopy, iter_nar_bytes
 from .compressor import Compressor
 from .config import Config
 from .context import Known, Resolved
 from .daemon import DaemonStore
 from .hashes import nix32_encode
 from .metrics import Metrics
+from .nar import NarError, read_small_file
 from .narinfo import NarInfo, NarLocation, PathInfo, signatures
 from .push.service import PushService
 from .routes import dispatch
@@ -107,6 +109,7 @@ class App:
         self.public_keys: list[PublicKey] = [signer.public_key() for signer in signers]
         self.metrics = metrics or Metrics(1)
         self.narinfo_cache = NarinfoCache(config.narinfo_cache_entries)
+        self.bodies = BodyMemo()
         self.started = time.time()
         self.version = __version__
         self.copies: CopyIndex | None = None
@@ -337,6 +340,10 @@ class App:
                     await self._until_quiet()
                     if self._known.get(hash_part) is entry:
                         self.narinfo_body(entry, as_json=False)
+                    # and its NAR, when small: the client asks for it once it has the narinfos
+                    await self._until_quiet()
+                    if self._known.get(hash_part) is entry:
+                        self._preload_body(entry)
             except StoreError:
                 pass  # only a hint: the request itself asks again
             finally:
@@ -353,6 +360,27 @@ class App:
                         await one(h, p, d)
 
                 nursery.start_soon(limited)
+
+    def _preload_body(self, known: Known) -> None:
+        info = known.resolved.info
+        if known.zstd:
+            if self.copies is None or self.bodies.get(info.nar_hash, "zstd") is not None:
+                return
+            meta = self.copies.meta(info.nar_hash)
+            if meta is None or meta.file_size > self.bodies.item_max:
+                return  # no copy yet: the NAR route compresses it (small) or streams it
+            body = read_small_file(os.fsencode(self.copies.copies.data_file(info.nar_hash)), meta.file_size)
+            if body is not None:
+                self.bodies.put(info.nar_hash, "zstd", body)
+        elif known.fs is not None and info.nar_size <= self.bodies.item_max:
+            if self.bodies.get(info.nar_hash, "none") is not None:
+                return
+            try:
+                body = b"".join(iter_nar_bytes(known.fs.segments()))
+            except (NarError, OSError):
+                return  # the NAR route reports it
+            if len(body) == info.nar_size:
+                self.bodies.put(info.nar_hash, "none", body)
 
     async def resolve(self, hash_part: str) -> Resolved | None:
         known = await self.known(hash_part)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from .bodies import BodyMemo
 from .compression import CompressedNar, CopyIndex, LiveCopy
 from .config import Config
 from .metrics import Metrics
@@ -64,6 +65,11 @@ class Context(Protocol):
 
     @property
     def metrics(self) -> Metrics: ...
+
+    @property
+    def bodies(self) -> BodyMemo:
+        """Small NAR bodies in memory, by NAR hash and coding ("zstd" or "none")."""
+        ...
 
     @property
     def public_keys(self) -> Sequence[PublicKey]: ...

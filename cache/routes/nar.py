@@ -87,12 +87,14 @@ def _bytes_slices(body: bytes) -> Callable[[int, int], bytes]:
     return lambda start, length: body[start : start + length]
 
 
-def _copy_body(copy: CompressedNar) -> Callable[[int, int], Body]:
-    """`ranged`'s body maker for a compressed copy: its bytes when small, else sendfile."""
+def _copy_body(ctx: Context, copy: CompressedNar, nar_hash: bytes) -> Callable[[int, int], Body]:
+    """`ranged`'s body maker for a compressed copy: its bytes when small (kept in memory for the
+    next client), else sendfile."""
     path = os.fsencode(copy.path)
     if copy.file_size <= INLINE_MAX:
         small = read_small_file(path, copy.file_size)
         if small is not None:
+            ctx.bodies.put(nar_hash, "zstd", small)
             return _bytes_slices(small)
     region = FileRegion(path, copy.file_size)
     return segment_slices(lambda: _file_segments(region), copy.file_size)
@@ -106,13 +108,15 @@ async def get_nar_zst(ctx: Context, request: Request, match: re.Match[str]) -> R
         return found
     if ctx.copies is None:
         return error(404, "compression is disabled on this cache")
+    headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE), ("Accept-Ranges", "bytes")]
+    if (kept := ctx.bodies.get(found.info.nar_hash, "zstd")) is not None:
+        return ranged(request, headers, len(kept), _bytes_slices(kept))
     source = await ctx.store.nar(found.info)
     if not isinstance(source, FsNar):
         return error(404, "no compressed NAR with this store backend (nar_source = daemon)")
     copy = ctx.compressed_copy(found.info)
     if copy is not None:
-        headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE), ("Accept-Ranges", "bytes")]
-        return ranged(request, headers, copy.file_size, _copy_body(copy))
+        return ranged(request, headers, copy.file_size, _copy_body(ctx, copy, found.info.nar_hash))
     headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE)]
     level = ctx.config.zstd_level
     if found.info.nar_size <= INLINE_MAX:
@@ -153,40 +157,51 @@ def _compress_small(ctx: Context, source: FsNar, nar_hash: bytes, level: int) ->
         keep.write(body)
         if keep.finish(durable=False) is not None:
             ctx.copy_kept(nar_hash)
+    ctx.bodies.put(nar_hash, "zstd", body)
     return body
 
 
 async def nar_response(ctx: Context, request: Request, resolved: Resolved) -> Response:
     info = resolved.info
-    source = await ctx.store.nar(info)
     headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE), ("Vary", "Accept-Encoding")]
     wants_zstd = (
         ctx.config.enable_compression
-        # a NAR this small gains nothing from zstd, and a live stream costs it a round of threads
+        # a NAR this small gains nothing from zstd
         and info.nar_size >= MIN_COMPRESS_SIZE
         and request.accepts_encoding("zstd")
         and request.header("range") is None
     )
     if wants_zstd:
+        coded = [*headers, ("Content-Encoding", "zstd")]
+        if (kept := ctx.bodies.get(info.nar_hash, "zstd")) is not None:
+            return Response(200, coded, kept)
         copy = ctx.compressed_copy(info)
         if copy is not None:
-            return Response(
-                200, [*headers, ("Content-Encoding", "zstd")], _copy_body(copy)(0, copy.file_size)
-            )
+            return Response(200, coded, _copy_body(ctx, copy, info.nar_hash)(0, copy.file_size))
+        source = await ctx.store.nar(info)
         if isinstance(source, FsNar):
-            ctx.schedule_compression(info, source)
+            files = source
             level = ctx.config.zstd_level  # the copy's bytes, whoever asks
+            if info.nar_size <= INLINE_MAX:
+                body = _compress_small(ctx, files, info.nar_hash, level)
+                if body is not None:
+                    return Response(200, coded, body)
+            ctx.schedule_compression(info, files)
             return Response(
                 200,
-                [*headers, ("Content-Encoding", "zstd")],
+                coded,
                 StreamBody(
-                    lambda: _zstd_stream(source, level, ctx.keep_live_copy(info.nar_hash), ctx.copy_kept),
+                    lambda: _zstd_stream(files, level, ctx.keep_live_copy(info.nar_hash), ctx.copy_kept),
                     None,
                 ),
             )
     headers.append(("Accept-Ranges", "bytes"))
+    if (kept := ctx.bodies.get(info.nar_hash, "none")) is not None:
+        return ranged(request, headers, len(kept), _bytes_slices(kept))
+    source = await ctx.store.nar(info)
     if isinstance(source, FsNar):
         if info.nar_size <= INLINE_MAX and (small := _in_memory(source.segments, info.nar_size)) is not None:
+            ctx.bodies.put(info.nar_hash, "none", small)
             return ranged(request, headers, info.nar_size, _bytes_slices(small))
         return ranged(request, headers, info.nar_size, segment_slices(source.segments, info.nar_size))
     return await _streamed(request, headers, source)

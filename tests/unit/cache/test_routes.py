@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
+from cache.app import App
 from cache.hashes import nix32_encode
 from cache.nar import nar_bytes
 from cache.narinfo import PathInfo
@@ -155,3 +159,43 @@ async def test_a_small_path_changed_since_its_metadata_is_never_sent_whole(tmp_p
     resp = await make_app(store, tmp_path).handle(get(nar_url(info)))
     assert not isinstance(resp.body, bytes)
     assert resp.content_length == info.nar_size != len(await body_bytes(resp))
+
+
+async def test_small_nars_are_kept_in_memory_but_a_collected_path_is_a_404_at_once(tmp_path: Path) -> None:
+    store = StandInStore(tmp_path / "store")
+    store.root.mkdir()
+    info = store.add("tree", make_tree)
+    app = make_app(store, tmp_path)
+    whole = nar_bytes(store.real_path(info.path))
+    assert await body_bytes(await app.handle(get(nar_url(info)))) == whole
+    assert app.bodies.get(info.nar_hash, "none") == whole
+    # served from memory now: the files are not read again (a path changed in place shows it)
+    (Path(os.fsdecode(store.real_path(info.path))) / "dir" / "a.txt").write_text("HELLO\n")
+    assert await body_bytes(await app.handle(get(nar_url(info)))) == whole
+    # but the path's validity is checked first, on every request
+    shutil.rmtree(os.fsdecode(store.real_path(info.path)))
+    assert (await app.handle(get(nar_url(info)))).status == 404
+
+
+async def test_the_look_ahead_prepares_the_next_levels_narinfo_and_small_nar(tmp_path: Path) -> None:
+    store = StandInStore(tmp_path / "store")
+    store.root.mkdir()
+    dep = store.add("dep", make_tree)
+    top = store.add("top", lambda root: root.write_text("top\n"), references=(dep.path,))
+    app = make_app(store, tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(app.run_background)
+        assert (await app.handle(get(f"/{hash_part(top)}.narinfo"))).status == 200
+        with trio.fail_after(5):
+            await trio.testing.wait_all_tasks_blocked()  # the look-ahead has done its work
+        assert app.bodies.get(dep.nar_hash, "none") == nar_bytes(store.real_path(dep.path))
+        asked = store.queries
+        resp, body = await answer_with(app, get(f"/{hash_part(dep)}.narinfo"))
+        assert resp.status == 200 and f"StorePath: {dep.path}\n" in body.decode()
+        assert store.queries == asked  # answered from what the look-ahead fetched
+        nursery.cancel_scope.cancel()
+
+
+async def answer_with(app: App, request: Request) -> tuple[Response, bytes]:
+    resp = await app.handle(request)
+    return resp, await body_bytes(resp)
