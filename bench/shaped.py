@@ -315,7 +315,11 @@ def run_shaped(
                 # then every server's first fetch of another fresh path
                 export_to([fresh.published, fresh.top], exports["zstd"], "zstd", work)
                 export_to([fresh.published, fresh.top], exports["none"], "none", work)
-                time.sleep(SETTLE)  # the exports' writes and threads out of the way of whoever goes first
+                # the build's and the exports' writes flushed now, not by the writeback timer 30 s
+                # later, in the middle of one server's fetch (a client then lagged up to 0.17 s
+                # behind its download); and their threads out of the way of whoever goes first
+                os.sync()
+                time.sleep(SETTLE)
                 copy_name = f"{nix32_encode(nar_hash(fresh.published, work))}.nar.zst"
                 for server in OURS:
                     if not (states[server] / "nar-zstd" / copy_name).exists():
