@@ -362,6 +362,8 @@ class App:
                 nursery.start_soon(limited)
 
     def _preload_body(self, known: Known) -> None:
+        """The small NAR body of a path fetched ahead, read now: a client asks for a closure's
+        NARs once it has the narinfos. Its copy when it is offered compressed, else the NAR."""
         info = known.resolved.info
         if known.zstd:
             if self.copies is None or self.bodies.get(info.nar_hash, "zstd") is not None:
