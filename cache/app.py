@@ -207,8 +207,13 @@ class App:
                 continue
             for row_id, path, nar_hash, nar_size in rows:
                 last = max(last, row_id)
-                # within the copy budget: a NAR larger than all of it would only evict the rest
-                if MIN_COMPRESS_SIZE <= nar_size <= self.config.compressed_cache_max_bytes:
+                # within the copy budget: a NAR larger than all of it would only evict the rest.
+                # Derivations are registered with every build but rarely fetched: a copy of one is
+                # made when it is first asked for (as many copies made, and fsynced, as outputs)
+                if (
+                    MIN_COMPRESS_SIZE <= nar_size <= self.config.compressed_cache_max_bytes
+                    and not path.endswith(".drv")
+                ):
                     self.compressor.submit(nar_hash, db.real_path(path), nar_size)
 
     # --- lookups shared by the routes -------------------------------------------------

@@ -184,14 +184,19 @@ def test_a_freshly_built_path_goes_out_compressed_from_its_first_fetch(
     one fetched at once is streamed through the compressor."""
     import time
 
+    from cache.compression import MIN_COMPRESS_SIZE
     from cache.hashes import nix32_encode, parse_sha256
     from tests.support.cache_server import start_cache
     from tests.support.fixtures import _MK
     from tests.support.nix import build
 
     def fresh(tag: str) -> str:
-        # about 2.7 MB of decimal numbers, a path no other test has
-        expr = "let" + _MK + f'in mk "hc-seq-{tag}-{time.time_ns()}" "/usr/bin/seq 1 400000 > $out" {{}}'
+        # about 2.7 MB of decimal numbers, a path no other test has; its .drv over 512 bytes
+        expr = (
+            "let"
+            + _MK
+            + f'in mk "hc-seq-{tag}-{time.time_ns()}" "/usr/bin/seq 1 400000 > $out" {{ note = "{"x" * 200}"; }}'
+        )
         return build(expr, nix_daemon_env)[0]
 
     with start_cache(tmp_path / "srv", zstd={"level": 3}) as cache:
@@ -208,6 +213,13 @@ def test_a_freshly_built_path_goes_out_compressed_from_its_first_fetch(
         while not meta.exists():
             assert time.monotonic() < deadline, "a newly registered path was not compressed within 30 s"
             time.sleep(0.2)
+        # its derivation, registered before it in the same build, was passed over: a .drv is
+        # rarely fetched, and its copy is made when it is
+        drv_path = str(info["deriver"])
+        drv_hash = run(["nix-store", "--query", "--hash", drv_path], env=nix_daemon_env).stdout.strip()
+        drv_size = run(["nix-store", "--query", "--size", drv_path], env=nix_daemon_env).stdout.strip()
+        assert int(drv_size) >= MIN_COMPRESS_SIZE  # big enough to be compressed when asked for
+        assert not meta.with_name(f"{nix32_encode(parse_sha256(drv_hash))}.meta").exists()
         at_once = fresh("at-once")
         for n, path in enumerate((at_once, watched)):
             before = _nar_bytes_sent(cache.url)
