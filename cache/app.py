@@ -16,14 +16,14 @@ import trio
 
 from . import __version__
 from .bodies import BodyMemo
-from .compression import MIN_COMPRESS_SIZE, CompressedNar, CopyIndex, CopyStore, LiveCopy, iter_nar_bytes
+from .compression import MIN_COMPRESS_SIZE, CompressedNar, CopyIndex, CopyStore, LiveCopy, nar_in_memory
 from .compressor import Compressor
 from .config import Config
 from .context import Known, Resolved
 from .daemon import DaemonStore
 from .hashes import nix32_encode
 from .metrics import Metrics
-from .nar import NarError, read_small_file
+from .nar import read_small_file
 from .narinfo import NarInfo, NarLocation, PathInfo, signatures
 from .push.service import PushService
 from .routes import dispatch
@@ -382,11 +382,7 @@ class App:
         elif known.fs is not None and info.nar_size <= self.bodies.item_max:
             if self.bodies.get(info.nar_hash, "none") is not None:
                 return
-            try:
-                body = b"".join(iter_nar_bytes(known.fs.segments()))
-            except (NarError, OSError):
-                return  # the NAR route reports it
-            if len(body) == info.nar_size:
+            if (body := nar_in_memory(known.fs.segments, info.nar_size)) is not None:
                 self.bodies.put(info.nar_hash, "none", body)
 
     async def resolve(self, hash_part: str) -> Resolved | None:

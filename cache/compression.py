@@ -94,6 +94,16 @@ def iter_nar_bytes(segments: Iterator[Segment]) -> Iterator[bytes]:
             yield from read_region(seg, CHUNK)
 
 
+def nar_in_memory(segments: Callable[[], Iterator[Segment]], length: int) -> bytes | None:
+    """A small NAR read whole (page-cached metadata and contents of a few KiB). None when it
+    cannot be read or has another length now: the streamed path then reports it."""
+    try:
+        body = b"".join(iter_nar_bytes(segments()))
+    except (NarError, OSError):
+        return None
+    return body if len(body) == length else None
+
+
 def compress_chunks(chunks: Iterator[bytes], level: int) -> Iterator[bytes]:
     """zstd frames of the concatenated chunks: the same bytes for copies and live streams."""
     comp = zstandard.ZstdCompressor(level=level).compressobj()

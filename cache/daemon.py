@@ -20,6 +20,7 @@ import trio
 
 from .hashes import HashFormatError, parse_sha256
 from .narinfo import PathInfo
+from .plainsocket import receive_when_ready, write_now
 from .store import FsNar, StoreError, StreamedNar, real_path
 
 WORKER_MAGIC_1 = 0x6E697863
@@ -173,15 +174,9 @@ class Connection:
         self.nix_version = ""
 
     async def _fill(self, n: int) -> None:
-        # the socket is waited on before it is read: the daemon's answer is never there yet
-        # right after a request, and a read tried at once costs a syscall and an exception
-        sock = self.stream.socket
+        # the daemon's answer is never there yet right after a request: waited for, then read
         while len(self.buf) < n:
-            await trio.lowlevel.wait_readable(sock)
-            try:
-                data = os.read(sock.fileno(), max(65536, n - len(self.buf)))
-            except BlockingIOError:
-                continue
+            data = await receive_when_ready(self.stream.socket, max(65536, n - len(self.buf)))
             if not data:
                 raise DaemonGone("the daemon closed the connection")
             self.buf += data
@@ -221,11 +216,8 @@ class Connection:
         return [await self.read_str() for _ in range(await self.read_u64())]
 
     async def send(self, data: bytes) -> None:
-        # a request the kernel takes whole (every query): one syscall, no cancel scope
-        try:
-            sent = os.write(self.stream.socket.fileno(), data)
-        except BlockingIOError:
-            sent = 0
+        # a request the kernel takes whole (every query)
+        sent = write_now(self.stream.socket, data)
         if sent < len(data):
             await self.stream.send_all(data[sent:])
 

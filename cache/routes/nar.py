@@ -21,6 +21,7 @@ from ..compression import (
     LiveCopy,
     compress_chunks,
     iter_nar_bytes,
+    nar_in_memory,
 )
 from ..context import Context, Resolved
 from ..daemon import DaemonError
@@ -69,18 +70,6 @@ async def get_nar_legacy(ctx: Context, request: Request, match: re.Match[str]) -
 
 def _file_segments(region: FileRegion) -> Iterator[Segment]:
     yield region
-
-
-def _in_memory(segments: Callable[[], Iterator[Segment]], length: int) -> bytes | None:
-    """A small body read whole, on the event loop: a closure is mostly NARs and copies of a few
-    KiB, where the thread hops and the separate writes of a streamed body cost more than the
-    reads (page-cached metadata and contents of at most `INLINE_MAX` bytes). None when it cannot
-    be read or has another length now: the streamed path then reports it."""
-    try:
-        body = b"".join(iter_nar_bytes(segments()))
-    except (NarError, OSError):
-        return None
-    return body if len(body) == length else None
 
 
 def _bytes_slices(body: bytes) -> Callable[[int, int], bytes]:
@@ -200,7 +189,10 @@ async def nar_response(ctx: Context, request: Request, resolved: Resolved) -> Re
         return ranged(request, headers, len(kept), _bytes_slices(kept))
     source = await ctx.store.nar(info)
     if isinstance(source, FsNar):
-        if info.nar_size <= INLINE_MAX and (small := _in_memory(source.segments, info.nar_size)) is not None:
+        if (
+            info.nar_size <= INLINE_MAX
+            and (small := nar_in_memory(source.segments, info.nar_size)) is not None
+        ):
             ctx.bodies.put(info.nar_hash, "none", small)
             return ranged(request, headers, info.nar_size, _bytes_slices(small))
         return ranged(request, headers, info.nar_size, segment_slices(source.segments, info.nar_size))

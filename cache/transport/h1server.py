@@ -24,6 +24,7 @@ import trio
 
 from ..metrics import Metrics
 from ..nar import FileRegion, NarError, read_region
+from ..plainsocket import receive_when_ready, write_now
 from .delivery import BodyFailed, Exchange, Handler, deliver, respond
 from .h1codec import (
     MAX_HEAD_BYTES,
@@ -199,15 +200,9 @@ class H1Connection:
 
     async def _receive_plain(self) -> bytes:
         """The next bytes from a plain socket. A keep-alive client sends its next request after
-        reading the answer, so the socket is waited on first: a read tried at once would fail."""
-        sock = self.sock
-        assert sock is not None
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            try:
-                return os.read(sock.fileno(), READ_SIZE)
-            except BlockingIOError:
-                continue
+        reading the answer, so the socket is waited on first."""
+        assert self.sock is not None
+        return await receive_when_ready(self.sock, READ_SIZE)
 
     async def _refuse(self, exc: BadRequest) -> None:
         resp = error(exc.status, f"bad request: {exc}")
@@ -284,11 +279,9 @@ class H1Connection:
 
     async def send(self, data: bytes) -> None:
         if self.sock is not None:
-            # the common case, a response the kernel takes whole: one syscall, no cancel scope
+            # the common case, a response the kernel takes whole
             try:
-                sent = os.write(self.sock.fileno(), data)
-            except BlockingIOError:
-                sent = 0
+                sent = write_now(self.sock, data)
             except OSError as exc:  # reset, broken pipe: what send_all would say
                 raise trio.BrokenResourceError(str(exc)) from exc
             if sent == len(data):

@@ -21,6 +21,8 @@ from typing import Any
 import h11
 import trio
 
+from tests.support.processes import stop_process
+
 log = logging.getLogger("tailnet.nodes")
 
 
@@ -128,8 +130,7 @@ async def caddy(
     try:
         yield handle
     finally:
-        with trio.CancelScope(shield=True):
-            await stop_process(proc)
+        await stop_process(proc, grace=5.0)
         log.info("caddy pid %d stopped (exit %s)", proc.pid, proc.returncode)
 
 
@@ -137,16 +138,6 @@ async def wait_for_text(proc: CaddyProcess, text: str, interval: float = 0.2) ->
     """Poll Caddy's log until ``text`` shows up (put it under ``trio.fail_after``)."""
     while text not in proc.log_text():  # noqa: ASYNC110 - a file has no event to wait on
         await trio.sleep(interval)
-
-
-async def stop_process(proc: trio.Process, grace: float = 5.0) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        with trio.move_on_after(grace):
-            await proc.wait()
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
 
 
 # -- arkitekt-mesh (in-process, asyncio) -------------------------------------------------------
