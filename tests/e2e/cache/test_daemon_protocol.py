@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from cache.daemon import DaemonStore
+from cache.daemon import DaemonError, DaemonStore
 from cache.hashes import sha256_nix32
 from cache.store import FsNar, StreamedNar
 from tests.support.fixtures import Fixtures
@@ -35,6 +35,23 @@ async def test_queries_match_nix(store_fixtures: Fixtures, nix_daemon_env: dict[
             assert sorted(info.references) == sorted(expected["references"])  # type: ignore[arg-type]
             assert info.deriver == expected.get("deriver")
             assert await store.path_info("/nix/store/" + "0" * 32 + "-gone") is None
+    finally:
+        await store.aclose()
+
+
+async def test_a_daemon_error_is_reported_and_the_connection_still_serves(
+    store_fixtures: Fixtures, nix_daemon_env: dict[str, str]
+) -> None:
+    """The daemon's error (read with the answer, in one go) is a DaemonError naming what it
+    said; the pool goes on answering on the connections it keeps."""
+    store = DaemonStore(SOCKET, "/nix/store", "/nix/store", prefer_files=False)
+    try:
+        with trio.fail_after(30):
+            for _ in range(3):
+                with pytest.raises(DaemonError, match="not in the Nix store"):
+                    await store.path_info("/tmp/not-a-store-path")
+                info = await store.path_info(store_fixtures.tree)
+                assert info is not None and info.path == store_fixtures.tree
     finally:
         await store.aclose()
 
