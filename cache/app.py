@@ -218,12 +218,18 @@ class App:
 
     # --- lookups shared by the routes -------------------------------------------------
 
-    async def known(self, hash_part: str) -> Known | None:
-        """The hot path: a valid path this process can produce the NAR of, or None (a 404)."""
+    async def known(self, hash_part: str, *, contents_only: bool = False) -> Known | None:
+        """The hot path: a valid path this process can produce the NAR of, or None (a 404).
+
+        Its metadata is asked of the store again after METADATA_TTL (a signature added since),
+        except for `contents_only` requests (NARs, listings, files), which serve what cannot
+        change while the path stays valid: for them the `lstat` check is enough. A large closure
+        fetches its NARs seconds after its narinfos, and each would otherwise cost store queries
+        (two daemon round trips) in the request path."""
         entry = self._known.get(hash_part)
         if entry is not None:
             key = stat_key(entry.real)
-            if key == entry.stat_key and time.monotonic() - entry.checked < METADATA_TTL:
+            if key == entry.stat_key and (contents_only or time.monotonic() - entry.checked < METADATA_TTL):
                 if entry.ahead:
                     entry.ahead = False
                     self._prefetch_references(entry.resolved.info, PREFETCH_DEPTH)
@@ -385,8 +391,8 @@ class App:
             if (body := nar_in_memory(known.fs.segments, info.nar_size)) is not None:
                 self.bodies.put(info.nar_hash, "none", body)
 
-    async def resolve(self, hash_part: str) -> Resolved | None:
-        known = await self.known(hash_part)
+    async def resolve(self, hash_part: str, *, contents_only: bool = False) -> Resolved | None:
+        known = await self.known(hash_part, contents_only=contents_only)
         return None if known is None else known.resolved
 
     def keep_live_copy(self, nar_hash: bytes) -> LiveCopy | None:

@@ -87,11 +87,13 @@ class Context(Protocol):
         """Nix's build-log directory (`…/log/nix/drvs`)."""
         ...
 
-    async def known(self, hash_part: str) -> Known | None:
-        """A valid path whose NAR this process can produce, or None (a 404): the hot path."""
+    async def known(self, hash_part: str, *, contents_only: bool = False) -> Known | None:
+        """A valid path whose NAR this process can produce, or None (a 404): the hot path.
+        `contents_only`: the caller serves the path's contents, not its signatures, so metadata
+        remembered for longer than a second will do while the path stays valid."""
         ...
 
-    async def resolve(self, hash_part: str) -> Resolved | None:
+    async def resolve(self, hash_part: str, *, contents_only: bool = False) -> Resolved | None:
         """`known`, for routes that need only the metadata."""
         ...
 

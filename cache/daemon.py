@@ -681,6 +681,7 @@ class DaemonStore:
         found = await self._query(request, parse_path_info_reply)
         if found is None:
             return None
+        self._remember_name(path)
         deriver, nar_hash, references, registration_time, nar_size, sigs, ca = found
         try:
             digest = parse_sha256(nar_hash)
@@ -745,11 +746,14 @@ class DaemonStore:
         info = await self.path_info(path)
         if info is None:
             self._path_names.pop(hash_part, None)
-            return None
+        return info
+
+    def _remember_name(self, path: str) -> None:
+        """A valid path's name by its hash part (paths met by the look-ahead included: asked
+        for again later, they cost one round trip, not two)."""
         if len(self._path_names) >= PATH_NAMES:
             self._path_names.clear()
-        self._path_names[hash_part] = path
-        return info
+        self._path_names[path.rsplit("/", 1)[-1][:32]] = path
 
     def servable(self, info: PathInfo) -> bool:
         return True  # the daemon can always dump a path it lists as valid
@@ -761,7 +765,7 @@ class DaemonStore:
         if not self.prefer_files:
             return None
         real = self.real_path(info.path)
-        if not (os.path.lexists(real) and os.access(real, os.R_OK)):
+        if not os.access(real, os.R_OK):  # also False when it does not exist (one syscall)
             return None
         return FsNar(real, info.nar_size)
 

@@ -17,7 +17,7 @@ async def get_listing(ctx: Context, request: Request, match: re.Match[str]) -> R
     hash_part = match["hash"]
     if not is_hash_part(hash_part):
         return error(400, "a listing name is the 32-character hash of a store path")
-    resolved = await ctx.resolve(hash_part)
+    resolved = await ctx.resolve(hash_part, contents_only=True)
     if resolved is None:
         return error(404, "no such path")
     root = ctx.store.real_path(resolved.info.path)

@@ -46,7 +46,7 @@ async def _lookup(ctx: Context, hash_part: str | None, narhash: str) -> Resolved
         return error(400, "missing ?hash=<store path hash> (take the URL from the narinfo)")
     if not is_hash_part(hash_part):
         return error(400, "hash= must be the 32-character hash of a store path")
-    resolved = await ctx.resolve(hash_part)
+    resolved = await ctx.resolve(hash_part, contents_only=True)
     if resolved is None:
         return error(404, "no such path")
     if nix32_encode(resolved.info.nar_hash) != narhash:

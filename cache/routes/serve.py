@@ -121,7 +121,7 @@ async def get_serve(ctx: Context, request: Request, match: re.Match[str]) -> Res
     parts = [p for p in rest.split(b"/") if p not in (b"", b".")]
     if b".." in parts:
         return error(400, "'..' is not allowed in /serve/ paths")
-    resolved = await ctx.resolve(hash_part)
+    resolved = await ctx.resolve(hash_part, contents_only=True)
     if resolved is None:
         return error(404, "no such path")
     store_path = resolved.info.path

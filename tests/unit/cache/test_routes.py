@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from cache.app import App
+from cache.app import METADATA_TTL, App
 from cache.hashes import nix32_encode
 from cache.nar import nar_bytes
 from cache.narinfo import PathInfo
@@ -199,3 +199,27 @@ async def test_the_look_ahead_prepares_the_next_levels_narinfo_and_small_nar(tmp
 async def answer_with(app: App, request: Request) -> tuple[Response, bytes]:
     resp = await app.handle(request)
     return resp, await body_bytes(resp)
+
+
+async def test_metadata_is_asked_again_for_narinfos_but_not_for_contents(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past METADATA_TTL a narinfo asks the store again (a signature added since shows); a NAR,
+    a listing or a file is the path's contents, which the `lstat` check vouches for."""
+    store = StandInStore(tmp_path / "store")
+    store.root.mkdir()
+    info = store.add("tree", make_tree)
+    app = make_app(store, tmp_path)
+    now = [1000.0]
+    monkeypatch.setattr("cache.app.time.monotonic", lambda: now[0])
+    assert (await app.handle(get(f"/{hash_part(info)}.narinfo"))).status == 200
+    now[0] += METADATA_TTL + 1
+    asked = store.queries
+    for url in (nar_url(info), f"/{hash_part(info)}.ls", f"/serve/{hash_part(info)}/dir/a.txt"):
+        assert (await app.handle(get(url))).status == 200, url
+    assert store.queries == asked
+    assert (await app.handle(get(f"/{hash_part(info)}.narinfo"))).status == 200
+    assert store.queries > asked
+    # a collected path is still a 404 at once for its contents
+    shutil.rmtree(os.fsdecode(store.real_path(info.path)))
+    assert (await app.handle(get(nar_url(info)))).status == 404
