@@ -7,6 +7,7 @@ protocol 1.34 (Nix 2.8) and accept any daemon from 1.21 on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -177,9 +178,9 @@ def _error_at(buf: bytearray, pos: int, minor: int) -> str:
 
 def after_log_messages(buf: bytearray, pos: int, minor: int) -> int:
     """Where an operation's answer starts: past the log messages the daemon sends before it,
-    up to STDERR_LAST (the pure twin of `Connection.process_stderr`, for answers read in one
-    go). STDERR_ERROR raises DaemonError with the daemon's message; _Short when the buffer
-    ends first."""
+    up to STDERR_LAST (read from the buffer in one go, with the answer when there is one).
+    STDERR_ERROR raises DaemonError with the daemon's message; _Short when the buffer ends
+    first."""
     while True:
         msg, pos = _u64_at(buf, pos)
         if msg == STDERR_LAST:
@@ -238,14 +239,14 @@ def parse_path_info_reply(buf: bytearray, pos: int, minor: int) -> tuple[int, Pa
 class QuickReplies:
     """When a query may wait for its answer without returning to trio's loop.
 
-    A nix-daemon answers a metadata query in 20-40 µs of wall time, while handing the wait to
+    A nix-daemon answers a metadata query in 40-60 µs of wall time, while handing the wait to
     trio (register the socket, park the task, poll, wake it) costs our process about 30 µs of
     CPU: on a closure's look-ahead, which queries one path after another on the cores the
-    clients also use, that was half of a daemon query's cost. So the only query in flight
-    polls its socket for up to QUICK_REPLY_MS first. That blocks this worker's loop for at most
-    that long, and only while it has nothing else to ask of the daemon; once an answer was
-    late, the queries of the next BACKOFF seconds wait through trio as before (a busy or slow
-    daemon never stalls the loop more than once per BACKOFF)."""
+    clients also use, that was a third of a daemon query's cost. So the only query in flight
+    polls its socket for up to WAIT_MS first. That blocks this worker's loop for at most that
+    long, and only while it has nothing else to ask of the daemon; once an answer was late,
+    the queries of the next BACKOFF seconds wait through trio as before (a busy or slow daemon
+    never stalls the loop more than once per BACKOFF)."""
 
     WAIT_MS = 1
     BACKOFF = 1.0
@@ -310,10 +311,11 @@ class Connection:
         if write_now(self.stream.socket, request) == len(request):
             if quick is not None and not self.buf:
                 if self._poller.poll(quick.WAIT_MS):
-                    data = os.read(self.stream.socket.fileno(), 65536)
-                    if not data:
-                        raise DaemonGone("the daemon closed the connection")
-                    self.buf += data
+                    with contextlib.suppress(BlockingIOError):  # then trio waits for it below
+                        data = os.read(self.stream.socket.fileno(), 65536)
+                        if not data:
+                            raise DaemonGone("the daemon closed the connection")
+                        self.buf += data
                 else:
                     quick.late()
             try:
@@ -381,58 +383,9 @@ class Connection:
         return min(self.daemon_version, CLIENT_VERSION) & 0xFF
 
     async def process_stderr(self) -> None:
-        while True:
-            msg = await self.read_u64()
-            if msg == STDERR_LAST:
-                return
-            if msg == STDERR_NEXT:
-                await self.read_bytes()
-            elif msg == STDERR_ERROR:
-                raise DaemonError(plain_text(await self._read_error()))
-            elif msg == STDERR_START_ACTIVITY:
-                await self.read_u64()  # id
-                await self.read_u64()  # level
-                await self.read_u64()  # type
-                await self.read_bytes()  # text
-                await self._read_fields()
-                await self.read_u64()  # parent
-            elif msg == STDERR_STOP_ACTIVITY:
-                await self.read_u64()
-            elif msg == STDERR_RESULT:
-                await self.read_u64()
-                await self.read_u64()
-                await self._read_fields()
-            elif msg in (STDERR_READ, STDERR_WRITE):
-                raise DaemonError("the daemon asked for a data transfer we did not start")
-            else:
-                raise DaemonError(f"unknown message {msg:#x} from the daemon")
-
-    async def _read_fields(self) -> None:
-        for _ in range(await self.read_u64()):
-            kind = await self.read_u64()
-            if kind == 0:
-                await self.read_u64()
-            elif kind == 1:
-                await self.read_bytes()
-            else:
-                raise DaemonError(f"unknown log field type {kind}")
-
-    async def _read_error(self) -> str:
-        if self.minor >= 26:
-            await self.read_str()  # type: "Error"
-            await self.read_u64()  # level
-            await self.read_str()  # name
-            msg = await self.read_str()
-            if await self.read_u64():  # havePos
-                raise DaemonError("daemon error with a position: unsupported")
-            for _ in range(await self.read_u64()):
-                if await self.read_u64():
-                    raise DaemonError("daemon error trace with a position: unsupported")
-                await self.read_str()
-            return msg
-        msg = await self.read_str()
-        await self.read_u64()  # status
-        return msg
+        """Read the daemon's log messages up to STDERR_LAST (its error raises DaemonError)."""
+        minor = self.minor
+        await self.read_parsed(lambda buf, pos: (after_log_messages(buf, pos, minor), None))
 
     async def aclose(self) -> None:
         await self.stream.aclose()
