@@ -308,7 +308,8 @@ class Connection:
         def parse(buf: bytearray, pos: int) -> tuple[int, T]:
             return answer(buf, after_log_messages(buf, pos, minor), minor)
 
-        if write_now(self.stream.socket, request) == len(request):
+        sent = write_now(self.stream.socket, request)
+        if sent == len(request):
             if quick is not None and not self.buf:
                 if self._poller.poll(quick.WAIT_MS):
                     with contextlib.suppress(BlockingIOError):  # then trio waits for it below
@@ -325,10 +326,9 @@ class Connection:
             else:
                 del self.buf[:end]
                 return value
-            with trio.fail_after(QUERY_TIMEOUT):
-                return await self.read_parsed(parse)
-        with trio.fail_after(QUERY_TIMEOUT):  # the kernel did not take the whole request at once
-            await self.send(request)  # (sends what write_now left: it took nothing, or all)
+        with trio.fail_after(QUERY_TIMEOUT):
+            if sent < len(request):  # the kernel did not take the whole request at once
+                await self.stream.send_all(request[sent:])
             return await self.read_parsed(parse)
 
     async def read_exact(self, n: int) -> bytes:
@@ -583,47 +583,22 @@ class DaemonStore:
             quick = (
                 self._quick_replies if self._quick_replies.allowed(self._queries.borrowed_tokens) else None
             )
-            give_up: float | None = None
+            give_up = trio.current_time() + RECONNECT_SECONDS
             attempt = 0
             while True:
                 try:
-                    return await self._exchange(request, answer, quick)
+                    async with self._connection() as conn:
+                        return await conn.exchange(request, answer, quick)
+                except trio.TooSlowError as exc:
+                    raise DaemonError(f"the nix-daemon did not answer within {QUERY_TIMEOUT:.0f} s") from exc
                 except DaemonGone:
                     attempt += 1
                     pause = retry_pause(attempt)
-                    now = trio.current_time()
-                    give_up = now + RECONNECT_SECONDS if give_up is None else give_up
-                    if now + pause > give_up:
+                    if trio.current_time() + pause > give_up:
                         raise
                     await trio.sleep(pause)
         finally:
             self._queries.release()
-
-    async def _exchange(
-        self,
-        request: bytes,
-        answer: Callable[[bytearray, int, int], tuple[int, T]],
-        quick: QuickReplies | None,
-    ) -> T:
-        """One attempt: a broken connection becomes DaemonGone and drops the pool's generation;
-        a connection interrupted mid-answer is closed, never pooled (its state is unknown)."""
-        conn = await self._take()
-        ok = False
-        try:
-            value = await conn.exchange(request, answer, quick)
-            ok = True
-            return value
-        except trio.TooSlowError as exc:
-            raise DaemonError(f"the nix-daemon did not answer within {QUERY_TIMEOUT:.0f} s") from exc
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._invalidate(conn.generation)
-            raise DaemonGone(f"the nix-daemon connection broke: {exc}") from exc
-        except DaemonGone:
-            self._invalidate(conn.generation)
-            raise
-        finally:
-            if not self._give_back(conn, ok):
-                conn.close_now()
 
     async def path_from_hash_part(self, hash_part: str) -> str | None:
         request = u64(OP_QUERY_PATH_FROM_HASH_PART) + wire_str(hash_part)
