@@ -9,8 +9,10 @@ import fcntl
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Hashable
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import trio
 
@@ -28,7 +30,7 @@ from .narinfo import NarInfo, NarLocation, PathInfo, signatures
 from .push.service import PushService
 from .routes import dispatch
 from .signing import PublicKey, Signer
-from .store import DbStore, FsNar, Store, StoreError
+from .store import DbStore, FsNar, Stamp, Store, StoreError
 from .transport.messages import Request, Response, error
 
 log = logging.getLogger("harmonia.app")
@@ -45,6 +47,13 @@ PREFETCH_QUEUE = 1024
 PREFETCH_WAIT = 2.0
 PREFETCH_YIELD = 0.002  # the longest a look-ahead step waits for answers in progress
 NEW_PATHS_POLL = 1.0
+# a new path's narinfo is rendered, and its small NAR read, this long after it was registered:
+# by then the worker that compresses new paths has made its copy (FileHash/FileSize known)
+WARM_RENDER_DELAY = 2.0
+REGISTRY_RETRY = 30.0
+# after a commit, the newest this many registrations are checked again in one query: the paths a
+# client is about to fetch stay current while the build goes on registering others
+RESTAMP_ROWS = 4096
 
 
 def stat_key(real: bytes) -> tuple[int, int] | None:
@@ -55,26 +64,70 @@ def stat_key(real: bytes) -> tuple[int, int] | None:
     return st.st_ino, st.st_ctime_ns
 
 
-class NarinfoCache:
-    """Rendered, signed narinfo texts. Signing costs real microseconds and rarely changes; the key
-    includes everything the text depends on, so a new signature or a new location renders anew."""
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class Recent(Generic[K, V]):
+    """The most recently used `entries` values by key. Used for rendered narinfos and their
+    signatures: signing costs real microseconds and rarely changes; a key includes everything
+    its value depends on, so a new signature or a new location renders anew."""
 
     def __init__(self, entries: int) -> None:
         self._entries = entries
-        self._items: OrderedDict[tuple[object, ...], NarInfo] = OrderedDict()
+        self._items: OrderedDict[K, V] = OrderedDict()
 
-    def get(self, key: tuple[object, ...]) -> NarInfo | None:
+    def get(self, key: K) -> V | None:
         found = self._items.get(key)
         if found is not None:
             self._items.move_to_end(key)
         return found
 
-    def put(self, key: tuple[object, ...], value: NarInfo) -> None:
+    def put(self, key: K, value: V) -> None:
         if self._entries <= 0:
             return
         self._items[key] = value
         if len(self._items) > self._entries:
             self._items.popitem(last=False)
+
+
+class CompressionTurn:
+    """One worker at a time compresses new paths: whoever holds an exclusive lock on a file in the
+    state directory. The others try again every few seconds (and take over if it goes)."""
+
+    RETRY = 10.0
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._tried = float("-inf")
+
+    def held(self) -> bool:
+        if self._fd is not None:
+            return True
+        now = time.monotonic()
+        if now - self._tried < self.RETRY:
+            return False
+        self._tried = now
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            log.info("not compressing new store paths: %s: %s", self.path, exc.strerror)
+            self._tried = float("inf")
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def default_state_directory(config: Config) -> Path:
@@ -108,7 +161,12 @@ class App:
         self.signers = signers
         self.public_keys: list[PublicKey] = [signer.public_key() for signer in signers]
         self.metrics = metrics or Metrics(1)
-        self.narinfo_cache = NarinfoCache(config.narinfo_cache_entries)
+        self.narinfo_cache: Recent[tuple[object, ...], NarInfo] = Recent(config.narinfo_cache_entries)
+        # a narinfo's signatures do not depend on its location: a copy made since renders anew
+        # without signing again
+        self.signature_cache: Recent[tuple[object, ...], tuple[str, ...]] = Recent(
+            config.narinfo_cache_entries
+        )
         self.bodies = BodyMemo()
         self.started = time.time()
         self.version = __version__
@@ -127,6 +185,11 @@ class App:
         self._prefetching: dict[str, trio.Event] = {}
         self._quiet: trio.Event | None = None
         self._awaiting_ahead = 0  # requests waiting for a look-ahead to arrive
+        # Nix's database where this process can read it and it is the store's (see
+        # `_open_registry`): it tells new paths and whether any metadata changed
+        self._registry: DbStore | None = self.store if isinstance(self.store, DbStore) else None
+        self._registry_complained = False
+        self._registry_refused = False  # the database is not the daemon's store's
         # about 2 KiB an entry (metadata and the rendered answers): at most ~32 MiB a worker
         self._known_entries = max(1024, min(config.narinfo_cache_entries, KNOWN_ENTRIES))
         # <state>/nix/db/db.sqlite beside <state>/log/nix/drvs, as Nix lays them out
@@ -149,7 +212,7 @@ class App:
             nursery.start_soon(self._run_prefetch, receive)
             if self.compressor is not None:
                 await nursery.start(self.compressor.run)
-                nursery.start_soon(self._watch_new_paths)
+            nursery.start_soon(self._watch_new_paths)
             task_status.started()
             await trio.sleep_forever()
 
@@ -161,60 +224,175 @@ class App:
         looks for the meta the index just forgot)."""
 
     async def _watch_new_paths(self) -> None:
-        """Compress paths as Nix registers them (the database numbers them in order), so the first
-        client of a freshly built path already gets the copy. One worker watches (a lock in the
-        state directory); when the database cannot be read (a daemon-only service), paths are
-        compressed when first asked for instead."""
-        assert self.compressor is not None
-        lock_path = self.compressor.copies.dir.parent / "new-paths.lock"
-        while True:
-            try:
-                lock_path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                log.info("not watching for new store paths: %s: %s", lock_path, exc.strerror)
+        """New paths as Nix registers them (the database numbers them in order). Every worker
+        learns their metadata and signs their narinfos before any client asks (a fleet host
+        mostly fetches what was just built); one worker at a time also compresses them (a lock in
+        the state directory), so the first client already gets the copy. Where the database
+        cannot be read (a daemon-only service), paths are learnt and compressed when first asked
+        for instead."""
+        while (registry := await self._open_registry()) is None:
+            if self._registry_refused:
                 return
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                await trio.sleep(10)  # another worker watches; take over if it goes
-                continue
-            try:
-                await self._poll_new_paths()
-            finally:
-                os.close(fd)
-            return
-
-    async def _poll_new_paths(self) -> None:
-        assert self.compressor is not None
-        db = (
-            self.store
-            if isinstance(self.store, DbStore)
-            else DbStore(self.config.nix_db_path, self.config.virtual_nix_store, self.config.real_nix_store)
-        )
+            await trio.sleep(REGISTRY_RETRY)  # the daemon may not be up yet, or the database not readable
         try:
-            last = db.last_path_id()
+            last = registry.last_path_id()
         except StoreError as exc:
-            log.info("not watching for new store paths (%s): paths are compressed when first asked for", exc)
+            log.info("not watching for new store paths (%s): paths are learnt when first asked for", exc)
             return
-        while True:
-            await trio.sleep(NEW_PATHS_POLL)
-            try:
-                rows = db.paths_after(last)
-            except StoreError as exc:
-                log.info("watching for new store paths failed: %s", exc)
+        turn = (
+            CompressionTurn(self.compressor.copies.dir.parent / "new-paths.lock") if self.compressor else None
+        )
+        rendering: deque[tuple[float, list[Known]]] = deque()
+        first, seen = last + 1, registry.stamp()
+        try:
+            while True:
+                await trio.sleep(NEW_PATHS_POLL)
+                while rendering and rendering[0][0] <= time.monotonic():
+                    await self._finish_warming(rendering.popleft()[1])
+                now = registry.stamp()  # before anything is read
+                if now is not None and seen is not None and now.generation != seen.generation:
+                    await self._restamp(registry, now, max(first, last - RESTAMP_ROWS))
+                seen = now
+                try:
+                    rows = registry.paths_after(last)
+                except StoreError as exc:
+                    log.info("watching for new store paths failed: %s", exc)
+                    continue
+                if not rows:
+                    continue
+                last = max(row[0] for row in rows)
+                if turn is not None and turn.held():
+                    self._compress_new(rows, registry)
+                warmed = await self._warm(rows, registry)
+                if warmed:
+                    rendering.append((time.monotonic() + WARM_RENDER_DELAY, warmed))
+        finally:
+            if turn is not None:
+                turn.release()
+
+    async def _open_registry(self) -> DbStore | None:
+        """The database, for the daemon backend too where it is readable: but only once it agrees
+        with the daemon on a path (a daemon_socket serving another store than nix_db_path's must
+        not have its answers taken from the wrong database)."""
+        if self._registry is not None:
+            return self._registry
+        if not isinstance(self.store, DaemonStore):
+            self._registry_refused = True
+            return None
+        db = DbStore(self.config.nix_db_path, self.config.virtual_nix_store, self.config.real_nix_store)
+        try:
+            newest = db.paths_after(max(0, db.last_path_id() - 1), 1)
+            ours = await db.path_info(newest[0][1]) if newest else None
+            daemons = await self.store.path_info(ours.path) if ours is not None else None
+        except StoreError as exc:
+            if not self._registry_complained:
+                self._registry_complained = True
+                log.info(
+                    "not watching for new store paths yet (%s): paths are learnt when first asked for", exc
+                )
+            await db.aclose()
+            return None
+        if ours is None:
+            await db.aclose()
+            return None  # an empty database: nothing to check the daemon against yet
+        if daemons is None or daemons.nar_hash != ours.nar_hash:
+            self._registry_refused = True
+            log.warning(
+                "nix_db_path %s does not describe the store of daemon_socket %s: new paths are "
+                "learnt when first asked for",
+                self.config.nix_db_path,
+                self.config.daemon_socket,
+            )
+            await db.aclose()
+            return None
+        self._registry = db
+        return db
+
+    def _compress_new(self, rows: list[tuple[int, str, bytes, int]], registry: DbStore) -> None:
+        assert self.compressor is not None
+        for _row_id, path, nar_hash, nar_size in rows:
+            # within the copy budget: a NAR larger than all of it would only evict the rest.
+            # Derivations are registered with every build but rarely fetched: a copy of one is
+            # made when it is first asked for (as many copies made, and fsynced, as outputs)
+            if MIN_COMPRESS_SIZE <= nar_size <= self.config.compressed_cache_max_bytes and not path.endswith(
+                ".drv"
+            ):
+                self.compressor.submit(nar_hash, registry.real_path(path), nar_size)
+
+    async def _warm(self, rows: list[tuple[int, str, bytes, int]], registry: DbStore) -> list[Known]:
+        """New paths' metadata, remembered as if fetched ahead (their first use looks ahead to their
+        references), between requests."""
+        warmed: list[Known] = []
+        for _row_id, path, _nar_hash, _nar_size in rows:
+            hash_part = path.rsplit("/", 1)[-1][:32]
+            if path.endswith(".drv") or hash_part in self._known or hash_part in self._prefetching:
                 continue
-            for row_id, path, nar_hash, nar_size in rows:
-                last = max(last, row_id)
-                # within the copy budget: a NAR larger than all of it would only evict the rest.
-                # Derivations are registered with every build but rarely fetched: a copy of one is
-                # made when it is first asked for (as many copies made, and fsynced, as outputs)
-                if (
-                    MIN_COMPRESS_SIZE <= nar_size <= self.config.compressed_cache_max_bytes
-                    and not path.endswith(".drv")
-                ):
-                    self.compressor.submit(nar_hash, db.real_path(path), nar_size)
+            await trio.lowlevel.checkpoint()
+            await self._until_quiet()
+            stamp = registry.stamp(path)
+            self.metrics.store_lookup("registration")
+            try:
+                info = await registry.path_info(path)
+            except StoreError:
+                break  # only a head start: the requests ask the store themselves
+            if info is None or hash_part in self._known or not self.store.servable(info):
+                continue
+            entry = self._remember(hash_part, info, stamp=stamp)
+            entry.ahead = True
+            warmed.append(entry)
+        return warmed
+
+    async def _restamp(self, registry: DbStore, now: Stamp, first: int) -> None:
+        """Entries of paths registered lately whose rows are unchanged are vouched for as of `now`
+        (one query for all of them, rather than one per request after the next commit)."""
+        try:
+            rows = registry.rows_from(first, RESTAMP_ROWS)
+        except StoreError:
+            return
+        for n, (path, row) in enumerate(rows):
+            if n % 256 == 255:
+                await trio.lowlevel.checkpoint()
+                await self._until_quiet()
+            entry = self._known.get(path.rsplit("/", 1)[-1][:32])
+            if (
+                entry is not None
+                and entry.stamp is not None
+                and entry.stamp.row == row
+                and entry.resolved.info.path == path
+            ):
+                entry.stamp = Stamp(now.generation, row)
+
+    async def _finish_warming(self, entries: list[Known]) -> None:
+        """The narinfos of paths warmed a moment ago, signed, and their small NARs read."""
+        for entry in entries:
+            if self._known.get(entry.resolved.hash_part) is not entry:
+                continue
+            await trio.lowlevel.checkpoint()
+            await self._until_quiet()
+            if self._known.get(entry.resolved.hash_part) is entry:
+                self.narinfo_body(entry, as_json=False)
+                self._preload_body(entry)
+
+    def _stamp(self, path: str | None = None) -> Stamp | None:
+        """Taken before the store is asked: a commit in between only means asking again later."""
+        return None if self._registry is None else self._registry.stamp(path)
+
+    def _still_current(self, entry: Known) -> bool:
+        """Whether an entry's metadata may be served without asking the store again: checked
+        within METADATA_TTL, or the database says nothing concerning it was committed since (a
+        signature added, the path deleted or registered anew all commit). Paths registered just
+        now are then served from what this worker learnt as they were registered, while the
+        build goes on committing others."""
+        now = time.monotonic()
+        if now - entry.checked < METADATA_TTL:
+            return True
+        if entry.stamp is None or self._registry is None:
+            return False
+        stamp = self._registry.unchanged(entry.stamp, entry.resolved.info.path)
+        if stamp is None:
+            return False
+        entry.stamp, entry.checked = stamp, now
+        return True
 
     # --- lookups shared by the routes -------------------------------------------------
 
@@ -229,7 +407,7 @@ class App:
         entry = self._known.get(hash_part)
         if entry is not None:
             key = stat_key(entry.real)
-            if key == entry.stat_key and (contents_only or time.monotonic() - entry.checked < METADATA_TTL):
+            if key == entry.stat_key and (contents_only or self._still_current(entry)):
                 if entry.ahead:
                     entry.ahead = False
                     self._prefetch_references(entry.resolved.info, PREFETCH_DEPTH)
@@ -248,19 +426,28 @@ class App:
                 found.ahead = False
                 self._prefetch_references(found.resolved.info, PREFETCH_DEPTH)
                 return found
+        stamp = self._stamp(entry.resolved.info.path if entry is not None else None)
+        self.metrics.store_lookup("request")
         info = await self.store.info_from_hash_part(hash_part)
         if info is None or not self.store.servable(info):
             self._known.pop(hash_part, None)
             return None
         if entry is None:
             self._prefetch_references(info, PREFETCH_DEPTH)
-        return self._remember(hash_part, info, entry)
+        return self._remember(hash_part, info, entry, stamp)
 
-    def _remember(self, hash_part: str, info: PathInfo, entry: Known | None = None) -> Known:
+    def _remember(
+        self,
+        hash_part: str,
+        info: PathInfo,
+        entry: Known | None = None,
+        stamp: Stamp | None = None,
+    ) -> Known:
         real = self.store.real_path(info.path)
         key = stat_key(real)
         if entry is not None and key == entry.stat_key and entry.resolved.info == info:
             entry.checked = time.monotonic()
+            entry.stamp = stamp
             return entry
         fs = self.store.fs_nar(info)
         zstd = (
@@ -274,6 +461,7 @@ class App:
             )
         )
         fresh = Known(Resolved(hash_part, info), real, key or (0, 0), time.monotonic(), fs, zstd)
+        fresh.stamp = stamp
         if key is None:
             return fresh  # nothing to check it by: not remembered
         if len(self._known) >= self._known_entries:
@@ -342,9 +530,11 @@ class App:
                 await self._until_quiet()
                 if hash_part in self._known:
                     return
+                stamp = self._stamp(path)
+                self.metrics.store_lookup("look_ahead")
                 info = await self.store.path_info(path)
                 if info is not None and self.store.servable(info) and hash_part not in self._known:
-                    entry = self._remember(hash_part, info)
+                    entry = self._remember(hash_part, info, stamp=stamp)
                     entry.ahead = True
                     self._prefetch_references(info, depth - 1)
                     # rendered and signed now, while the client is busy with the answer before
@@ -458,7 +648,12 @@ class App:
         )
         cached = self.narinfo_cache.get(key)
         if cached is None:
-            cached = NarInfo(info, location, signatures(info, self.signers))
+            signed_key = key[:5]  # what the signatures depend on: the fingerprint and the store's
+            signed = self.signature_cache.get(signed_key)
+            if signed is None:
+                signed = signatures(info, self.signers)
+                self.signature_cache.put(signed_key, signed)
+            cached = NarInfo(info, location, signed)
             self.narinfo_cache.put(key, cached)
         return cached
 

@@ -19,7 +19,7 @@ from .metrics import Metrics
 from .narinfo import NarInfo, NarLocation, PathInfo
 from .push.service import PushService
 from .signing import PublicKey
-from .store import FsNar, Store
+from .store import FsNar, Stamp, Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +47,7 @@ class Known:
     text: bytes | None = None
     json: bytes | None = None
     ahead: bool = False  # fetched ahead of the client: its first use fetches the next level
+    stamp: Stamp | None = None  # the database when the metadata was read (None: no database to tell)
 
 
 class Context(Protocol):

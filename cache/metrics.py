@@ -38,6 +38,9 @@ PUSH_OUTCOMES = (
     "imported", "already_valid", "unauthorized", "bad_signature", "bad_request", "conflict",
     "too_large", "daemon_failed",
 )  # fmt: skip
+# who asked the store for a path's metadata: a request (its client waited for the answer), the
+# look-ahead (a reference of a path just asked for), the watch for new paths (as Nix registered it)
+LOOKUPS = ("request", "look_ahead", "registration")
 BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 120.0)
 
 _R, _S, _B = len(ROUTES), len(STATUSES), len(BUCKETS) + 1
@@ -52,7 +55,8 @@ _RECEIVED = _PUSHES + len(PUSH_OUTCOMES)
 _COPIES = _RECEIVED + 1
 _COPY_FAILURES = _COPIES + 1
 _DEGRADED = _COPY_FAILURES + 1
-SLOT_WORDS = _DEGRADED + 1
+_LOOKUPS = _DEGRADED + 1
+SLOT_WORDS = _LOOKUPS + len(LOOKUPS)
 
 _ROUTE_INDEX = {r: i for i, r in enumerate(ROUTES)}
 _STATUS_INDEX = {s: i for i, s in enumerate(STATUSES)}
@@ -129,6 +133,9 @@ class Metrics:
     def connection_closed(self) -> None:
         self._all[self._base() + _CONNS] -= 1
 
+    def store_lookup(self, by: str) -> None:
+        self._all[self._base() + _LOOKUPS + LOOKUPS.index(by)] += 1
+
     def copy_made(self) -> None:
         self._all[self._base() + _COPIES] += 1
 
@@ -195,6 +202,13 @@ class Metrics:
             "# HELP harmonia_push_bytes_received_total Request body bytes received by push uploads.",
             "# TYPE harmonia_push_bytes_received_total counter",
             f"harmonia_push_bytes_received_total {self._sum(_RECEIVED)}",
+            "# HELP harmonia_store_lookups_total Path metadata asked of the store, by who asked: "
+            "a request (its client waited), the look-ahead, or the watch for new paths.",
+            "# TYPE harmonia_store_lookups_total counter",
+            *(
+                f'harmonia_store_lookups_total{{by="{by}"}} {self._sum(_LOOKUPS + i)}'
+                for i, by in enumerate(LOOKUPS)
+            ),
             "# HELP harmonia_compressed_copies_total Compressed NAR copies made.",
             "# TYPE harmonia_compressed_copies_total counter",
             f"harmonia_compressed_copies_total {self._sum(_COPIES)}",

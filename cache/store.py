@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,18 @@ def _parse_db_hash(text: str) -> bytes:
         raise StoreError(f"the database holds a hash Nix would not write: {text!r}") from exc
 
 
+GENERATION_REUSE = 0.05  # how long one reading of the database's generation is trusted
+
+
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """What the database was when metadata was read: its generation, and the path's row (None:
+    not read). Nix commits every registration, signature and deletion."""
+
+    generation: tuple[int, int]
+    row: tuple[object, ...] | None
+
+
 class DbStore:
     """Reads Nix's database directly: fast (microseconds a query), no daemon round trip.
 
@@ -97,6 +110,8 @@ class DbStore:
         self.store_dir = store_dir
         self.real_store_dir = real_store_dir
         self._conn: sqlite3.Connection | None = None
+        self._opened = 0  # connections opened so far: a generation names its connection
+        self._generation: tuple[float, tuple[int, int]] | None = None  # (when read, what)
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -112,7 +127,58 @@ class DbStore:
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot open the Nix database {self.db_path}: {exc}") from exc
             self._conn = conn
+            self._opened += 1
         return self._conn
+
+    def generation(self) -> tuple[int, int]:
+        """Changes whenever another connection (Nix registering, signing or deleting a path)
+        commits to the database, read at most every GENERATION_REUSE seconds. SQLite's
+        `data_version` counts per connection, so a reopened one is a new generation."""
+        now = time.monotonic()
+        if self._generation is not None and now - self._generation[0] <= GENERATION_REUSE:
+            return self._generation[1]
+        rows = self._query("PRAGMA data_version", ())
+        version = rows[0][0] if rows else None
+        if not isinstance(version, int):
+            raise StoreError(f"the Nix database {self.db_path} reported no data_version")
+        self._generation = (now, (self._opened, version))
+        return self._generation[1]
+
+    # every column Nix updates in place (registering a path anew gives it a new id)
+    _ROW = "SELECT id, hash, narSize, sigs, ca"
+
+    def _row(self, path: str) -> tuple[object, ...] | None:
+        rows = self._query(f"{self._ROW} FROM ValidPaths WHERE path = ?", (path,))
+        return rows[0] if rows else None
+
+    def rows_from(self, first: int, limit: int) -> list[tuple[str, tuple[object, ...]]]:
+        """Paths from row `first` on, each with its row as `stamp` reads it."""
+        rows = self._query(
+            f"{self._ROW}, path FROM ValidPaths WHERE id >= ? ORDER BY id LIMIT ?", (first, limit)
+        )
+        return [(str(row[5]), row[:5]) for row in rows]
+
+    def stamp(self, path: str | None = None) -> Stamp | None:
+        """Taken before reading metadata (of `path`, when known), to tell later whether it is still
+        current without reading it again."""
+        try:
+            return Stamp(self.generation(), None if path is None else self._row(path))
+        except StoreError:
+            return None
+
+    def unchanged(self, stamp: Stamp, path: str) -> Stamp | None:
+        """A newer stamp when nothing concerning `path` was committed since `stamp` was taken: the
+        database is as it was, or the path's row is (other paths registered since, say)."""
+        try:
+            generation = self.generation()
+            if generation == stamp.generation:
+                return stamp
+            if stamp.row is None:
+                return None
+            row = self._row(path)
+        except StoreError:
+            return None
+        return Stamp(generation, row) if row == stamp.row else None
 
     def _query(self, sql: str, args: tuple[object, ...]) -> list[tuple[object, ...]]:
         try:
