@@ -65,7 +65,10 @@ def test_the_database_tells_what_changed_for_a_path(nix_daemon_env: dict[str, st
     assert newer is not None and newer.generation != stamp.generation and newer.row == stamp.row
 
     key = Path(nix_daemon_env["HOME"]) / f"stamp-key-{time.time_ns()}"
-    run(["nix-store", "--generate-binary-cache-key", "stamp-key-1", str(key), f"{key}.pub"], env=nix_daemon_env)
+    run(
+        ["nix-store", "--generate-binary-cache-key", "stamp-key-1", str(key), f"{key}.pub"],
+        env=nix_daemon_env,
+    )
     run(["nix", "store", "sign", "--key-file", str(key), path], env=nix_daemon_env)
     time.sleep(0.1)
     assert db.unchanged(newer, path) is None
@@ -128,7 +131,10 @@ def test_what_changes_after_registration_still_shows(
         assert lookups(cache)["request"] == served
 
         key = tmp_path / "later-key"
-        run(["nix-store", "--generate-binary-cache-key", "later-key-1", str(key), f"{key}.pub"], env=nix_daemon_env)
+        run(
+            ["nix-store", "--generate-binary-cache-key", "later-key-1", str(key), f"{key}.pub"],
+            env=nix_daemon_env,
+        )
         run(["nix", "store", "sign", "--key-file", str(key), path], env=nix_daemon_env)
         time.sleep(METADATA_TTL + 0.2)
         narinfo = httpx.get(url, timeout=20).text
