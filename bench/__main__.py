@@ -208,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         help="shaped-link rounds per client, each on newly built paths (the report takes the median)",
     )
     parser.add_argument(
+        "--extra-closures",
+        type=int,
+        default=2,
+        help="more closures per shaped-link round, each built anew (closure-only: about 4 s each)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="for development: 1 s load phases, a 20 MB fresh path and a 31-path closure",
@@ -243,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.workers,
                 lambda text: progress(9, text),
                 rounds=1 if args.quick else args.rounds,
+                extra_closures=0 if args.quick else args.extra_closures,
             )
     progress(10, "done")
     report = {

@@ -184,6 +184,11 @@ def build_fresh(state: Path, tag: str, big_mb: int, small_count: int) -> Fresh:
     return Fresh(big, published, top, small_count + 1)
 
 
+def build_fresh_closure(state: Path, tag: str, small_count: int) -> str:
+    """Only a new closure of small paths (the top of it): the shaped phase's extra closures."""
+    return _build(state, _fresh_expr(tag, 1, small_count), ["top"])[0]
+
+
 def export_to(paths: list[str], target: Path, compression: str, state: Path) -> None:
     """`nix copy --to file://…?compression=…`: a static cache Caddy serves (its closure included)."""
     subprocess.run(

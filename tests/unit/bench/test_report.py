@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bench.report import check_targets, render_chart, render_table, shaped_ratio
+from bench.report import check_targets, paired_ratio, render_chart, render_table, shaped_ratio
 
 RUN = Path(__file__).with_name("quick_run.json")
 
@@ -71,3 +71,23 @@ def test_table_says_how_many_first_fetches_found_no_copy() -> None:
     report["targets"] = check_targets(report["results"], report["shaped"])
     table = render_table(report)
     assert "nix-2.8: daemon 0/3, db 1/3; nix-2.26: daemon 2/3, db 0/3" in table
+
+
+def test_paired_ratio_is_the_median_of_fetch_by_fetch_ratios_and_shown_beside() -> None:
+    samples = {
+        # the same closures in the same order for every server: round 2 was slow for everyone
+        "caddy-zstd": {"closure": [0.40, 0.60, 0.40], "first": [0.30, 0.30, 0.30]},
+        "ours-db": {"closure": [0.38, 0.58, 0.41], "at_once": [0.60, 0.15, 0.30]},
+    }
+    assert math.isclose(paired_ratio(samples, "ours-db", "closure"), 0.60 / 0.58)
+    assert math.isclose(paired_ratio(samples, "ours-db", "at_once"), 1.0)  # against Caddy's first fetch
+    assert math.isnan(paired_ratio(samples, "ours-db", "again"))
+    report = _report()
+    report["shaped"]["samples"] = {"nix-2.8": dict(samples, **{"ours-daemon": samples["ours-db"]})}
+    report["targets"] = check_targets(report["results"], report["shaped"])
+    table = render_table(report)
+    assert "| paired daemon | paired db |" in table
+    client_samples = report["shaped"]["samples"]["nix-2.8"]
+    paired = paired_ratio(client_samples, "ours-db", "closure")
+    row = next(line for line in table.splitlines() if line.startswith("| a ") and "| nix-2.8 |" in line)
+    assert row.rstrip(" |").endswith(f"{paired:.2f}×")
