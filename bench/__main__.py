@@ -208,10 +208,10 @@ def main(argv: list[str] | None = None) -> int:
         help="shaped-link rounds per client, each on newly built paths (the report takes the median)",
     )
     parser.add_argument(
-        "--extra-closures",
+        "--extra",
         type=int,
         default=2,
-        help="more closures per shaped-link round, each built anew (closure-only: about 4 s each)",
+        help="more first fetches and closures per shaped-link round, each on paths built anew (about 15 s each)",
     )
     parser.add_argument(
         "--quick",
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.workers,
                 lambda text: progress(9, text),
                 rounds=1 if args.quick else args.rounds,
-                extra_closures=0 if args.quick else args.extra_closures,
+                extra=0 if args.quick else args.extra,
             )
     progress(10, "done")
     report = {

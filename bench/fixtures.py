@@ -184,9 +184,10 @@ def build_fresh(state: Path, tag: str, big_mb: int, small_count: int) -> Fresh:
     return Fresh(big, published, top, small_count + 1)
 
 
-def build_fresh_closure(state: Path, tag: str, small_count: int) -> str:
-    """Only a new closure of small paths (the top of it): the shaped phase's extra closures."""
-    return _build(state, _fresh_expr(tag, 1, small_count), ["top"])[0]
+def build_fresh_published(state: Path, tag: str, big_mb: int, small_count: int) -> tuple[str, str]:
+    """Only a new published path and a new closure (its top): the shaped phase's extra fetches."""
+    published, top = _build(state, _fresh_expr(tag, big_mb, small_count), ["published", "top"])
+    return published, top
 
 
 def export_to(paths: list[str], target: Path, compression: str, state: Path) -> None:

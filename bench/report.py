@@ -129,8 +129,8 @@ def check_targets(results: dict[str, Any], shaped: dict[str, Any] | None = None)
     return out
 
 
-def _closures(shaped: dict[str, Any]) -> int:
-    return int(shaped.get("rounds", 1)) * int(shaped.get("closures_per_round", 1))
+def _samples(shaped: dict[str, Any]) -> int:
+    return int(shaped.get("rounds", 1)) * int(shaped.get("samples_per_round", 1))
 
 
 def render_shaped(shaped: dict[str, Any]) -> list[str]:
@@ -140,7 +140,8 @@ def render_shaped(shaped: dict[str, Any]) -> list[str]:
         f"Shaped link: {shaped['rate']} (tbf on both ends of a veth between two network namespaces; "
         "servers in one, the client in the other), `nix copy --no-check-sigs` into a fresh store with a "
         "fresh narinfo cache, wall seconds (lower is better), the median of "
-        f"{shaped.get('rounds', 1)} round(s) on newly built paths ({_closures(shaped)} closures); ratio = "
+        f"{shaped.get('rounds', 1)} round(s) on newly built paths ({_samples(shaped)} first fetches once every "
+        "server has the path and as many closures); ratio = "
         "Caddy zstd export time / ours (>= 1: we are at least as fast), of the medians (the targets' "
         "figure) and, beside it, the median of the ratios fetch by fetch (paired).",
         "",
@@ -166,7 +167,7 @@ def render_shaped(shaped: dict[str, Any]) -> list[str]:
             lines.append(f"| {label} | {client} | {' | '.join(cells)} | {' | '.join(ratios)} |")
     lagged = shaped.get("first_without_copy", {})
     if lagged:
-        rounds = shaped.get("rounds", 1)
+        rounds = _samples(shaped)
         counts = "; ".join(
             f"{client}: daemon {by.get('ours-daemon', 0)}/{rounds}, db {by.get('ours-db', 0)}/{rounds}"
             for client, by in lagged.items()

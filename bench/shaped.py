@@ -230,19 +230,19 @@ def run_shaped(
     workers: int,
     say: Callable[[str], None],
     rounds: int = 3,
-    extra_closures: int = 2,
+    extra: int = 2,
 ) -> dict[str, Any]:
     """The whole phase; a dict for the report (`skipped` says why when it cannot run here).
 
     Each client runs `rounds` rounds, each on newly built paths (so every first fetch is really
     first); the report's time is the median of the rounds, and `samples` keeps every one: a single
-    transfer over the shaped link varies by up to ±50 % from one try to the next. A closure's
-    time varies by ±15 % between rounds, more than the differences it measures: each round also
-    fetches `extra_closures` more closures, each built anew (about 4 s each), and the samples
-    of one closure line up across servers (the report pairs them)."""
+    transfer over the shaped link varies by up to ±50 % from one try to the next, a closure's by
+    ±15 %, more than the differences they measure. So each round also makes `extra` more first
+    fetches of a published path and closures, each on paths built anew (about 15 s each); the
+    samples of one path line up across servers (the report pairs them)."""
     from cache.hashes import nix32_encode
 
-    from .fixtures import build_fresh, build_fresh_closure, export_to, nar_hash
+    from .fixtures import build_fresh, build_fresh_published, export_to, nar_hash
     from .servers import caddy_file_server, harmonia_cache
 
     why = link_available()
@@ -254,7 +254,7 @@ def run_shaped(
         "big_mb": big_mb,
         "closure_paths": small_count + 1,
         "rounds": rounds,
-        "closures_per_round": 1 + extra_closures,
+        "samples_per_round": 1 + extra,
         "missing_clients": missing,
         "clients": {},
         "samples": {},
@@ -339,18 +339,24 @@ def run_shaped(
                 ):
                     for server in order:
                         samples[server][measure].append(fetch(server, paths))
-                for extra in range(extra_closures):
+                for more in range(extra):
                     say(
-                        f"{client.name}, round {round_ + 1}/{rounds}: closure {extra + 2}/{extra_closures + 1}"
+                        f"{client.name}, round {round_ + 1}/{rounds}: more first fetches and closures ({more + 1}/{extra})"
                     )
-                    top = build_fresh_closure(work, f"{tag}-{extra}", small_count)
-                    export_to([top], exports["zstd"], "zstd", work)
-                    export_to([top], exports["none"], "none", work)
+                    published, top = build_fresh_published(work, f"{tag}-{more}", big_mb, small_count)
+                    export_to([published, top], exports["zstd"], "zstd", work)
+                    export_to([published, top], exports["none"], "none", work)
                     os.sync()
                     time.sleep(SETTLE)
+                    copy_name = f"{nix32_encode(nar_hash(published, work))}.nar.zst"
+                    for server in OURS:
+                        if not (states[server] / "nar-zstd" / copy_name).exists():
+                            lagged[server] += 1
                     turn = (turn + 1) % len(SERVERS)
-                    for server in (*SERVERS[turn:], *SERVERS[:turn]):
-                        samples[server]["closure"].append(fetch(server, [top]))
+                    order = (*SERVERS[turn:], *SERVERS[:turn])
+                    for measure, paths in (("first", [published]), ("closure", [top])):
+                        for server in order:
+                            samples[server][measure].append(fetch(server, paths))
             result["samples"][client.name] = samples
             result["first_without_copy"][client.name] = lagged
             result["clients"][client.name] = {
