@@ -363,15 +363,23 @@ class App:
                 entry.stamp = Stamp(now.generation, row)
 
     async def _finish_warming(self, entries: list[Known]) -> None:
-        """The narinfos of paths warmed a moment ago, signed, and their small NARs read."""
+        """Paths learnt a moment ago: their narinfos signed and rendered, their small NARs read.
+        A path still waiting for its copy is only signed: rendering it now would have this worker
+        compress it too (the narinfo of a copy not made yet asks for one), and the copy's
+        FileHash/FileSize would change the text anyway."""
         for entry in entries:
             if self._known.get(entry.resolved.hash_part) is not entry:
                 continue
             await trio.lowlevel.checkpoint()
             await self._until_quiet()
-            if self._known.get(entry.resolved.hash_part) is entry:
-                self.narinfo_body(entry, as_json=False)
-                self._preload_body(entry)
+            if self._known.get(entry.resolved.hash_part) is not entry:
+                continue
+            info = entry.resolved.info
+            if entry.zstd and self.copies is not None and self.copies.meta(info.nar_hash) is None:
+                self._signatures(info)
+                continue
+            self.narinfo_body(entry, as_json=False)
+            self._preload_body(entry)
 
     def _stamp(self, path: str | None = None) -> Stamp | None:
         """Taken before the store is asked: a commit in between only means asking again later."""
@@ -648,14 +656,18 @@ class App:
         )
         cached = self.narinfo_cache.get(key)
         if cached is None:
-            signed_key = key[:5]  # what the signatures depend on: the fingerprint and the store's
-            signed = self.signature_cache.get(signed_key)
-            if signed is None:
-                signed = signatures(info, self.signers)
-                self.signature_cache.put(signed_key, signed)
-            cached = NarInfo(info, location, signed)
+            cached = NarInfo(info, location, self._signatures(info))
             self.narinfo_cache.put(key, cached)
         return cached
+
+    def _signatures(self, info: PathInfo) -> tuple[str, ...]:
+        # what they depend on: the fingerprint, and the store's own signatures
+        key = (info.path, info.nar_hash, info.nar_size, info.sigs, info.references)
+        signed = self.signature_cache.get(key)
+        if signed is None:
+            signed = signatures(info, self.signers)
+            self.signature_cache.put(key, signed)
+        return signed
 
     def _copy_known(self, known: Known) -> bool:
         return (
