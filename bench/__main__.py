@@ -210,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--extra",
         type=int,
-        default=2,
-        help="more first fetches and closures per shaped-link round, each on paths built anew (about 15 s each)",
+        default=None,
+        help="more first fetches and closures per shaped-link round, each on paths built anew "
+        "(about 15 s each; 2, or 0 with --quick)",
     )
     parser.add_argument(
         "--quick",
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.workers,
                 lambda text: progress(9, text),
                 rounds=1 if args.quick else args.rounds,
-                extra=0 if args.quick else args.extra,
+                extra=args.extra if args.extra is not None else 0 if args.quick else 2,
             )
     progress(10, "done")
     report = {

@@ -302,6 +302,21 @@ def run_shaped(
                 finally:
                     remove_tree(scratch)
 
+            def publish(published: str, top: str, lagged: dict[str, int] = lagged) -> None:
+                """Pushes the paths to the static caches (not timed), and counts our servers that
+                have no copy of the published path yet (their first fetch is then a live stream)."""
+                export_to([published, top], exports["zstd"], "zstd", work)
+                export_to([published, top], exports["none"], "none", work)
+                # the build's and the exports' writes flushed now, not by the writeback timer 30 s
+                # later, in the middle of one server's fetch (a client then lagged up to 0.17 s
+                # behind its download); and their threads out of the way of whoever goes first
+                os.sync()
+                time.sleep(SETTLE)
+                copy_name = f"{nix32_encode(nar_hash(published, work))}.nar.zst"
+                for server in OURS:
+                    if not (states[server] / "nar-zstd" / copy_name).exists():
+                        lagged[server] += 1
+
             for round_ in range(rounds):
                 # the order alternates between clients and rounds, so that no server always goes first
                 flip = (n + round_) % 2 == 1
@@ -316,19 +331,9 @@ def run_shaped(
                 # stream); a static cache cannot serve the path yet at all
                 for server in tuple(reversed(OURS)) if flip else OURS:
                     samples[server]["at_once"].append(fetch(server, [fresh.big]))
-                # published: a static cache has the paths once they were pushed to it (not timed);
-                # then every server's first fetch of another fresh path
-                export_to([fresh.published, fresh.top], exports["zstd"], "zstd", work)
-                export_to([fresh.published, fresh.top], exports["none"], "none", work)
-                # the build's and the exports' writes flushed now, not by the writeback timer 30 s
-                # later, in the middle of one server's fetch (a client then lagged up to 0.17 s
-                # behind its download); and their threads out of the way of whoever goes first
-                os.sync()
-                time.sleep(SETTLE)
-                copy_name = f"{nix32_encode(nar_hash(fresh.published, work))}.nar.zst"
-                for server in OURS:
-                    if not (states[server] / "nar-zstd" / copy_name).exists():
-                        lagged[server] += 1
+                # published: a static cache has the paths once they were pushed to it; then every
+                # server's first fetch of another fresh path
+                publish(fresh.published, fresh.top)
                 # every server goes first in turn (whoever goes first after a pause pays for it)
                 turn = (n * rounds + round_) % len(SERVERS)
                 order = (*SERVERS[turn:], *SERVERS[:turn])
@@ -344,14 +349,7 @@ def run_shaped(
                         f"{client.name}, round {round_ + 1}/{rounds}: more first fetches and closures ({more + 1}/{extra})"
                     )
                     published, top = build_fresh_published(work, f"{tag}-{more}", big_mb, small_count)
-                    export_to([published, top], exports["zstd"], "zstd", work)
-                    export_to([published, top], exports["none"], "none", work)
-                    os.sync()
-                    time.sleep(SETTLE)
-                    copy_name = f"{nix32_encode(nar_hash(published, work))}.nar.zst"
-                    for server in OURS:
-                        if not (states[server] / "nar-zstd" / copy_name).exists():
-                            lagged[server] += 1
+                    publish(published, top)
                     turn = (turn + 1) % len(SERVERS)
                     order = (*SERVERS[turn:], *SERVERS[:turn])
                     for measure, paths in (("first", [published]), ("closure", [top])):
