@@ -540,7 +540,9 @@ class App:
                     return
                 stamp = self._stamp(path)
                 self.metrics.store_lookup("look_ahead")
-                info = await self.store.path_info(path)
+                # a hint: from the database where it is readable and the store's (the daemon then
+                # is not woken on the client's cores for every reference), else from the store
+                info = await (self._registry or self.store).path_info(path)
                 if info is not None and self.store.servable(info) and hash_part not in self._known:
                     entry = self._remember(hash_part, info, stamp=stamp)
                     entry.ahead = True
