@@ -116,6 +116,22 @@ def compress_chunks(chunks: Iterator[bytes], level: int) -> Iterator[bytes]:
         yield tail
 
 
+_WHOLE: dict[int, zstandard.ZstdCompressor] = {}
+
+
+def compress_whole(chunks: Iterator[bytes], level: int) -> bytes:
+    """A small NAR's compressed bytes at once: the same bytes as `compress_chunks`, with one
+    compression context per process and level kept between calls (making one costs more than
+    compressing a few KiB: 32 against 13 µs for 5 KiB here)."""
+    cctx = _WHOLE.get(level)
+    if cctx is None:
+        cctx = _WHOLE[level] = zstandard.ZstdCompressor(level=level)
+    comp = cctx.compressobj()
+    out = [comp.compress(chunk) for chunk in chunks]
+    out.append(comp.flush())
+    return b"".join(out)
+
+
 def looks_compressible(segments: Iterator[Segment]) -> bool:
     """Whether zstd shrinks the NAR's first bytes: a cheap test that skips already-compressed
     content. Deterministic, so every worker decides the same for a path."""

@@ -13,6 +13,7 @@ from cache.compression import (
     CopyStore,
     StateDirectoryError,
     compress_chunks,
+    compress_whole,
     condition,
     iter_nar_bytes,
     looks_compressible,
@@ -40,6 +41,22 @@ def test_the_live_stream_is_the_copy_byte_for_byte(tmp_path: Path) -> None:
     assert zstandard.ZstdDecompressor().decompressobj().decompress(live) == nar_bytes(tree)
     assert copies.lookup(NAR_HASH) == made
     assert not list((tmp_path / "copies").glob("*.tmp"))
+
+
+def test_a_small_nar_compressed_at_once_is_the_copy_byte_for_byte(tmp_path: Path) -> None:
+    """The context kept between calls leaves nothing behind: every call gives the streamed bytes
+    (and so the copy's, whose FileHash a narinfo may already carry), however the NAR is cut."""
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "data").write_text("\n".join(str(i) for i in range(1500)))
+    data = nar_bytes(os.fsencode(small))
+    other = nar_bytes(os.fsencode(_tree(tmp_path)))[:20_000]
+    for nar in (data, other, data, b"", data):
+        expected = b"".join(compress_chunks(iter([nar]), 3))
+        assert compress_whole(iter([nar]), 3) == expected
+        assert compress_whole(iter([nar[:7], nar[7:100], nar[100:]]), 3) == expected
+        assert zstandard.ZstdDecompressor().decompressobj().decompress(expected) == nar
+    assert compress_whole(iter([data]), 5) == b"".join(compress_chunks(iter([data]), 5))
 
 
 def test_an_evicted_copy_keeps_its_meta(tmp_path: Path) -> None:
