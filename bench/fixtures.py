@@ -190,6 +190,11 @@ def build_fresh_published(state: Path, tag: str, big_mb: int, small_count: int) 
     return published, top
 
 
+def build_fresh_closure(state: Path, tag: str, small_count: int) -> str:
+    """Only a new closure of small paths (its top)."""
+    return _build(state, _fresh_expr(tag, 1, small_count), ["top"])[0]
+
+
 def export_to(paths: list[str], target: Path, compression: str, state: Path) -> None:
     """`nix copy --to file://…?compression=…`: a static cache Caddy serves (its closure included)."""
     subprocess.run(

@@ -12,6 +12,7 @@ SHAPED_LABELS = {
     "first": "first fetch of a fresh {mb} MB path, once every server has it",
     "again": "the same path again",
     "closure": "a {n}-path closure",
+    "closure_old": "a {n}-path closure built before the servers started (nothing learnt, no copies)",
 }
 
 
@@ -20,6 +21,7 @@ SHORT_LABELS = {
     "first": "fresh {mb} MB,\npublished",
     "again": "same again",
     "closure": "{n}-path closure",
+    "closure_old": "{n}-path closure,\nbuilt before",
 }
 
 
@@ -150,7 +152,7 @@ def render_shaped(shaped: dict[str, Any]) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for client, times in shaped["clients"].items():
-        for measure in ("at_once", "first", "again", "closure"):
+        for measure in ("at_once", "first", "again", "closure", "closure_old"):
             if measure not in times["ours-db"]:
                 continue
             label = SHAPED_LABELS[measure].format(mb=shaped["big_mb"], n=shaped["closure_paths"])
@@ -312,7 +314,7 @@ def _shaped_panel(ax: Any, shaped: dict[str, Any]) -> None:
     groups = [
         (client, m)
         for client in shaped["clients"]
-        for m in ("at_once", "first", "again", "closure")
+        for m in ("at_once", "first", "again", "closure", "closure_old")
         if m in shaped["clients"][client]["ours-db"]
     ]
     width = 0.8 / len(servers)

@@ -218,7 +218,7 @@ def clients() -> tuple[list[Client], list[str]]:
 OURS = ("ours-daemon", "ours-db")
 CADDY = ("caddy-zstd", "caddy-none")
 SERVERS = (*OURS, *CADDY)
-MEASURES = ("at_once", "first", "again", "closure")
+MEASURES = ("at_once", "first", "again", "closure", "closure_old")
 SETTLE = 2.0
 
 
@@ -242,7 +242,7 @@ def run_shaped(
     samples of one path line up across servers (the report pairs them)."""
     from cache.hashes import nix32_encode
 
-    from .fixtures import build_fresh, build_fresh_published, export_to, nar_hash
+    from .fixtures import build_fresh, build_fresh_closure, build_fresh_published, export_to, nar_hash
     from .servers import caddy_file_server, harmonia_cache
 
     why = link_available()
@@ -269,6 +269,22 @@ def run_shaped(
         shutil.rmtree(directory, ignore_errors=True)
     for directory in exports.values():
         directory.mkdir(parents=True)
+    # closures registered before our servers start: nothing learnt at registration, no copies (a
+    # fleet host also fetches paths built earlier); one a round and client
+    say(f"building {rounds * len(found)} closures before the servers start")
+    older = {
+        client.name: [
+            build_fresh_closure(
+                work, f"older-{client.name.replace('.', '')}-{r}-{time.time_ns()}", small_count
+            )
+            for r in range(rounds)
+        ]
+        for client in found
+    }
+    if any(older.values()):
+        every = [top for tops in older.values() for top in tops]
+        export_to(every, exports["zstd"], "zstd", work)
+        export_to(every, exports["none"], "none", work)
     with shaped_link(rate) as link, ExitStack() as stack:
         servers = {
             "ours-daemon": stack.enter_context(
@@ -344,6 +360,8 @@ def run_shaped(
                 ):
                     for server in order:
                         samples[server][measure].append(fetch(server, paths))
+                for server in order:
+                    samples[server]["closure_old"].append(fetch(server, [older[client.name][round_]]))
                 for more in range(extra):
                     say(
                         f"{client.name}, round {round_ + 1}/{rounds}: more first fetches and closures ({more + 1}/{extra})"

@@ -91,3 +91,15 @@ def test_paired_ratio_is_the_median_of_fetch_by_fetch_ratios_and_shown_beside() 
     paired = paired_ratio(client_samples, "ours-db", "closure")
     row = next(line for line in table.splitlines() if line.startswith("| a ") and "| nix-2.8 |" in line)
     assert row.rstrip(" |").endswith(f"{paired:.2f}×")
+
+
+def test_closures_built_before_the_servers_have_their_own_row_and_no_target() -> None:
+    report = _report()
+    for times in report["shaped"]["clients"].values():
+        for server, caddy_or_ours in times.items():
+            caddy_or_ours["closure_old"] = 0.5 if server.startswith("ours") else 0.4
+    report["targets"] = check_targets(report["results"], report["shaped"])
+    table = render_table(report)
+    row = next(line for line in table.splitlines() if "built before the servers started" in line)
+    assert "| 0.80× | 0.80× |" in row
+    assert not any("closure_old" in t["name"] or "built before" in t["name"] for t in report["targets"])
