@@ -31,6 +31,7 @@ from .push.service import PushService
 from .routes import dispatch
 from .signing import PublicKey, Signer
 from .store import DbStore, FsNar, Stamp, Store, StoreError
+from .storepath import hash_part_of
 from .transport.messages import Request, Response, error
 
 log = logging.getLogger("harmonia.app")
@@ -260,7 +261,7 @@ class App:
                     continue
                 if not rows:
                     continue
-                last = max(row[0] for row in rows)
+                last = rows[-1][0]  # in id order
                 if turn is not None and turn.held():
                     self._compress_new(rows, registry)
                 warmed = await self._warm(rows, registry)
@@ -281,8 +282,8 @@ class App:
             return None
         db = DbStore(self.config.nix_db_path, self.config.virtual_nix_store, self.config.real_nix_store)
         try:
-            newest = db.paths_after(max(0, db.last_path_id() - 1), 1)
-            ours = await db.path_info(newest[0][1]) if newest else None
+            newest = db.rows_from(db.last_path_id(), 1)
+            ours = await db.path_info(newest[0][0]) if newest else None
             daemons = await self.store.path_info(ours.path) if ours is not None else None
         except StoreError as exc:
             if not self._registry_complained:
@@ -324,15 +325,14 @@ class App:
         references), between requests."""
         warmed: list[Known] = []
         for _row_id, path, _nar_hash, _nar_size in rows:
-            hash_part = path.rsplit("/", 1)[-1][:32]
+            hash_part = hash_part_of(path)
             if path.endswith(".drv") or hash_part in self._known or hash_part in self._prefetching:
                 continue
             await trio.lowlevel.checkpoint()
             await self._until_quiet()
-            stamp = registry.stamp(path)
             self.metrics.store_lookup("registration")
             try:
-                info = await registry.path_info(path)
+                info, stamp = await registry.stamped_path_info(path)
             except StoreError:
                 break  # only a head start: the requests ask the store themselves
             if info is None or hash_part in self._known or not self.store.servable(info):
@@ -353,7 +353,7 @@ class App:
             if n % 256 == 255:
                 await trio.lowlevel.checkpoint()
                 await self._until_quiet()
-            entry = self._known.get(path.rsplit("/", 1)[-1][:32])
+            entry = self._known.get(hash_part_of(path))
             if (
                 entry is not None
                 and entry.stamp is not None
@@ -468,8 +468,7 @@ class App:
                 or self.copies.compressible(info.nar_hash, info.nar_size, fs.segments)
             )
         )
-        fresh = Known(Resolved(hash_part, info), real, key or (0, 0), time.monotonic(), fs, zstd)
-        fresh.stamp = stamp
+        fresh = Known(Resolved(hash_part, info), real, key or (0, 0), time.monotonic(), fs, zstd, stamp=stamp)
         if key is None:
             return fresh  # nothing to check it by: not remembered
         if len(self._known) >= self._known_entries:
@@ -496,7 +495,7 @@ class App:
                     budget -= 1
                     if budget < 0:
                         return
-                    ref_hash = ref.rsplit("/", 1)[-1][:32]
+                    ref_hash = hash_part_of(ref)
                     if ref_hash in self._prefetching:
                         continue
                     if (known := self._known.get(ref_hash)) is not None:
@@ -538,11 +537,14 @@ class App:
                 await self._until_quiet()
                 if hash_part in self._known:
                     return
-                stamp = self._stamp(path)
                 self.metrics.store_lookup("look_ahead")
                 # a hint: from the database where it is readable and the store's (the daemon then
                 # is not woken on the client's cores for every reference), else from the store
-                info = await (self._registry or self.store).path_info(path)
+                stamp: Stamp | None = None
+                if self._registry is not None:
+                    info, stamp = await self._registry.stamped_path_info(path)
+                else:
+                    info = await self.store.path_info(path)
                 if info is not None and self.store.servable(info) and hash_part not in self._known:
                     entry = self._remember(hash_part, info, stamp=stamp)
                     entry.ahead = True

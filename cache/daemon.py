@@ -24,6 +24,7 @@ from .hashes import HashFormatError, parse_sha256
 from .narinfo import PathInfo
 from .plainsocket import receive_when_ready, write_now
 from .store import FsNar, StoreError, StreamedNar, real_path
+from .storepath import hash_part_of
 
 WORKER_MAGIC_1 = 0x6E697863
 WORKER_MAGIC_2 = 0x6478696F
@@ -681,7 +682,7 @@ class DaemonStore:
         for again later, they cost one round trip, not two)."""
         if len(self._path_names) >= PATH_NAMES:
             self._path_names.clear()
-        self._path_names[path.rsplit("/", 1)[-1][:32]] = path
+        self._path_names[hash_part_of(path)] = path
 
     def servable(self, info: PathInfo) -> bool:
         return True  # the daemon can always dump a path it lists as valid

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .hashes import sha256_nix32
 from .signing import Signer
+from .storepath import hash_part_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +30,7 @@ class PathInfo:
 
     @property
     def hash_part(self) -> str:
-        return self.path.rsplit("/", 1)[1][:32]
+        return hash_part_of(self.path)
 
 
 @dataclass(frozen=True, slots=True)

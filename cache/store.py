@@ -151,6 +151,16 @@ class DbStore:
         rows = self._query(f"{self._ROW} FROM ValidPaths WHERE path = ?", (path,))
         return rows[0] if rows else None
 
+    async def stamped_path_info(self, path: str) -> tuple[PathInfo | None, Stamp]:
+        """`path_info` and its stamp from the same query (the generation read before it)."""
+        generation = self.generation()
+        rows = self._query(f"{self._COLUMNS} WHERE path = ?", (path,))
+        if not rows:
+            return None, Stamp(generation, None)
+        row = rows[0]
+        # _COLUMNS' id, hash, narSize, sigs and ca: the row as `_row` reads it
+        return self._info(row), Stamp(generation, (row[0], row[2], row[5], row[6], row[7]))
+
     def rows_from(self, first: int, limit: int) -> list[tuple[str, tuple[object, ...]]]:
         """Paths from row `first` on, each with its row as `stamp` reads it."""
         rows = self._query(

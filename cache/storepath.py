@@ -28,6 +28,11 @@ def check_hash_part(text: str) -> str:
     return text
 
 
+def hash_part_of(path: str) -> str:
+    """`/nix/store/<hash>-<name>` → `<hash>` (a path Nix or the store gave, not a client)."""
+    return path.rsplit("/", 1)[-1][:HASH_PART_LEN]
+
+
 def is_valid_name(name: str) -> bool:
     return _NAME.fullmatch(name) is not None and not name.startswith(".")
 

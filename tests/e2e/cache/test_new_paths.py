@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 
 from cache.app import METADATA_TTL, NEW_PATHS_POLL
 from cache.store import DbStore
@@ -58,6 +59,9 @@ def test_the_database_tells_what_changed_for_a_path(nix_daemon_env: dict[str, st
     stamp = db.stamp(path)
     assert stamp is not None and stamp.row is not None
     assert db.unchanged(stamp, path) == stamp
+    # the look-ahead's and the watch's stamps come with the metadata, from the same query
+    info, with_info = trio.run(db.stamped_path_info, path)
+    assert info is not None and info.path == path and with_info.row == stamp.row
 
     build(unique_path_expr(f"stamp-other-{time.time_ns()}"), nix_daemon_env)
     time.sleep(0.1)  # past the reuse of one generation reading
