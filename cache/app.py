@@ -18,7 +18,16 @@ import trio
 
 from . import __version__
 from .bodies import BodyMemo
-from .compression import MIN_COMPRESS_SIZE, CompressedNar, CopyIndex, CopyStore, LiveCopy, nar_in_memory
+from .compression import (
+    MIN_COMPRESS_SIZE,
+    CompressedNar,
+    CopyIndex,
+    CopyStore,
+    LiveCopy,
+    compressed_in_memory,
+    has_copy,
+    nar_in_memory,
+)
 from .compressor import Compressor
 from .config import Config
 from .context import Known, Resolved
@@ -314,9 +323,12 @@ class App:
         for _row_id, path, nar_hash, nar_size in rows:
             # within the copy budget: a NAR larger than all of it would only evict the rest.
             # Derivations are registered with every build but rarely fetched: a copy of one is
-            # made when it is first asked for (as many copies made, and fsynced, as outputs)
-            if MIN_COMPRESS_SIZE <= nar_size <= self.config.compressed_cache_max_bytes and not path.endswith(
-                ".drv"
+            # made when it is first asked for (as many copies made, and fsynced, as outputs).
+            # Small NARs get none: workers compress them in memory
+            if (
+                has_copy(nar_size)
+                and nar_size <= self.config.compressed_cache_max_bytes
+                and not path.endswith(".drv")
             ):
                 self.compressor.submit(nar_hash, registry.real_path(path), nar_size)
 
@@ -366,7 +378,8 @@ class App:
         """Paths learnt a moment ago: their narinfos signed and rendered, their small NARs read.
         A path still waiting for its copy is only signed: rendering it now would have this worker
         compress it too (the narinfo of a copy not made yet asks for one), and the copy's
-        FileHash/FileSize would change the text anyway."""
+        FileHash/FileSize would change the text anyway. A small one has no copy to wait for: its
+        compressed body is made here."""
         for entry in entries:
             if self._known.get(entry.resolved.hash_part) is not entry:
                 continue
@@ -375,7 +388,12 @@ class App:
             if self._known.get(entry.resolved.hash_part) is not entry:
                 continue
             info = entry.resolved.info
-            if entry.zstd and self.copies is not None and self.copies.meta(info.nar_hash) is None:
+            if (
+                entry.zstd
+                and self.copies is not None
+                and has_copy(info.nar_size)
+                and self.copies.meta(info.nar_hash) is None
+            ):
                 self._signatures(info)
                 continue
             self.narinfo_body(entry, as_json=False)
@@ -462,9 +480,11 @@ class App:
             self.copies is not None
             and fs is not None
             and info.nar_size >= MIN_COMPRESS_SIZE
-            # a copy made (by the watch for new paths, say) settles it without reading a sample
+            # a copy made (by the watch for new paths, say) settles it without reading a sample;
+            # a small NAR is never sampled (nor has a copy to look for)
             and (
-                self.copies.meta(info.nar_hash) is not None
+                not has_copy(info.nar_size)
+                or self.copies.meta(info.nar_hash) is not None
                 or self.copies.compressible(info.nar_hash, info.nar_size, fs.segments)
             )
         )
@@ -576,10 +596,17 @@ class App:
 
     def _preload_body(self, known: Known) -> None:
         """The small NAR body of a path fetched ahead, read now: a client asks for a closure's
-        NARs once it has the narinfos. Its copy when it is offered compressed, else the NAR."""
+        NARs once it has the narinfos. Offered compressed: compressed here (small) or its copy;
+        else the NAR."""
         info = known.resolved.info
         if known.zstd:
             if self.copies is None or self.bodies.get(info.nar_hash, "zstd") is not None:
+                return
+            if not has_copy(info.nar_size):
+                if known.fs is not None and (
+                    body := compressed_in_memory(known.fs.segments, self.config.zstd_level)
+                ):
+                    self.bodies.put(info.nar_hash, "zstd", body)
                 return
             meta = self.copies.meta(info.nar_hash)
             if meta is None or meta.file_size > self.bodies.item_max:
@@ -615,10 +642,10 @@ class App:
         return self.copies.copy(info.nar_hash)
 
     def schedule_compression(self, info: PathInfo, fs: FsNar | None = None) -> None:
-        if self.compressor is None:
+        if self.compressor is None or not has_copy(info.nar_size):
             return
         nar = fs if fs is not None else self.store.fs_nar(info)
-        if nar is not None and info.nar_size >= MIN_COMPRESS_SIZE:
+        if nar is not None:
             self.compressor.submit(info.nar_hash, nar.root, info.nar_size)
 
     def location(self, known: Known) -> NarLocation:
@@ -628,8 +655,12 @@ class App:
         narhash = nix32_encode(resolved.info.nar_hash)
         if not known.zstd or self.copies is None:
             return NarLocation(f"nar/{narhash}.nar?hash={resolved.hash_part}", "none")
-        meta = self.copies.meta(resolved.info.nar_hash)
         url = f"nar/{narhash}.nar.zst?hash={resolved.hash_part}"
+        if not has_copy(resolved.info.nar_size):
+            # compressed in memory when asked for: the same bytes whichever worker answers, and
+            # those of a copy an earlier version made, so a cached narinfo with its FileHash holds
+            return NarLocation(url, "zstd")
+        meta = self.copies.meta(resolved.info.nar_hash)
         if meta is None:
             self.schedule_compression(resolved.info, known.fs)
             return NarLocation(url, "zstd")
@@ -676,6 +707,7 @@ class App:
     def _copy_known(self, known: Known) -> bool:
         return (
             known.zstd
+            and has_copy(known.resolved.info.nar_size)
             and self.copies is not None
             and self.copies.meta(known.resolved.info.nar_hash) is not None
         )

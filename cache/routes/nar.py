@@ -20,14 +20,15 @@ from ..compression import (
     CompressedNar,
     LiveCopy,
     compress_chunks,
-    compress_whole,
+    compressed_in_memory,
+    has_copy,
     iter_nar_bytes,
     nar_in_memory,
 )
 from ..context import Context, Resolved
 from ..daemon import DaemonError
 from ..hashes import nix32_encode
-from ..nar import FileRegion, NarError, Segment, read_small_file
+from ..nar import FileRegion, Segment, read_small_file
 from ..narinfo import PathInfo
 from ..store import FsNar, StreamedNar
 from ..storepath import is_hash_part
@@ -105,7 +106,7 @@ async def get_nar_zst(ctx: Context, request: Request, match: re.Match[str]) -> R
     source = await ctx.store.nar(found.info)
     if not isinstance(source, FsNar):
         return error(404, "no compressed NAR with this store backend (nar_source = daemon)")
-    copy = ctx.compressed_copy(found.info)
+    copy = ctx.compressed_copy(found.info) if has_copy(found.info.nar_size) else None
     if copy is not None:
         return ranged(request, headers, copy.file_size, _copy_body(ctx, copy, found.info.nar_hash))
     headers = [("Content-Type", NAR_TYPE), ("Cache-Control", IMMUTABLE)]
@@ -139,11 +140,11 @@ async def get_nar_zst(ctx: Context, request: Request, match: re.Match[str]) -> R
 
 def _compress_small(ctx: Context, source: FsNar, info: PathInfo, level: int) -> bytes | None:
     """A small NAR compressed in the event loop (microseconds) and kept in memory. Its copy on
-    disk is the compressor's (asked for here and by the narinfo): writing it in the request path
-    cost 125 µs of file operations a NAR, most of each NAR's time in a closure of older paths."""
-    try:
-        body = compress_whole(iter_nar_bytes(source.segments()), level)
-    except (NarError, OSError):
+    disk, if its size gets one, is the compressor's (asked for here and by the narinfo): writing
+    it in the request path cost 125 µs of file operations a NAR, most of each NAR's time in a
+    closure of older paths."""
+    body = compressed_in_memory(source.segments, level)
+    if body is None:
         return None  # the streaming path reports it
     ctx.bodies.put(info.nar_hash, "zstd", body)
     ctx.schedule_compression(info, source)
@@ -164,7 +165,7 @@ async def nar_response(ctx: Context, request: Request, resolved: Resolved) -> Re
         coded = [*headers, ("Content-Encoding", "zstd")]
         if (kept := ctx.bodies.get(info.nar_hash, "zstd")) is not None:
             return Response(200, coded, kept)
-        copy = ctx.compressed_copy(info)
+        copy = ctx.compressed_copy(info) if has_copy(info.nar_size) else None
         if copy is not None:
             return Response(200, coded, _copy_body(ctx, copy, info.nar_hash)(0, copy.file_size))
         source = await ctx.store.nar(info)

@@ -164,6 +164,59 @@ def test_compressed_from_the_first_narinfo_and_the_same_bytes_ever_after(
         assert again.content == live
 
 
+def test_small_nars_are_compressed_in_memory_without_copies(
+    tmp_path: Path, nix_daemon_env: dict[str, str]
+) -> None:
+    """A NAR up to COPYLESS_MAX is offered compressed but never gets a copy on disk: every worker
+    compresses it in memory, to the bytes a copy would hold, so its narinfo never needs
+    FileHash/FileSize. A larger one, built alongside, still gets its copy. Both built while the
+    cache runs (learnt at registration) and before it started (learnt when asked for)."""
+    from cache.compression import COPYLESS_MAX, MIN_COMPRESS_SIZE, compress_chunks
+    from tests.support.fixtures import _MK
+
+    def built(tag: str, numbers: int) -> str:
+        expr = "let" + _MK + f'in mk "hc-{tag}-{time.time_ns()}" "/usr/bin/seq 1 {numbers} > $out" {{}}'
+        return build(expr, nix_daemon_env)[0]
+
+    older = built("small-older", 1500)  # about 6.4 KiB
+    with (
+        start_cache(tmp_path, workers=2, zstd={"level": 3}) as srv,
+        httpx.Client(base_url=srv.url, timeout=60, headers={"Accept-Encoding": "identity"}) as c,
+    ):
+        small, larger = built("small-newer", 1500), built("larger-newer", 20000)  # 6.4 and 108 KiB
+        copies = tmp_path / "state" / "nar-zstd"
+        deadline = time.monotonic() + 60
+        while True:  # the larger path's copy, made as it was registered
+            fields = _fields(c.get(f"/{Path(larger).name[:32]}.narinfo").text)
+            if "FileHash" in fields:
+                break
+            assert time.monotonic() < deadline, "no copy of the larger path after 60 s"
+            time.sleep(0.2)
+        assert int(fields["NarSize"]) > COPYLESS_MAX
+        for path in (older, small):
+            nar = dump(path, nix_daemon_env)
+            assert MIN_COMPRESS_SIZE <= len(nar) <= COPYLESS_MAX
+            expected = b"".join(compress_chunks(iter([nar]), 3))
+            for _ in range(4):  # whichever worker answers
+                fields = _fields(c.get(f"/{Path(path).name[:32]}.narinfo").text)
+                assert fields["Compression"] == "zstd" and ".nar.zst?hash=" in fields["URL"]
+                assert "FileHash" not in fields and "FileSize" not in fields
+                body = c.get("/" + fields["URL"])
+                assert body.status_code == 200 and body.content == expected
+                assert body.headers["content-length"] == str(len(expected))
+                assert c.get("/" + fields["URL"], headers={"Range": "bytes=4-9"}).content == expected[4:10]
+            # a client that asks for the plain NAR with Accept-Encoding gets the same bytes as coding
+            plain = "/" + fields["URL"].replace(".nar.zst", ".nar")
+            with c.stream("GET", plain, headers={"Accept-Encoding": "zstd"}) as coded:
+                assert coded.headers["content-encoding"] == "zstd"
+                assert b"".join(coded.iter_raw()) == expected
+        time.sleep(1)  # nor is a copy queued behind the answers
+        for path in (older, small):
+            narhash = _fields(c.get(f"/{Path(path).name[:32]}.narinfo").text)["NarHash"]
+            assert not list(copies.glob(f"{narhash.removeprefix('sha256:')}.*"))
+        assert list(copies.glob("*.meta"))  # the larger path's
+
+
 def test_listing(client: httpx.Client, store_fixtures: Fixtures, nix_daemon_env: dict[str, str]) -> None:
     resp = client.get(f"/{Path(store_fixtures.tree).name[:32]}.ls")
     assert resp.status_code == 200
