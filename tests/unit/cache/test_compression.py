@@ -9,12 +9,16 @@ import pytest
 import zstandard
 
 from cache.compression import (
+    COPYLESS_MAX,
+    MIN_COMPRESS_SIZE,
     CopyIndex,
     CopyStore,
     StateDirectoryError,
     compress_chunks,
     compress_whole,
+    compressed_in_memory,
     condition,
+    has_copy,
     iter_nar_bytes,
     looks_compressible,
 )
@@ -57,6 +61,21 @@ def test_a_small_nar_compressed_at_once_is_the_copy_byte_for_byte(tmp_path: Path
         assert compress_whole(iter([nar[:7], nar[7:100], nar[100:]]), 3) == expected
         assert zstandard.ZstdDecompressor().decompressobj().decompress(expected) == nar
     assert compress_whole(iter([data]), 5) == b"".join(compress_chunks(iter([data]), 5))
+
+
+def test_a_nar_without_a_copy_is_compressed_in_memory_to_the_copys_bytes(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "data").write_text("\n".join(str(i) for i in range(1500)))
+    root = os.fsencode(small)
+    assert MIN_COMPRESS_SIZE < len(nar_bytes(root)) <= COPYLESS_MAX and not has_copy(len(nar_bytes(root)))
+    assert has_copy(COPYLESS_MAX + 1)
+    copy = CopyStore(tmp_path / "copies", 3, 1 << 30).build(NAR_HASH, lambda: nar_segments(root))
+    assert copy is not None
+    assert compressed_in_memory(lambda: nar_segments(root), 3) == copy.path.read_bytes()
+    (small / "data").unlink()  # collected meanwhile: nothing to send, the route reports it
+    small.rmdir()
+    assert compressed_in_memory(lambda: nar_segments(root), 3) is None
 
 
 def test_an_evicted_copy_keeps_its_meta(tmp_path: Path) -> None:
