@@ -103,10 +103,15 @@ def loopback(args: argparse.Namespace, work: Path) -> dict[str, dict[str, object
         # not run during the measurements (steady state: a fleet asks for a path many times)
         for small in [*closure.small, closure.big, mid_path]:
             fetch_text(f"{ours.url}/{Path(small).name[:32]}.narinfo")
+        # (a copy shows as FileHash in the narinfo; a small NAR gets none, only the zstd offer)
         deadline = time.monotonic() + 300
         while any(
-            "Compression: zstd" not in fetch_text(f"{ours.url}/{Path(p).name[:32]}.narinfo")
-            for p in (closure.big, mid_path, closure.small[-1])
+            mark not in fetch_text(f"{ours.url}/{Path(p).name[:32]}.narinfo")
+            for p, mark in (
+                (closure.big, "FileHash: "),
+                (mid_path, "FileHash: "),
+                (closure.small[-1], "Compression: zstd"),
+            )
         ):
             if time.monotonic() > deadline:
                 raise RuntimeError("no compressed copies after 300 s")
