@@ -50,6 +50,7 @@ SMALL_NAR = 256 * 1024  # compressed whole when asked for (routes/nar.py), never
 # bodies. Making a copy (two files, an fsync) cost more than that many compressions, and made
 # while a client walked a closure of older paths it took CPU from the client (0.79 → 0.86× Caddy)
 COPYLESS_MAX = 16 * 1024
+FRAME_SLACK = 64  # zstd's frame and block headers: an incompressible NAR grows by at most this
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +294,44 @@ class CopyStore:
                 out.close()
         self.evict(keep=data_path, added=size)
         return CompressedNar(data_path, digest.digest(), size)
+
+    def sweep_copyless(self) -> int:
+        """Removes the copies (and their `.meta`) of NARs up to COPYLESS_MAX that earlier versions
+        made: nothing reads them any more. Once per state directory (a marker file says it was
+        done); each copy small enough on disk is decompressed, at most COPYLESS_MAX + 1 bytes of
+        it, to learn its NAR's size. How many were removed."""
+        marker = self.dir / f".swept-copyless-{COPYLESS_MAX}"
+        if marker.exists() or not self.dir.is_dir():
+            return 0
+        removed = 0
+        with os.scandir(self.dir) as entries:
+            for entry in entries:
+                if not entry.name.endswith(".nar.zst"):
+                    continue
+                try:
+                    if entry.stat(follow_symlinks=False).st_size > COPYLESS_MAX + FRAME_SLACK:
+                        continue
+                    with open(entry.path, "rb") as f:
+                        data = f.read(COPYLESS_MAX + FRAME_SLACK + 1)
+                    nar = b""
+                    with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+                        # bounded, however well it compressed
+                        while len(nar) <= COPYLESS_MAX and (
+                            piece := reader.read(COPYLESS_MAX + 1 - len(nar))
+                        ):
+                            nar += piece
+                except (OSError, zstandard.ZstdError):
+                    continue  # not ours to judge: eviction deals with it
+                if len(nar) > COPYLESS_MAX:
+                    continue
+                for path in (entry.path, entry.path.removesuffix(".nar.zst") + ".meta"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                removed += 1
+        with contextlib.suppress(OSError):
+            marker.touch()
+        self._total = None  # the budget's running total: listed again
+        return removed
 
     def evict(self, keep: Path, added: int = 0) -> None:
         """Oldest copies first, until the copies fit the budget. Their `.meta` stays: the

@@ -56,6 +56,8 @@ def child_main(argv: list[str]) -> int:
     directory, level, max_bytes = Path(argv[0]), int(argv[1]), int(argv[2])
     lower_priority()
     copies = CopyStore(directory, level, max_bytes)
+    with contextlib.suppress(OSError):
+        copies.sweep_copyless()  # once per state directory, here at idle priority
     fd = sys.stdin.fileno()
     pending = b""
     while True:

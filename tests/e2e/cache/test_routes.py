@@ -170,8 +170,13 @@ def test_small_nars_are_compressed_in_memory_without_copies(
     """A NAR up to COPYLESS_MAX is offered compressed but never gets a copy on disk: every worker
     compresses it in memory, to the bytes a copy would hold, so its narinfo never needs
     FileHash/FileSize. A larger one, built alongside, still gets its copy. Both built while the
-    cache runs (learnt at registration) and before it started (learnt when asked for)."""
-    from cache.compression import COPYLESS_MAX, MIN_COMPRESS_SIZE, compress_chunks
+    cache runs (learnt at registration) and before it started (learnt when asked for); the copy
+    an earlier version made of the older one is removed when the compressor first starts."""
+    import hashlib
+    import os
+
+    from cache.compression import COPYLESS_MAX, MIN_COMPRESS_SIZE, CopyStore, compress_chunks
+    from cache.nar import nar_segments
     from tests.support.fixtures import _MK
 
     def built(tag: str, numbers: int) -> str:
@@ -179,6 +184,11 @@ def test_small_nars_are_compressed_in_memory_without_copies(
         return build(expr, nix_daemon_env)[0]
 
     older = built("small-older", 1500)  # about 6.4 KiB
+    # the copy an earlier version made of it: swept when the compressor first starts
+    seeded = CopyStore(tmp_path / "state" / "nar-zstd", 3, 1 << 30).build(
+        hashlib.sha256(dump(older, nix_daemon_env)).digest(), lambda: nar_segments(os.fsencode(older))
+    )
+    assert seeded is not None
     with (
         start_cache(tmp_path, workers=2, zstd={"level": 3}) as srv,
         httpx.Client(base_url=srv.url, timeout=60, headers={"Accept-Encoding": "identity"}) as c,
@@ -210,7 +220,8 @@ def test_small_nars_are_compressed_in_memory_without_copies(
             with c.stream("GET", plain, headers={"Accept-Encoding": "zstd"}) as coded:
                 assert coded.headers["content-encoding"] == "zstd"
                 assert b"".join(coded.iter_raw()) == expected
-        time.sleep(1)  # nor is a copy queued behind the answers
+        time.sleep(1)  # nor is a copy queued behind the answers, and the older copy was swept
+        assert not seeded.path.exists()
         for path in (older, small):
             narhash = _fields(c.get(f"/{Path(path).name[:32]}.narinfo").text)["NarHash"]
             assert not list(copies.glob(f"{narhash.removeprefix('sha256:')}.*"))

@@ -78,6 +78,29 @@ def test_a_nar_without_a_copy_is_compressed_in_memory_to_the_copys_bytes(tmp_pat
     assert compressed_in_memory(lambda: nar_segments(root), 3) is None
 
 
+def test_copies_of_nars_without_copies_are_swept_once(tmp_path: Path) -> None:
+    """Copies an earlier version made of NARs up to COPYLESS_MAX (and their .meta) go; larger
+    ones stay, however small on disk; a marker makes it once per state directory."""
+    copies = CopyStore(tmp_path / "copies", 3, 1 << 30)
+    small, zeros = tmp_path / "small", tmp_path / "zeros"
+    small.mkdir()
+    zeros.mkdir()
+    (small / "data").write_text("\n".join(str(i) for i in range(1500)))
+    (zeros / "data").write_bytes(bytes(10 << 20))  # a large NAR whose copy is tiny
+    made = {
+        name: copies.build(bytes([n]) * 32, lambda root=root: nar_segments(os.fsencode(root)))
+        for n, (name, root) in enumerate((("small", small), ("zeros", zeros), ("tree", _tree(tmp_path))))
+    }
+    assert all(m is not None for m in made.values())
+    assert (made["zeros"] is not None) and made["zeros"].file_size < COPYLESS_MAX
+    assert copies.sweep_copyless() == 1
+    assert copies.lookup(bytes([0]) * 32) is None and copies.meta(bytes([0]) * 32) is None
+    assert copies.lookup(bytes([1]) * 32) == made["zeros"] and copies.lookup(bytes([2]) * 32) == made["tree"]
+    # once: a small copy made afterwards (by hand, say) is left alone
+    again = copies.build(bytes([0]) * 32, lambda: nar_segments(os.fsencode(small)))
+    assert again is not None and copies.sweep_copyless() == 0 and copies.lookup(bytes([0]) * 32) == again
+
+
 def test_an_evicted_copy_keeps_its_meta(tmp_path: Path) -> None:
     tree = os.fsencode(_tree(tmp_path))
     copies = CopyStore(tmp_path / "copies", 3, 0)  # every older copy is over the budget
