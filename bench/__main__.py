@@ -220,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         "(about 15 s each; 2, or 0 with --quick)",
     )
     parser.add_argument(
+        "--closures",
+        type=int,
+        default=None,
+        help="more fresh closures alone per shaped-link round (a few seconds each; 3, or 0 with --quick)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="for development: 1 s load phases, a 20 MB fresh path and a 31-path closure",
@@ -256,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda text: progress(9, text),
                 rounds=1 if args.quick else args.rounds,
                 extra=args.extra if args.extra is not None else 0 if args.quick else 2,
+                closures=args.closures if args.closures is not None else 0 if args.quick else 3,
             )
     progress(10, "done")
     report = {

@@ -135,6 +135,11 @@ def _samples(shaped: dict[str, Any]) -> int:
     return int(shaped.get("rounds", 1)) * int(shaped.get("samples_per_round", 1))
 
 
+def _closures(shaped: dict[str, Any]) -> int:
+    per_round = shaped.get("closures_per_round", shaped.get("samples_per_round", 1))
+    return int(shaped.get("rounds", 1)) * int(per_round)
+
+
 def render_shaped(shaped: dict[str, Any]) -> list[str]:
     if "skipped" in shaped:
         return [f"Shaped-link phase skipped: {shaped['skipped']}."]
@@ -143,7 +148,7 @@ def render_shaped(shaped: dict[str, Any]) -> list[str]:
         "servers in one, the client in the other), `nix copy --no-check-sigs` into a fresh store with a "
         "fresh narinfo cache, wall seconds (lower is better), the median of "
         f"{shaped.get('rounds', 1)} round(s) on newly built paths ({_samples(shaped)} first fetches once every "
-        "server has the path and as many closures); ratio = "
+        f"server has the path, {_closures(shaped)} fresh closures); ratio = "
         "Caddy zstd export time / ours (>= 1: we are at least as fast), of the medians (the targets' "
         "figure) and, beside it, the median of the ratios fetch by fetch (paired).",
         "",

@@ -231,6 +231,7 @@ def run_shaped(
     say: Callable[[str], None],
     rounds: int = 3,
     extra: int = 2,
+    closures: int = 0,
 ) -> dict[str, Any]:
     """The whole phase; a dict for the report (`skipped` says why when it cannot run here).
 
@@ -239,7 +240,9 @@ def run_shaped(
     transfer over the shaped link varies by up to ±50 % from one try to the next, a closure's by
     ±15 %, more than the differences they measure. So each round also makes `extra` more first
     fetches of a published path and closures, each on paths built anew (about 15 s each); the
-    samples of one path line up across servers (the report pairs them)."""
+    samples of one path line up across servers (the report pairs them). A closure is the cheapest
+    sample (a few seconds to build, no 100 MB path), and the one whose target sits at parity: each
+    round adds `closures` more fresh closures alone."""
     from cache.hashes import nix32_encode
 
     from .fixtures import build_fresh, build_fresh_closure, build_fresh_published, export_to, nar_hash
@@ -255,6 +258,7 @@ def run_shaped(
         "closure_paths": small_count + 1,
         "rounds": rounds,
         "samples_per_round": 1 + extra,
+        "closures_per_round": 1 + extra + closures,
         "missing_clients": missing,
         "clients": {},
         "samples": {},
@@ -318,16 +322,20 @@ def run_shaped(
                 finally:
                     remove_tree(scratch)
 
-            def publish(published: str, top: str, lagged: dict[str, int] = lagged) -> None:
-                """Pushes the paths to the static caches (not timed), and counts our servers that
-                have no copy of the published path yet (their first fetch is then a live stream)."""
-                export_to([published, top], exports["zstd"], "zstd", work)
-                export_to([published, top], exports["none"], "none", work)
+            def export(paths: list[str]) -> None:
+                """Pushes the paths to the static caches (not timed)."""
+                export_to(paths, exports["zstd"], "zstd", work)
+                export_to(paths, exports["none"], "none", work)
                 # the build's and the exports' writes flushed now, not by the writeback timer 30 s
                 # later, in the middle of one server's fetch (a client then lagged up to 0.17 s
                 # behind its download); and their threads out of the way of whoever goes first
                 os.sync()
                 time.sleep(SETTLE)
+
+            def publish(published: str, top: str, lagged: dict[str, int] = lagged) -> None:
+                """Exports the paths, and counts our servers that have no copy of the published
+                path yet (their first fetch is then a live stream)."""
+                export([published, top])
                 copy_name = f"{nix32_encode(nar_hash(published, work))}.nar.zst"
                 for server in OURS:
                     if not (states[server] / "nar-zstd" / copy_name).exists():
@@ -373,6 +381,14 @@ def run_shaped(
                     for measure, paths in (("first", [published]), ("closure", [top])):
                         for server in order:
                             samples[server][measure].append(fetch(server, paths))
+                for more in range(closures):
+                    say(f"{client.name}, round {round_ + 1}/{rounds}: more closures ({more + 1}/{closures})")
+                    top = build_fresh_closure(work, f"{tag}-closure-{more}", small_count)
+                    export([top])
+                    turn = (turn + 1) % len(SERVERS)
+                    order = (*SERVERS[turn:], *SERVERS[:turn])
+                    for server in order:
+                        samples[server]["closure"].append(fetch(server, [top]))
             result["samples"][client.name] = samples
             result["first_without_copy"][client.name] = lagged
             result["clients"][client.name] = {
