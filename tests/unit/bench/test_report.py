@@ -103,3 +103,14 @@ def test_closures_built_before_the_servers_have_their_own_row_and_no_target() ->
     row = next(line for line in table.splitlines() if "built before the servers started" in line)
     assert "| 0.80× | 0.80× |" in row
     assert not any("closure_old" in t["name"] or "built before" in t["name"] for t in report["targets"])
+
+
+def test_table_counts_first_fetches_and_closures_apart() -> None:
+    report = _report()
+    report["shaped"].update(rounds=5, samples_per_round=3, closures_per_round=6)
+    report["targets"] = check_targets(report["results"], report["shaped"])
+    table = render_table(report)
+    assert "(15 first fetches once every server has the path, 30 fresh closures)" in table
+    # a run recorded before closures had their own count: as many closures as first fetches
+    del report["shaped"]["closures_per_round"]
+    assert "(15 first fetches once every server has the path, 15 fresh closures)" in render_table(report)
