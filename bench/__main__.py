@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cache.launch import nix_daemon
 
-from .fixtures import SIZES_MB, build_closure, export, nix_env
+from .fixtures import SIZES_MB, build_closure, export, nix_env, remove_fresh
 from .measure import PeakRss, best_of, cpu_count, curl, wrk
 from .report import check_targets, render_chart, render_table
 from .servers import Server, caddy_file_server, harmonia_cache
@@ -249,21 +249,28 @@ def main(argv: list[str] | None = None) -> int:
     shaped: dict[str, object] = {"skipped": "--no-shaped"}
     # the daemon backend asks the nix-daemon: the machine's, or one of the bench's own
     with nix_daemon(work / "nix-daemon", nix_env(work)):
-        if not args.no_loopback:
-            results = loopback(args, work)
-        if not args.no_shaped:
-            progress(9, f"shaped link ({args.rate}): fresh path, again, closure")
-            shaped = run_shaped(
-                work,
-                args.rate,
-                args.fresh_mb,
-                args.closure,
-                args.workers,
-                lambda text: progress(9, text),
-                rounds=1 if args.quick else args.rounds,
-                extra=args.extra if args.extra is not None else 0 if args.quick else 2,
-                closures=args.closures if args.closures is not None else 0 if args.quick else 3,
-            )
+        try:
+            if not args.no_loopback:
+                results = loopback(args, work)
+            if not args.no_shaped:
+                progress(9, f"shaped link ({args.rate}): fresh path, again, closure")
+                shaped = run_shaped(
+                    work,
+                    args.rate,
+                    args.fresh_mb,
+                    args.closure,
+                    args.workers,
+                    lambda text: progress(9, text),
+                    rounds=1 if args.quick else args.rounds,
+                    extra=args.extra if args.extra is not None else 0 if args.quick else 2,
+                    closures=args.closures if args.closures is not None else 0 if args.quick else 3,
+                )
+        finally:
+            # also when a phase failed: a run leaves no gigabytes of paths behind
+            progress(10, "removing the paths it built anew from the store")
+            kept = remove_fresh(work)
+            if kept:
+                print(f"\nnot removed from the store (still in use?): {' '.join(kept)}", file=sys.stderr)
     progress(10, "done")
     report = {
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
