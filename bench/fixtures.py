@@ -180,14 +180,14 @@ def _build(state: Path, expr: str, attrs: list[str]) -> list[str]:
     return built
 
 
-def requisites(paths: list[str], state: Path) -> list[str]:
+def _nix_store(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["nix-store", "--query", "--requisites", *paths],
-        env=nix_env(state),
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.split()
+        ["nix-store", *args], env=nix_env(state), capture_output=True, text=True, check=False, timeout=600
+    )
+
+
+def requisites(paths: list[str], state: Path) -> list[str]:
+    return _nix_store(state, "--query", "--requisites", *paths).stdout.split()
 
 
 def remove_fresh(state: Path) -> list[str]:
@@ -198,29 +198,11 @@ def remove_fresh(state: Path) -> list[str]:
     while FRESH_BUILT:
         path = FRESH_BUILT.pop()
         derivers = [
-            d
-            for d in subprocess.run(
-                ["nix-store", "--query", "--deriver", path],
-                env=nix_env(state),
-                capture_output=True,
-                text=True,
-                check=False,
-            ).stdout.split()
-            if d.endswith(".drv")
+            d for d in _nix_store(state, "--query", "--deriver", path).stdout.split() if d.endswith(".drv")
         ]
         # outputs first: a derivation stays alive while its outputs do
         for group in (requisites([path], state), requisites(derivers, state) if derivers else []):
-            if not group:
-                continue
-            gone = subprocess.run(
-                ["nix-store", "--delete", *group],
-                env=nix_env(state),
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=600,
-            )
-            if gone.returncode != 0:
+            if group and _nix_store(state, "--delete", *group).returncode != 0:
                 kept.append(path)
                 break
     return kept
